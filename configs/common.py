@@ -1,0 +1,133 @@
+"""Pieces shared by every experiment config: the STAT architecture, the data
+recipe and the training recipe. Each experiment file (k400.py, ssv2.py,
+tiny.py, demo.py) starts from `base_config()` and changes what differs.
+
+The paper leaves some widths open; the values marked CALIBRATED below were
+chosen so that the multiply-adds per view reproduce the paper's Tables 1, 2,
+6 and 7 (see benchmarks/flops_table.py and the README).
+"""
+
+import ml_collections
+
+# MViT-B (Fan et al. 2021) has 4 stages [1, 2, 11, 2] with widths
+# 96/192/384/768 and 1/2/4/8 heads. STAT's 3-layer conv stem replaces the
+# first stage (paper: "15 STA blocks in 3 stages", nc = 192 after the stem);
+# the 1-layer stem of Table 5 keeps it, the 5-layer stem replaces two stages.
+MVIT_B_DEPTHS = (1, 2, 11, 2)
+MVIT_B_DIMS = (96, 192, 384, 768)
+MVIT_B_HEADS = (1, 2, 4, 8)
+
+# Paper Table 6 / section "Effect of Window Size": to = 3, 5, 7 for T = 16, 32, 64.
+WINDOW_FOR_FRAMES = {16: 3, 32: 5, 64: 7}
+
+# Kinetics mean/std in [0, 1] pixel units (SlowFast / MViT recipe).
+KINETICS_MEAN = (0.45, 0.45, 0.45)
+KINETICS_STD = (0.225, 0.225, 0.225)
+
+
+def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
+  """The STAT architecture of the paper (defaults = its main setting)."""
+  m = ml_collections.ConfigDict()
+  m.num_classes = num_classes
+  # Table 1: which key sets each query attends.
+  m.attention = 'ca+sa+la'  # one of ca, ca+sa, ca+la, ca+sa+la
+  # Table 2: short-term window `to` (odd); frame i sees to-1 neighbours.
+  m.window = window
+  # Table 3: global spatial embedding used by LA and the classifier.
+  m.spatial_summary = 'cls'  # 'cls' (spatial class token) or 'avgpool'
+  # Table 4: temporal aggregation layers (0 = mean of the frame summaries).
+  m.lta = 1
+  # Table 5: conv layers in the token embedding block (1, 3 or 5).
+  m.stem_layers = 3
+  # CALIBRATED: hidden widths of the 3-layer stem (the paper gives only the
+  # output width 192). 64 -> 96 -> 192 gives 58.2 GMACs for the CA row of
+  # Table 1. The 5-layer stem continues with (192, 288) before 384.
+  m.stem_hidden = (64, 96)
+  m.stage_depths = MVIT_B_DEPTHS
+  m.stage_dims = MVIT_B_DIMS
+  m.stage_heads = MVIT_B_HEADS
+  # K/V pooling (CA): depthwise conv, kernel 3x3, stride kv_stride at 1/4 of
+  # the input resolution, halved at each Q pooling (MViT-B's adaptive
+  # [1, 8, 8] stride) -> K_CA, V_CA are 7x7 per frame at every stage for 224².
+  m.kv_stride = 8
+  m.pool_kernel = 3
+  # CALIBRATED: SA = 2D average pool of K_CA / V_CA with this window and
+  # stride ('SAME' padding): 7x7 -> 4x4 tokens per neighbouring frame. It
+  # reproduces Table 2's slope (+1.5 GMACs per +2 in `to` at T = 32).
+  m.sa_pool = 2
+  m.mlp_ratio = 4.0
+  m.qkv_bias = True
+  m.drop_path = 0.2  # stochastic depth, rising linearly over the blocks
+  m.dropout = 0.5  # before the classifier
+  return m
+
+
+def data_config(num_frames: int) -> ml_collections.ConfigDict:
+  """The input pipeline (MViT recipe, DESIGN.md section 4)."""
+  d = ml_collections.ConfigDict()
+  d.dataset = 'kinetics400'
+  d.train_spec = ''  # shard spec: 'prefix@N', glob, or comma-separated list
+  d.eval_spec = ''
+  d.label_map = ''  # '' = label_map.txt beside the shards
+  d.num_frames = num_frames  # T
+  d.sampling = 'segment'  # 'segment' (one random frame per segment) or 'dense'
+  d.frame_stride = 4  # dense sampling stride
+  d.crop_size = 224
+  d.eval_short_side = 224  # eval: resize short side, then take crops
+  d.area_range = (0.08, 1.0)  # inception-style random resized crop
+  d.aspect_range = (3 / 4, 4 / 3)
+  d.flip = True
+  d.randaugment_layers = 4  # RandAugment m7-n4-mstd0.5; 0 disables
+  d.randaugment_magnitude = 7.0
+  d.randaugment_magnitude_std = 0.5
+  d.random_erasing = 0.25
+  d.mean = KINETICS_MEAN
+  d.std = KINETICS_STD
+  d.num_clips = 5  # eval views: clips x crops
+  d.num_crops = 1
+  d.eval_batch_size = 8  # global, in videos
+  d.num_parallel_calls = -1  # tf.data.AUTOTUNE
+  return d
+
+
+def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
+  """Model + data + the MViT training recipe (AdamW, warmup + cosine)."""
+  c = ml_collections.ConfigDict()
+  c.model = model_config(num_classes, WINDOW_FOR_FRAMES.get(num_frames, 3))
+  c.data = data_config(num_frames)
+
+  c.seed = 0
+  c.batch_size = 64  # global, in clips
+  c.total_steps = 0  # 0 = derive from num_epochs
+  c.num_epochs = 200
+  c.train_examples = 240_000  # used with num_epochs to derive total_steps
+  c.grad_accum_steps = 1
+  c.dtype = 'float32'  # compute dtype; params are always float32
+  c.remat = False  # rematerialise each STA block in the backward pass
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.base_lr = 1.6e-3  # at batch 512, scaled by batch_size / 512
+  c.optimizer.min_lr = 1.6e-5
+  c.optimizer.warmup_epochs = 30.0
+  c.optimizer.weight_decay = 0.05
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.grad_clip = 1.0
+
+  c.mixup = ml_collections.ConfigDict()
+  c.mixup.mixup_alpha = 0.8
+  c.mixup.cutmix_alpha = 1.0
+  c.mixup.prob = 1.0
+  c.mixup.switch_prob = 0.5
+  c.mixup.label_smoothing = 0.1
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1 = all devices not used by fsdp
+  c.mesh.fsdp = 1
+
+  c.log_every = 50
+  c.eval_every = 5000
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.init_from = ''  # workdir or checkpoint dir of another run
+  return c

@@ -1,0 +1,202 @@
+"""Shrinking Temporal Attention (STA), paper section "Shrinking Temporal
+Attention Module", equations (1)-(8).
+
+Symbols as in the paper: nt frames, each with one spatial class token and
+nh x nw patch tokens of width nc. Per frame i:
+
+  Q, K, V = Fq(X), Fk(X), Fv(X)                         (1)
+  Q̂ = P_CA(Q),  K_CA = P_CA(K),  V_CA = P_CA(V)         (2)  (cls never pooled)
+  K_SA = P_SA(K_CA),  V_SA = P_SA(V_CA)                 (3)  (2D average pool)
+  K_LA, V_LA = the class-token keys/values of all frames (4)-(6)
+  queries [cls_i, Q̂_i] attend
+  K̂_i = concat(K_CA_i, K_SA[window(i)], K_LA)            (7)
+  Attention = softmax(Q̂ K̂ᵀ / sqrt(d)) V̂                 (8)  (d = head width)
+
+window(i) = frames i-⌊to/2⌋ .. i-1, i+1 .. i+⌊to/2⌋: never frame i itself,
+and neighbours outside the clip are masked out, not wrapped.
+
+The per-frame computation `frame_attention` is written once and mapped over
+frames (and clips) with `jax.vmap`; the window comes from the static table
+`window_table`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+ATTENTION_SETS = ('ca', 'ca+sa', 'ca+la', 'ca+sa+la')
+SPATIAL_SUMMARIES = ('cls', 'avgpool')
+
+# The init of every linear layer in the transformer (MViT / ViT recipe).
+dense_init = nnx.initializers.truncated_normal(stddev=0.02)
+
+
+def window_table(nt: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+  """Neighbour frames of every frame for Short-term Attention.
+
+  Returns (index, valid), both [nt, window - 1]: index[i] are the frames
+  i-⌊to/2⌋..i-1, i+1..i+⌊to/2⌋ clipped into the clip, valid[i] is False
+  where that neighbour lies outside the clip.
+  """
+  half = window // 2
+  offsets = np.concatenate([np.arange(-half, 0), np.arange(1, half + 1)])
+  frames = np.arange(nt)[:, None] + offsets[None, :]  # [nt, to-1]
+  valid = (frames >= 0) & (frames < nt)
+  return np.clip(frames, 0, nt - 1).astype(np.int32), valid
+
+
+def frame_attention(q, k_ca, v_ca, k_sa, v_sa, window_index, window_valid,
+                    k_la, v_la):
+  """Attention of one frame i, equations (7) and (8).
+
+  Args:
+    q: [h, nq, d] queries of frame i ([cls_i, Q̂_i]).
+    k_ca, v_ca: [h, n_ca, d] current-frame keys/values of frame i.
+    k_sa, v_sa: [nt, h, n_sa, d] short-term keys/values of ALL frames.
+    window_index, window_valid: [to-1] the neighbours of frame i.
+    k_la, v_la: [h, n_la, d] long-term keys/values (shared by all frames).
+  Returns:
+    [h, nq, d]
+  """
+  heads, _, head_dim = q.shape
+  n_sa = k_sa.shape[2]
+
+  def gather_window(x):  # [nt, h, n_sa, d] -> [h, (to-1) * n_sa, d]
+    x = x[window_index]  # [to-1, h, n_sa, d]
+    return jnp.moveaxis(x, 0, 1).reshape(heads, -1, head_dim)
+
+  k = jnp.concatenate([k_ca, gather_window(k_sa), k_la], axis=1)  # K̂_i
+  v = jnp.concatenate([v_ca, gather_window(v_sa), v_la], axis=1)  # V̂_i
+  valid = jnp.concatenate([
+      jnp.ones(k_ca.shape[1], bool),
+      jnp.repeat(window_valid, n_sa),
+      jnp.ones(k_la.shape[1], bool),
+  ])
+  logits = jnp.einsum('hqd,hkd->hqk', q, k, preferred_element_type=jnp.float32)
+  logits = logits / np.sqrt(head_dim).astype(np.float32)
+  logits = jnp.where(valid, logits, -jnp.inf)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum('hqk,hkd->hqd', weights, v)
+
+
+def shrinking_temporal_attention(q, k, v, k_sa, v_sa, *, attention: str,
+                                 window: int, num_summary: int):
+  """STA for a batch of clips: maps `frame_attention` over clips and frames.
+
+  Args:
+    q: [B, nt, h, nq, d] queries (summary token first, if any).
+    k, v: [B, nt, h, num_summary + n_ca, d] pooled keys/values; the first
+      `num_summary` (0 or 1) tokens of each frame are its class token.
+    k_sa, v_sa: [B, nt, h, n_sa, d] short-term tokens (None without SA).
+    attention: one of ATTENTION_SETS.
+    window: the temporal window `to` (odd).
+    num_summary: 1 with spatial class tokens, 0 with avg-pooled summaries.
+  Returns:
+    [B, nt, h, nq, d]
+  """
+  batch, nt, heads, _, head_dim = k.shape
+  use_sa, use_la = 'sa' in attention, 'la' in attention
+  if use_la and num_summary:  # K_LA: the class-token keys of all frames
+    k_la, v_la = k[:, :, :, 0], v[:, :, :, 0]  # [B, nt, h, d]
+    k_cur, v_cur = k[:, :, :, 1:], v[:, :, :, 1:]
+  elif use_la:  # Table 3 "spatial avg-pooling": pooled keys as summaries
+    k_la, v_la = k.mean(axis=3), v.mean(axis=3)
+    k_cur, v_cur = k, v
+  else:  # CA alone keeps the frame's own class token with its patches
+    k_la = v_la = jnp.zeros((batch, 0, heads, head_dim), k.dtype)
+    k_cur, v_cur = k, v
+  k_la = jnp.moveaxis(k_la, 1, 2)  # [B, h, nt or 0, d]
+  v_la = jnp.moveaxis(v_la, 1, 2)
+  if use_sa:
+    index, valid = window_table(nt, window)
+  else:
+    index, valid = np.zeros((nt, 0), np.int32), np.zeros((nt, 0), bool)
+    k_sa = v_sa = jnp.zeros((batch, nt, heads, 0, head_dim), k.dtype)
+
+  per_frame = jax.vmap(frame_attention,  # over frames: SA and LA shared
+                       in_axes=(0, 0, 0, None, None, 0, 0, None, None))
+  per_clip = jax.vmap(per_frame,  # over clips: the window table shared
+                      in_axes=(0, 0, 0, 0, 0, None, None, 0, 0))
+  return per_clip(q, k_cur, v_cur, k_sa, v_sa, index, valid, k_la, v_la)
+
+
+class Pool(nnx.Module):
+  """P_CA: per-frame depthwise 2D conv + LayerNorm over each head (MViT).
+
+  The conv weights are shared by the heads (MViT's "conv" pooling); summary
+  tokens are not pooled but are normalised with the pooled tokens.
+  """
+
+  def __init__(self, head_dim: int, kernel: int, stride: int, *, dtype,
+               rngs: nnx.Rngs):
+    self.stride = stride
+    self.conv = nnx.Conv(
+        head_dim, head_dim, (kernel, kernel), (stride, stride),
+        padding=[(kernel // 2, kernel // 2)] * 2, feature_group_count=head_dim,
+        use_bias=False, dtype=dtype, rngs=rngs)
+    self.norm = nnx.LayerNorm(head_dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, grid, num_summary):
+    """x: [B, nt, h, num_summary + nh*nw, d] -> same with the grid pooled."""
+    batch, nt, heads, _, head_dim = x.shape
+    nh, nw = grid
+    summary, patches = x[:, :, :, :num_summary], x[:, :, :, num_summary:]
+    patches = patches.reshape(batch * nt * heads, nh, nw, head_dim)
+    patches = self.conv(patches)  # [B*nt*h, nh', nw', d]
+    pooled_grid = patches.shape[1:3]
+    patches = patches.reshape(batch, nt, heads, -1, head_dim)
+    return self.norm(jnp.concatenate([summary, patches], axis=3)), pooled_grid
+
+
+def short_term_pool(x, grid, size: int):
+  """P_SA: 2D average pool ('SAME' padding) of K_CA or V_CA patches.
+
+  x: [B, nt, h, nh*nw, d] -> [B, nt, h, ňh*ňw, d].
+  """
+  batch, nt, heads, _, head_dim = x.shape
+  x = x.reshape(batch * nt * heads, *grid, head_dim)
+  x = nnx.avg_pool(x, window_shape=(size, size), strides=(size, size),
+                   padding='SAME', count_include_pad=False)
+  return x.reshape(batch, nt, heads, -1, head_dim)
+
+
+class ShrinkingTemporalAttention(nnx.Module):
+  """STA over tokens [B, nt, num_summary + nh*nw, C] (module form of (1)-(8))."""
+
+  def __init__(self, dim: int, heads: int, *, q_stride: int, kv_stride: int,
+               attention: str, window: int, num_summary: int, pool_kernel: int,
+               sa_pool: int, qkv_bias: bool, dtype, rngs: nnx.Rngs):
+    head_dim = dim // heads
+    self.heads, self.attention, self.window = heads, attention, window
+    self.num_summary, self.sa_pool = num_summary, sa_pool
+    # Fq, Fk, Fv of equation (1), fused into one C -> 3C projection.
+    self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype,
+                          kernel_init=dense_init, rngs=rngs)
+    self.proj = nnx.Linear(dim, dim, dtype=dtype, kernel_init=dense_init,
+                           rngs=rngs)
+    self.pool_q = (Pool(head_dim, pool_kernel, q_stride, dtype=dtype, rngs=rngs)
+                   if q_stride > 1 else None)
+    self.pool_k = Pool(head_dim, pool_kernel, kv_stride, dtype=dtype, rngs=rngs)
+    self.pool_v = Pool(head_dim, pool_kernel, kv_stride, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, grid):
+    """x: [B, nt, num_summary + nh*nw, C] -> ([B, nt, num_summary + ñh*ñw, C], (ñh, ñw))."""
+    batch, nt, tokens, dim = x.shape
+    qkv = self.qkv(x).reshape(batch, nt, tokens, 3, self.heads, -1)
+    qkv = jnp.moveaxis(qkv, (3, 4), (0, 3))  # [3, B, nt, h, N, d]
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    out_grid = grid
+    if self.pool_q is not None:  # Q̂ = P_CA(Q), only at stage transitions
+      q, out_grid = self.pool_q(q, grid, self.num_summary)
+    k, kv_grid = self.pool_k(k, grid, self.num_summary)  # K_CA (+ cls)
+    v, _ = self.pool_v(v, grid, self.num_summary)  # V_CA (+ cls)
+    k_sa = v_sa = None
+    if 'sa' in self.attention:  # K_SA = P_SA(K_CA), V_SA = P_SA(V_CA)
+      k_sa = short_term_pool(k[:, :, :, self.num_summary:], kv_grid, self.sa_pool)
+      v_sa = short_term_pool(v[:, :, :, self.num_summary:], kv_grid, self.sa_pool)
+    out = shrinking_temporal_attention(
+        q, k, v, k_sa, v_sa, attention=self.attention, window=self.window,
+        num_summary=self.num_summary)  # [B, nt, h, nq, d]
+    out = jnp.moveaxis(out, 2, 3).reshape(batch, nt, -1, dim)
+    return self.proj(out), out_grid

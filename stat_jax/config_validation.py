@@ -1,0 +1,119 @@
+"""Refuse a bad experiment config before anything is built or compiled.
+
+Two checks: every key must exist in the reference schema (configs/common.py,
+so a typo like `model.windw` is caught even in a config file), and every
+value must be one the model and pipeline can honour. Errors name the key,
+the value and what is allowed.
+"""
+
+import difflib
+
+import ml_collections
+
+from configs import common
+from stat_jax import arch
+from stat_jax.attention import ATTENTION_SETS, SPATIAL_SUMMARIES
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+SAMPLINGS = ('segment', 'dense')
+
+
+class ConfigError(ValueError):
+  """A config key or value that cannot be used."""
+
+
+def _flat(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+  """Every key of `config` must be a key of the reference schema."""
+  known = _flat(common.base_config(num_frames=16, num_classes=400))
+  for key in _flat(config):
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=3)
+      hint = f'; did you mean {", ".join(close)}?' if close else ''
+      raise ConfigError(f'unknown config key {key!r}{hint}')
+
+
+def _require(ok: bool, key: str, value, allowed: str) -> None:
+  if not ok:
+    raise ConfigError(f'config.{key} = {value!r}: {allowed}')
+
+
+def check_model(config: ml_collections.ConfigDict) -> None:
+  m = config.model
+  _require(m.attention in ATTENTION_SETS, 'model.attention', m.attention,
+           f'must be one of {", ".join(ATTENTION_SETS)}')
+  _require(isinstance(m.window, int) and m.window >= 3 and m.window % 2 == 1,
+           'model.window', m.window, 'must be an odd integer >= 3 (3, 5, 7, 9, ...)')
+  _require(m.spatial_summary in SPATIAL_SUMMARIES, 'model.spatial_summary',
+           m.spatial_summary, f'must be one of {", ".join(SPATIAL_SUMMARIES)}')
+  _require(isinstance(m.lta, int) and m.lta >= 0, 'model.lta', m.lta,
+           'must be an integer >= 0 (paper: 0, 1, 2, 4; 0 = average)')
+  _require(m.stem_layers in arch.STEM_LAYOUTS, 'model.stem_layers',
+           m.stem_layers, f'must be one of {sorted(arch.STEM_LAYOUTS)}')
+  stages = len(m.stage_depths)
+  for key in ('stage_dims', 'stage_heads'):
+    _require(len(m[key]) == stages, f'model.{key}', m[key],
+             f'needs one entry per stage ({stages}, like model.stage_depths)')
+  for dim, heads in zip(m.stage_dims, m.stage_heads):
+    _require(dim % heads == 0, 'model.stage_dims', m.stage_dims,
+             f'each width must be divisible by its heads ({m.stage_heads})')
+  _require(len(m.stem_hidden) == 2, 'model.stem_hidden', m.stem_hidden,
+           'must hold the 2 hidden widths of the 3-layer stem')
+  for key in ('kv_stride', 'pool_kernel', 'sa_pool'):
+    _require(isinstance(m[key], int) and m[key] >= 1, f'model.{key}', m[key],
+             'must be an integer >= 1')
+  _require(0 <= m.drop_path < 1, 'model.drop_path', m.drop_path, 'must be in [0, 1)')
+  _require(0 <= m.dropout < 1, 'model.dropout', m.dropout, 'must be in [0, 1)')
+  _require(m.num_classes >= 1, 'model.num_classes', m.num_classes, 'must be >= 1')
+
+
+def check_input(config: ml_collections.ConfigDict) -> None:
+  """The clip size must divide through the stem and every pooling stride."""
+  d, m = config.data, config.model
+  st, sh, _ = arch.stem_stride(m)
+  _require(d.num_frames >= st and d.num_frames % st == 0, 'data.num_frames',
+           d.num_frames, f'must be a positive multiple of {st} (the temporal '
+           f'stride of the {m.stem_layers}-layer stem)')
+  _require(d.crop_size % sh == 0, 'data.crop_size', d.crop_size,
+           f'must be divisible by {sh} (the spatial stride of the '
+           f'{m.stem_layers}-layer stem)')
+  size = d.crop_size // sh
+  for i, block in enumerate(arch.block_specs(m)):
+    _require(size % block.kv_stride == 0, 'data.crop_size', d.crop_size,
+             f'gives a {size}x{size} token grid at block {i}, not divisible by '
+             f'its K/V pooling stride {block.kv_stride} (model.kv_stride='
+             f'{m.kv_stride}); use a crop whose token grid divides')
+    if block.q_stride > 1:
+      _require(size % block.q_stride == 0, 'data.crop_size', d.crop_size,
+               f'gives a {size}x{size} token grid at block {i}, not divisible '
+               f'by the Q pooling stride {block.q_stride}')
+      size //= block.q_stride
+  _require(d.sampling in SAMPLINGS, 'data.sampling', d.sampling,
+           f'must be one of {", ".join(SAMPLINGS)}')
+
+
+def check_training(config: ml_collections.ConfigDict) -> None:
+  _require(config.dtype in DTYPES, 'dtype', config.dtype,
+           f'must be one of {", ".join(DTYPES)}')
+  _require(config.batch_size >= 1, 'batch_size', config.batch_size, 'must be >= 1')
+  _require(config.grad_accum_steps >= 1
+           and config.batch_size % config.grad_accum_steps == 0,
+           'grad_accum_steps', config.grad_accum_steps,
+           f'must be >= 1 and divide batch_size ({config.batch_size})')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raise ConfigError naming the first bad key; return None if all is well."""
+  check_keys(config)
+  check_model(config)
+  check_input(config)
+  check_training(config)

@@ -1,0 +1,212 @@
+"""STAT: token embedding block, STA blocks, temporal aggregation block.
+
+Paper section "Shrinking Temporal Attention Transformer", Figure 2. The
+layout (stem convs, widths, heads, pooling strides) comes from arch.py.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from stat_jax import arch
+from stat_jax.config_validation import validate
+from stat_jax.attention import ShrinkingTemporalAttention, dense_init
+
+embedding_init = nnx.initializers.truncated_normal(stddev=0.02)
+
+
+def drop_path(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
+  """Stochastic depth: drops a whole residual branch per clip."""
+  return nnx.Dropout(rate, broadcast_dims=(1, 2, 3), rngs=rngs)
+
+
+class TokenEmbedding(nnx.Module):
+  """Conv stem (Table 5) -> [B, nt, nh, nw, nc].
+
+  The paper calls the layers "vanilla 3D-convolutional layers"; between them
+  we put LayerNorm + GELU (a stack of bare convs would be one linear map).
+  """
+
+  def __init__(self, specs: tuple[arch.ConvSpec, ...], *, dtype, rngs):
+    features = [3] + [s.features for s in specs]
+    self.convs = nnx.List([
+        nnx.Conv(fin, s.features, s.kernel, s.stride,
+                 padding=[(k // 2, k // 2) for k in s.kernel], dtype=dtype,
+                 rngs=rngs)
+        for fin, s in zip(features, specs)
+    ])
+    self.norms = nnx.List([
+        nnx.LayerNorm(s.features, dtype=dtype, rngs=rngs) for s in specs[:-1]
+    ])
+
+  def __call__(self, video):
+    x = video
+    for conv, norm in zip(self.convs[:-1], self.norms):
+      x = jax.nn.gelu(norm(conv(x)))
+    return self.convs[-1](x)
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, dim: int, hidden: int, dim_out: int, *, dtype, rngs):
+    self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, kernel_init=dense_init,
+                          rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, dim_out, dtype=dtype, kernel_init=dense_init,
+                          rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+class STABlock(nnx.Module):
+  """Equations (9)-(10): X_a = STA(LN(X)) + X, X_out = MLP(LN(X_a)) + X_a.
+
+  At a stage transition the skip of the attention is max-pooled like Q, and
+  the skip of the MLP is a projection of LN(X_a) to the wider width (MViT).
+  """
+
+  def __init__(self, spec: arch.BlockSpec, model: ml_collections.ConfigDict,
+               *, num_summary: int, dtype, rngs):
+    dim = spec.dim
+    self.q_stride, self.num_summary = spec.q_stride, num_summary
+    self.norm1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+    self.attn = ShrinkingTemporalAttention(
+        dim, spec.heads, q_stride=spec.q_stride, kv_stride=spec.kv_stride,
+        attention=model.attention, window=model.window,
+        num_summary=num_summary, pool_kernel=model.pool_kernel,
+        sa_pool=model.sa_pool, qkv_bias=model.qkv_bias, dtype=dtype, rngs=rngs)
+    self.drop_path = drop_path(spec.drop_path, rngs)
+    self.norm2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(dim, int(dim * model.mlp_ratio), spec.dim_out, dtype=dtype,
+                   rngs=rngs)
+    self.proj = (nnx.Linear(dim, spec.dim_out, dtype=dtype,
+                            kernel_init=dense_init, rngs=rngs)
+                 if spec.dim_out != dim else None)
+
+  def skip(self, x, grid):
+    """Max-pool the patch tokens like Q (kernel 3, stride q_stride)."""
+    if self.q_stride == 1:
+      return x
+    batch, nt, _, dim = x.shape
+    summary, patches = x[:, :, :self.num_summary], x[:, :, self.num_summary:]
+    patches = patches.reshape(batch * nt, *grid, dim)
+    patches = nnx.max_pool(patches, window_shape=(3, 3),
+                           strides=(self.q_stride, self.q_stride),
+                           padding=((1, 1), (1, 1)))
+    patches = patches.reshape(batch, nt, -1, dim)
+    return jnp.concatenate([summary, patches], axis=2)
+
+  def __call__(self, x, grid):
+    """x: [B, nt, num_summary + nh*nw, C] -> ([B, nt, ., C_out], new grid)."""
+    attended, new_grid = self.attn(self.norm1(x), grid)
+    x = self.skip(x, grid) + self.drop_path(attended)
+    x_norm = self.norm2(x)
+    if self.proj is not None:
+      x = self.proj(x_norm)
+    return x + self.drop_path(self.mlp(x_norm)), new_grid
+
+
+class TemporalBlock(nnx.Module):
+  """One MHSA layer of the temporal aggregation block (pre-LN + MLP)."""
+
+  def __init__(self, dim: int, heads: int, mlp_ratio: float, *, dtype, rngs):
+    self.norm1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(
+        heads, dim, dtype=dtype, kernel_init=dense_init, decode=False,
+        deterministic=True, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    x = x + self.attn(self.norm1(x))
+    return x + self.mlp(self.norm2(x))
+
+
+class TemporalAggregation(nnx.Module):
+  """A learnable video class token + `lta` MHSA layers over the frame
+  summaries; `lta = 0` averages the frame summaries (Table 4)."""
+
+  def __init__(self, dim: int, heads: int, lta: int, mlp_ratio: float, *,
+               dtype, rngs):
+    self.video_cls = nnx.Param(embedding_init(rngs.params(), (1, 1, dim)))
+    self.layers = nnx.List([
+        TemporalBlock(dim, heads, mlp_ratio, dtype=dtype, rngs=rngs)
+        for _ in range(lta)
+    ])
+
+  def __call__(self, frames):
+    """frames: [B, nt, C] -> [B, C]."""
+    if not self.layers:
+      return frames.mean(axis=1)
+    video_cls = jnp.broadcast_to(self.video_cls.value.astype(frames.dtype),
+                                 (frames.shape[0], 1, frames.shape[2]))
+    x = jnp.concatenate([video_cls, frames], axis=1)  # [B, 1 + nt, C]
+    for layer in self.layers:
+      x = layer(x)
+    return x[:, 0]
+
+
+class STAT(nnx.Module):
+  """video [B, T, H, W, 3] (normalised) -> logits [B, num_classes]."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    model = config.model
+    dtype = jnp.dtype(config.dtype)
+    blocks = arch.block_specs(model)
+    stem = arch.stem_specs(model)
+    self.num_summary = 1 if model.spatial_summary == 'cls' else 0
+    self.input_shape = (config.data.num_frames, config.data.crop_size,
+                        config.data.crop_size, 3)
+    nt, nh, nw = arch.token_grid(config)
+    dim, last = stem[-1].features, blocks[-1]
+
+    self.embed = TokenEmbedding(stem, dtype=dtype, rngs=rngs)
+    if self.num_summary:  # one spatial class token, shared by all frames
+      self.cls_token = nnx.Param(embedding_init(rngs.params(), (1, 1, 1, dim)))
+    # Separate spatial (class token + nh*nw) and temporal position embeddings.
+    self.pos_spatial = nnx.Param(
+        embedding_init(rngs.params(), (1, 1, self.num_summary + nh * nw, dim)))
+    self.pos_temporal = nnx.Param(embedding_init(rngs.params(), (1, nt, 1, dim)))
+    self.blocks = nnx.List([
+        STABlock(spec, model, num_summary=self.num_summary, dtype=dtype,
+                 rngs=rngs) for spec in blocks
+    ])
+    self.aggregate = TemporalAggregation(last.dim_out, last.heads, model.lta,
+                                         model.mlp_ratio, dtype=dtype, rngs=rngs)
+    self.norm = nnx.LayerNorm(last.dim_out, dtype=dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(model.dropout, rngs=rngs)
+    self.head = nnx.Linear(last.dim_out, model.num_classes, dtype=dtype,
+                           kernel_init=dense_init, rngs=rngs)
+
+  def tokens(self, video):
+    """Token embedding block: video -> ([B, nt, num_summary + nh*nw, C], grid)."""
+    x = self.embed(video)  # [B, nt, nh, nw, C]
+    batch, nt, nh, nw, dim = x.shape
+    x = x.reshape(batch, nt, nh * nw, dim)
+    if self.num_summary:
+      cls = jnp.broadcast_to(self.cls_token.value.astype(x.dtype),
+                             (batch, nt, 1, dim))
+      x = jnp.concatenate([cls, x], axis=2)
+    x = x + self.pos_spatial.value.astype(x.dtype)
+    return x + self.pos_temporal.value.astype(x.dtype), (nh, nw)
+
+  def __call__(self, video):
+    if video.shape[1:] != self.input_shape:
+      raise ValueError(f'STAT expects video [B, {", ".join(map(str, self.input_shape))}]'
+                       f' (config data.num_frames, data.crop_size); got {video.shape}')
+    x, grid = self.tokens(video)
+    for block in self.blocks:
+      x, grid = block(x, grid)
+    if self.num_summary:  # the spatial class token of each frame
+      frames = x[:, :, 0]  # [B, nt, C]
+    else:  # Table 3 "spatial avg-pooling"
+      frames = x.mean(axis=2)
+    video_embedding = self.norm(self.aggregate(frames))  # [B, C]
+    return self.head(self.dropout(video_embedding))
+
+
+def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> STAT:
+  """The STAT of `config` (validated first); `model.eval()` for inference."""
+  validate(config)
+  return STAT(config, rngs=rngs)

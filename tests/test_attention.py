@@ -1,0 +1,156 @@
+"""STA against a naive frame-by-frame reference, and its window invariances."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from stat_jax.attention import (ATTENTION_SETS, ShrinkingTemporalAttention,
+                                window_table)
+
+NT, GRID, DIM, HEADS = 6, (4, 4), 16, 2
+
+
+def test_window_table_hand_worked():
+  index, valid = window_table(nt=5, window=5)
+  # Frame 0: neighbours -2, -1 (outside), 1, 2. Frame 3: 1, 2, 4, 5 (outside).
+  np.testing.assert_array_equal(valid[0], [False, False, True, True])
+  np.testing.assert_array_equal(index[0][valid[0]], [1, 2])
+  np.testing.assert_array_equal(valid[3], [True, True, True, False])
+  np.testing.assert_array_equal(index[3][valid[3]], [1, 2, 4])
+  for nt, window in itertools.product((1, 4, 8), (3, 5, 7, 9)):
+    index, valid = window_table(nt, window)
+    for i in range(nt):
+      neighbours = set(index[i][valid[i]].tolist())
+      assert i not in neighbours  # never the frame itself
+      half = window // 2
+      assert neighbours == {j for j in range(i - half, i + half + 1)
+                            if j != i and 0 <= j < nt}  # never wrapped
+
+
+def make_sta(attention, window, q_stride, num_summary, seed=0):
+  return ShrinkingTemporalAttention(
+      DIM, HEADS, q_stride=q_stride, kv_stride=2, attention=attention,
+      window=window, num_summary=num_summary, pool_kernel=3, sa_pool=2,
+      qkv_bias=True, dtype=jnp.float32, rngs=nnx.Rngs(seed))
+
+
+def avg_pool_same(x, size):
+  """Reference 2D mean pool with 'SAME' padding, pads not counted. x [h, w, c]."""
+  h, w, _ = x.shape
+  out_h, out_w = -(-h // size), -(-w // size)
+  pad_h, pad_w = (out_h - 1) * size + size - h, (out_w - 1) * size + size - w
+  top, left = pad_h // 2, pad_w // 2
+  rows = []
+  for a in range(out_h):
+    row = []
+    for b in range(out_w):
+      r0, c0 = a * size - top, b * size - left
+      window = x[max(r0, 0):min(r0 + size, h), max(c0, 0):min(c0 + size, w)]
+      row.append(window.reshape(-1, x.shape[-1]).mean(0))
+    rows.append(row)
+  return np.array(rows)
+
+
+def naive_sta(sta, x, grid, num_summary):
+  """STA built the slow way: per frame, list the keys by hand (eqs. 1-8)."""
+  x = np.asarray(x, np.float64)
+  batch, nt, tokens, dim = x.shape
+  heads, head_dim = sta.heads, dim // sta.heads
+  w = np.asarray(sta.qkv.kernel.value, np.float64)
+  b = np.asarray(sta.qkv.bias.value, np.float64)
+  qkv = (x @ w + b).reshape(batch, nt, tokens, 3, heads, head_dim)
+  qkv = jnp.asarray(np.moveaxis(qkv, (3, 4), (0, 3)), jnp.float32)
+  q, k, v = qkv[0], qkv[1], qkv[2]  # [B, nt, h, N, d]
+  if sta.pool_q is not None:
+    q, _ = sta.pool_q(q, grid, num_summary)
+  k, kv_grid = sta.pool_k(k, grid, num_summary)
+  v, _ = sta.pool_v(v, grid, num_summary)
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  half = sta.window // 2
+  out = np.zeros(q.shape)
+  for n in range(batch):
+    for i in range(nt):
+      for h in range(heads):
+        keys, values = [], []
+        patch_k, patch_v = k[n, i, h, num_summary:], v[n, i, h, num_summary:]
+        keys += list(patch_k)  # K_CA of frame i
+        values += list(patch_v)
+        if 'sa' in sta.attention:
+          for j in range(i - half, i + half + 1):
+            if j == i or not 0 <= j < nt:
+              continue
+            for tensor, dest in ((k, keys), (v, values)):
+              frame = tensor[n, j, h, num_summary:].reshape(*kv_grid, head_dim)
+              dest += list(avg_pool_same(frame, sta.sa_pool).reshape(-1, head_dim))
+        if 'la' in sta.attention:
+          for j in range(nt):
+            if num_summary:
+              keys.append(k[n, j, h, 0])
+              values.append(v[n, j, h, 0])
+            else:
+              keys.append(k[n, j, h].mean(0))
+              values.append(v[n, j, h].mean(0))
+        elif num_summary:
+          keys.append(k[n, i, h, 0])
+          values.append(v[n, i, h, 0])
+        keys, values = np.array(keys), np.array(values)
+        logits = q[n, i, h] @ keys.T / np.sqrt(head_dim)
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        out[n, i, h] = weights @ values
+  out = np.moveaxis(out, 2, 3).reshape(batch, nt, -1, dim)
+  pw = np.asarray(sta.proj.kernel.value, np.float64)
+  return out @ pw + np.asarray(sta.proj.bias.value, np.float64)
+
+
+CASES = [
+    (attention, window, q_stride, 1)
+    for attention in ATTENTION_SETS for window in (3, 5) for q_stride in (1, 2)
+] + [('ca+sa+la', 7, 1, 1), ('ca+sa+la', 3, 2, 0), ('ca+la', 5, 1, 0),
+     ('ca+sa', 3, 1, 0)]
+
+
+@pytest.mark.parametrize('attention,window,q_stride,num_summary', CASES)
+def test_sta_matches_naive_reference(attention, window, q_stride, num_summary):
+  sta = make_sta(attention, window, q_stride, num_summary)
+  tokens = num_summary + GRID[0] * GRID[1]
+  x = jax.random.normal(jax.random.key(1), (2, NT, tokens, DIM))
+  got, grid = sta(x, GRID)
+  assert grid == (GRID[0] // q_stride, GRID[1] // q_stride)
+  np.testing.assert_allclose(got, naive_sta(sta, x, GRID, num_summary),
+                             rtol=1e-4, atol=1e-5)
+
+
+def frames_changed(sta, x, frame, token_slice):
+  """Which frames' outputs move when frame `frame`'s tokens are perturbed."""
+  base, _ = sta(x, GRID)
+  bumped = x.at[:, frame, token_slice].add(1.0)
+  moved, _ = sta(bumped, GRID)
+  delta = np.abs(np.asarray(moved - base)).max(axis=(0, 2, 3))
+  return {i for i in range(NT) if delta[i] > 1e-6}
+
+
+@pytest.mark.parametrize('window', [3, 5])
+def test_patch_tokens_reach_only_the_window(window):
+  x = jax.random.normal(jax.random.key(2), (1, NT, 17, DIM))
+  for attention in ('ca+sa', 'ca+sa+la'):
+    sta = make_sta(attention, window, 1, 1)
+    for j in range(NT):
+      expected = {i for i in range(NT) if abs(i - j) <= window // 2}
+      # Patch tokens of frame j: seen by frame j (CA) and its SA window only.
+      assert frames_changed(sta, x, j, slice(1, None)) == expected
+
+
+def test_class_tokens_reach_all_frames_only_through_la():
+  x = jax.random.normal(jax.random.key(3), (1, NT, 17, DIM))
+  j = 2
+  with_la = make_sta('ca+la', 3, 1, 1)
+  assert frames_changed(with_la, x, j, slice(0, 1)) == set(range(NT))
+  without_la = make_sta('ca+sa', 3, 1, 1)  # SA uses patch tokens only
+  assert frames_changed(without_la, x, j, slice(0, 1)) == {j}
+  ca_only = make_sta('ca', 3, 1, 1)
+  assert frames_changed(ca_only, x, j, slice(None)) == {j}

@@ -1,0 +1,146 @@
+"""STAT end to end: shapes through every stage, parameter count, modes."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import k400, ssv2, tiny
+from stat_jax.flops import abstract_model, param_count
+from stat_jax.model import build_model
+
+
+forward = nnx.jit(lambda model, video: model(video))
+
+
+def token_shapes(config):
+  """Shape of the tokens after the stem and after every block (abstractly)."""
+  model = abstract_model(config)
+  graphdef, state = nnx.split(model)
+  data = config.data
+  video = jax.ShapeDtypeStruct(
+      (1, data.num_frames, data.crop_size, data.crop_size, 3), jnp.float32)
+
+  def trace(state, video):
+    model = nnx.merge(graphdef, state)
+    x, grid = model.tokens(video)
+    shapes = [x]
+    for block in model.blocks:
+      x, grid = block(x, grid)
+      shapes.append(x)
+    return shapes, model(video)
+
+  shapes, logits = jax.eval_shape(trace, state, video)
+  return [s.shape for s in shapes], logits.shape
+
+
+@pytest.mark.parametrize('frames', [16, 32, 64])
+def test_token_shapes_through_every_stage(frames):
+  config = k400.get_config(str(frames))
+  shapes, logits = token_shapes(config)
+  nt = frames // 2
+  # 224 / 8 = 28x28 patches (+1 cls) at 192; Q pooling at the first block of
+  # stages 2 and 3 quarters the tokens; the last block of a stage widens.
+  expected = ([(1, nt, 785, 192)] * 2 + [(1, nt, 785, 384)]
+              + [(1, nt, 197, 384)] * 10 + [(1, nt, 197, 768)]
+              + [(1, nt, 50, 768)] * 2)
+  assert shapes == expected
+  assert logits == (1, 400)
+
+
+def test_ssv2_head_and_avgpool_summary_shapes():
+  config = ssv2.get_config('16')
+  config.model.spatial_summary = 'avgpool'
+  shapes, logits = token_shapes(config)
+  assert shapes[0] == (1, 8, 784, 192) and shapes[-1] == (1, 8, 49, 768)
+  assert logits == (1, 174)
+
+
+def block_params(dim, dim_out, heads, q_pool):
+  head_dim = dim // heads
+  pool = 9 * head_dim + 2 * head_dim  # depthwise 3x3 conv (no bias) + LayerNorm
+  count = 2 * dim + (3 * dim * dim + 3 * dim) + (dim * dim + dim)
+  count += pool * (3 if q_pool else 2) + 2 * dim
+  count += dim * 4 * dim + 4 * dim + 4 * dim * dim_out + dim_out
+  if dim_out != dim:
+    count += dim * dim_out + dim_out
+  return count
+
+
+def test_parameter_count_of_k400_16_by_hand():
+  stem = (27 * 3 * 64 + 64 + 2 * 64) + (27 * 64 * 96 + 96 + 2 * 96) + (
+      27 * 96 * 192 + 192)
+  embeddings = 192 + 785 * 192 + 8 * 192  # cls, spatial, temporal
+  blocks = [(192, 192, 2, False), (192, 384, 2, False), (384, 384, 4, True)]
+  blocks += [(384, 384, 4, False)] * 9 + [(384, 768, 4, False)]
+  blocks += [(768, 768, 8, True), (768, 768, 8, False)]
+  c = 768
+  aggregation = c + 4 * c + (4 * c * c + 4 * c) + (8 * c * c + 5 * c)
+  head = 2 * c + c * 400 + 400
+  expected = stem + embeddings + sum(block_params(*b) for b in blocks)
+  expected += aggregation + head
+  assert param_count(abstract_model(k400.get_config('16'))) == expected
+
+
+def test_lta_zero_has_no_temporal_layers():
+  config = k400.get_config('16')
+  with_lta = param_count(abstract_model(config))
+  config.model.lta = 0
+  c = 768
+  assert with_lta - param_count(abstract_model(config)) == (
+      4 * c + (4 * c * c + 4 * c) + (8 * c * c + 5 * c))
+
+
+@pytest.mark.parametrize('stem_layers,grid', [(1, (8, 56)), (5, (4, 7))])
+def test_table5_stems(stem_layers, grid):
+  config = k400.get_config('16')
+  config.model.stem_layers = stem_layers
+  shapes, logits = token_shapes(config)
+  nt, side = grid
+  assert shapes[0][:3] == (1, nt, 1 + side * side)
+  assert shapes[-1][1:3] == (nt, 50)  # all variants end on 7x7 tokens
+  assert logits == (1, 400)
+
+
+def test_tiny_forward_train_and_eval_modes():
+  config = tiny.get_config()
+  config.model.dropout = 0.5
+  model = build_model(config, nnx.Rngs(0))
+  video = jax.random.normal(jax.random.key(0), (3, 8, 32, 32, 3))
+  model.eval()
+  first, second = forward(model, video), forward(model, video)
+  assert first.shape == (3, 10) and np.all(np.isfinite(first))
+  np.testing.assert_array_equal(first, second)  # deterministic in eval
+  model.train()
+  assert not np.allclose(forward(model, video), forward(model, video))
+  model.eval()
+  np.testing.assert_array_equal(forward(model, video), first)
+
+
+def test_clips_are_independent_in_a_batch():
+  model = build_model(tiny.get_config(), nnx.Rngs(0))
+  model.eval()
+  video = jax.random.normal(jax.random.key(1), (2, 8, 32, 32, 3))
+  together = forward(model, video)
+  alone = forward(model, video[1:])
+  np.testing.assert_allclose(together[1:], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_wrong_input_shape_is_named():
+  model = build_model(tiny.get_config(), nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r'expects video \[B, 8, 32, 32, 3\].*got'):
+    model(jnp.zeros((1, 8, 64, 64, 3)))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  config = tiny.get_config()
+  config.dtype = 'bfloat16'
+  model = build_model(config, nnx.Rngs(0))
+  model.eval()
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert all(x.dtype == jnp.float32 for x in leaves)
+  logits = forward(model, jnp.ones((1, 8, 32, 32, 3)))
+  assert logits.dtype == jnp.bfloat16 and math.isfinite(float(logits[0, 0]))
