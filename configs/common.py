@@ -87,6 +87,16 @@ def data_config(num_frames: int) -> ml_collections.ConfigDict:
   d.num_crops = 1
   d.eval_batch_size = 8  # global, in videos
   d.num_parallel_calls = -1  # tf.data.AUTOTUNE
+  # The synthetic motion dataset (data/synthetic.py): with generate=True the
+  # specs above are filled in, and the set generated into `dir` if absent.
+  d.synthetic = ml_collections.ConfigDict()
+  d.synthetic.generate = False
+  d.synthetic.dir = 'cache/synthetic_motion'
+  d.synthetic.train_clips = 2400
+  d.synthetic.val_clips = 480
+  d.synthetic.frames = 32
+  d.synthetic.size = 64
+  d.synthetic.seed = 0
   return d
 
 
@@ -124,6 +134,7 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 = all devices not used by fsdp
   c.mesh.fsdp = 1
+  c.mesh.fsdp_min_size = 2**14  # smaller parameters stay replicated
 
   c.log_every = 50
   c.eval_every = 5000

@@ -1,0 +1,222 @@
+"""Videos + annotations -> DMVR TFRecord shards (DESIGN.md section 4).
+
+  python -m data.convert --videos DIR --kinetics_csv train.csv --out OUT
+  python -m data.convert --videos DIR --ssv2_json train.json \
+      --ssv2_labels labels.json --out OUT --name train
+  python -m data.convert --videos DIR --csv list.csv --out OUT
+
+Annotations:
+  Kinetics CSV  label,youtube_id,time_start,time_end,split; the video is
+                <youtube_id>_<time_start:06d>_<time_end:06d>.mp4.
+  SSv2 JSON     [{"id", "template", ...}], label = template without brackets,
+                index from the labels JSON {"name": "index"}; video <id>.webm.
+  plain CSV     path,label (path relative to --videos; integer labels kept,
+                text labels numbered in sorted order).
+
+Frames are decoded with PyAV (any container/codec), optionally resampled to
+--fps, resized to --short_side and stored as JPEG. Video i (annotation order)
+goes to shard i mod --num_shards. Videos that fail to decode or have no
+frames are listed with the reason in OUT/<name>-skipped.txt; the run
+finishes. The label map is written to OUT/label_map.txt.
+"""
+
+import argparse
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import multiprocessing
+import os
+
+import av
+import numpy as np
+import tqdm
+
+from data import dmvr
+
+
+@dataclasses.dataclass(frozen=True)
+class Video:
+  path: str
+  label: int
+  text: str
+  start_us: int | None = None
+  end_us: int | None = None
+
+
+# -------------------------------------------------------------- annotations ---
+
+def read_kinetics_csv(csv_path, video_dir):
+  """(videos, class names) of a Kinetics-style CSV; labels sorted by name."""
+  with open(csv_path, newline='') as f:
+    rows = list(csv.DictReader(f))
+  names = sorted({row['label'] for row in rows})
+  index = {name: i for i, name in enumerate(names)}
+  videos = []
+  for row in rows:
+    start, end = int(float(row['time_start'])), int(float(row['time_end']))
+    filename = f"{row['youtube_id']}_{start:06d}_{end:06d}.mp4"
+    videos.append(Video(os.path.join(video_dir, filename), index[row['label']],
+                        row['label'], start * 1_000_000, end * 1_000_000))
+  return videos, names
+
+
+def ssv2_label(template):
+  """'Putting [something] on [something]' -> 'Putting something on something'."""
+  return template.replace('[', '').replace(']', '')
+
+
+def read_ssv2_json(json_path, labels_path, video_dir):
+  """(videos, class names) of an SSv2 annotation + label JSON pair."""
+  with open(labels_path) as f:
+    label_index = {name: int(i) for name, i in json.load(f).items()}
+  with open(json_path) as f:
+    entries = json.load(f)
+  names = [''] * len(label_index)
+  for name, i in label_index.items():
+    names[i] = name
+  videos = []
+  for entry in entries:
+    text = ssv2_label(entry['template'])
+    if text not in label_index:
+      raise ValueError(f'{json_path}: id {entry["id"]} template {text!r} is '
+                       f'not in {labels_path}')
+    videos.append(Video(os.path.join(video_dir, f"{entry['id']}.webm"),
+                        label_index[text], text))
+  return videos, names
+
+
+def read_plain_csv(csv_path, video_dir):
+  """(videos, class names) of `path,label` rows (an optional header is
+  recognised by its non-integer label in a file of integer labels)."""
+  with open(csv_path, newline='') as f:
+    rows = [row for row in csv.reader(f) if row]
+  if rows and rows[0][1].strip().lower() == 'label':
+    rows = rows[1:]
+  labels = [row[1].strip() for row in rows]
+  if all(label.lstrip('-').isdigit() for label in labels):
+    numbers = [int(label) for label in labels]
+    names = [str(i) for i in range(max(numbers, default=-1) + 1)]
+  else:
+    names = sorted(set(labels))
+    numbers = [names.index(label) for label in labels]
+  videos = [Video(os.path.join(video_dir, row[0].strip()), number, label)
+            for row, number, label in zip(rows, numbers, labels)]
+  return videos, names
+
+
+# ----------------------------------------------------------------- decoding ---
+
+def _resized_size(width, height, short_side):
+  scale = short_side / min(width, height)
+  return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def decode_video(path, short_side, fps=0.0):
+  """uint8 [N, H, W, 3] frames, short side resized; fps > 0 resamples."""
+  frames, next_time = [], 0.0
+  with av.open(path) as container:
+    stream = container.streams.video[0]
+    stream.thread_type = 'AUTO'
+    for frame in container.decode(stream):
+      if fps > 0:
+        time = frame.time if frame.time is not None else next_time
+        if time + 1e-6 < next_time:
+          continue
+        next_time += 1.0 / fps
+      width, height = _resized_size(frame.width, frame.height, short_side)
+      frames.append(frame.to_ndarray(width=width, height=height,
+                                     format='rgb24'))
+  if not frames:
+    raise ValueError('no frames')
+  return np.stack(frames)
+
+
+def convert_video(video, short_side, quality, fps):
+  """(serialized SequenceExample, None) or (None, reason)."""
+  try:
+    frames = decode_video(video.path, short_side, fps)
+  except Exception as e:  # PyAV raises many error types; all mean "skip"
+    return None, f'{type(e).__name__}: {e}'.replace('\n', ' ')
+  example = dmvr.make_example(
+      dmvr.encode_frames(frames, quality), video.label, video.text,
+      os.path.basename(video.path), video.start_us, video.end_us)
+  return example.SerializeToString(), None
+
+
+def _convert_star(args):
+  return convert_video(*args)
+
+
+# ------------------------------------------------------------------ writing ---
+
+def convert(videos, names, out_dir, name='train', num_shards=16,
+            short_side=256, quality=90, fps=0.0, workers=1) -> dict:
+  """Writes shards, label_map.txt and <name>-skipped.txt; a summary dict."""
+  os.makedirs(out_dir, exist_ok=True)
+  dmvr.write_label_map(os.path.join(out_dir, 'label_map.txt'), names)
+  num_shards = max(1, min(num_shards, len(videos)))
+  jobs = [(video, short_side, quality, fps) for video in videos]
+  skipped_path = os.path.join(out_dir, f'{name}-skipped.txt')
+  skipped = 0
+  with dmvr.ShardedWriter(os.path.join(out_dir, f'{name}.tfrecord'),
+                          num_shards) as writer, open(skipped_path, 'w') as log:
+    for i, (record, reason) in enumerate(tqdm.tqdm(
+        _run(jobs, workers), total=len(jobs), desc=f'converting {name}')):
+      if record is None:
+        skipped += 1
+        log.write(f'{videos[i].path}\t{reason}\n')
+      else:
+        writer.write(i % num_shards, record)
+  return {'spec': writer.spec, 'converted': len(videos) - skipped,
+          'skipped': skipped, 'skipped_list': skipped_path}
+
+
+def _run(jobs, workers):
+  """Results in job order; `workers` > 1 uses spawned processes."""
+  if workers <= 1:
+    yield from map(_convert_star, jobs)
+    return
+  context = multiprocessing.get_context('spawn')  # TF is not fork-safe
+  with concurrent.futures.ProcessPoolExecutor(workers,
+                                              mp_context=context) as pool:
+    yield from pool.map(_convert_star, jobs, chunksize=4)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--videos', required=True, help='folder of the videos')
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--kinetics_csv')
+  source.add_argument('--ssv2_json')
+  source.add_argument('--csv', help='plain path,label CSV')
+  parser.add_argument('--ssv2_labels', help='SSv2 label JSON {name: index}')
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--name', default='train', help='shard file prefix')
+  parser.add_argument('--num_shards', type=int, default=16)
+  parser.add_argument('--short_side', type=int, default=256,
+                      help='256 (default) or e.g. 320')
+  parser.add_argument('--quality', type=int, default=90, help='JPEG quality')
+  parser.add_argument('--fps', type=float, default=0.0, help='0 keeps all')
+  parser.add_argument('--workers', type=int, default=os.cpu_count())
+  args = parser.parse_args(argv)
+  if args.kinetics_csv:
+    videos, names = read_kinetics_csv(args.kinetics_csv, args.videos)
+  elif args.ssv2_json:
+    if not args.ssv2_labels:
+      parser.error('--ssv2_json needs --ssv2_labels')
+    videos, names = read_ssv2_json(args.ssv2_json, args.ssv2_labels,
+                                   args.videos)
+  else:
+    videos, names = read_plain_csv(args.csv, args.videos)
+  summary = convert(videos, names, args.out, args.name, args.num_shards,
+                    args.short_side, args.quality, args.fps, args.workers)
+  print(f"converted {summary['converted']} videos, skipped "
+        f"{summary['skipped']} (see {summary['skipped_list']}) -> "
+        f"{summary['spec']}")
+
+
+if __name__ == '__main__':
+  main()

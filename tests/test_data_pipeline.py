@@ -1,0 +1,212 @@
+"""Train / eval pipelines: sampling through tf.data, order, exact resume,
+skipped records, exact-once eval across simulated processes."""
+
+import json
+
+import numpy as np
+import pytest
+
+import data_testlib
+from data import dmvr
+from data import pipeline
+
+TRAIN_LENGTHS = [6 + (5 * i) % 25 for i in range(20)]  # 6..30 frames
+EVAL_LENGTHS = [5 + (7 * i) % 20 for i in range(13)]
+BAD = {3: 'proto', 7: 'jpeg'}
+
+
+@pytest.fixture(scope='module')
+def data_specs(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp('data_pipeline'))
+  static = f'{folder}/static.tfrecord'
+  with dmvr.ShardedWriter(static, 2) as writer:
+    for i in range(4):  # identical random frames within each clip
+      image = np.random.default_rng(i).integers(0, 255, (24, 32, 3), np.uint8)
+      frames = np.repeat(image[None], 10, 0)
+      writer.write(i % 2, dmvr.make_example(
+          dmvr.encode_frames(frames), i).SerializeToString())
+  return {
+      'train': data_testlib.write_level_shards(folder, 'train', TRAIN_LENGTHS),
+      'eval': data_testlib.write_level_shards(folder, 'val', EVAL_LENGTHS),
+      'bad': data_testlib.write_level_shards(folder, 'bad', [12] * 12, 2, BAD),
+      'static': writer.spec,
+  }
+
+
+def _augmented(config):
+  data = config.data
+  data.area_range, data.aspect_range = (0.3, 1.0), (3 / 4, 4 / 3)
+  data.flip, data.randaugment_layers, data.random_erasing = True, 4, 0.25
+  return config
+
+
+def _take(iterator, count):
+  return [next(iterator) for _ in range(count)]
+
+
+def _assert_batches_equal(first, second):
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a['label'], b['label'])
+    np.testing.assert_array_equal(a['video'], b['video'])
+
+
+def test_train_batch_samples_one_frame_per_segment(data_specs):
+  config = data_testlib.tiny_config(data_specs['train'], frames=4, batch=5)
+  batch = next(pipeline.make_train_iterator(config))
+  assert batch['video'].shape == (5, 4, 16, 16, 3)
+  assert batch['video'].dtype == np.float32 and batch['label'].dtype == np.int32
+  frames = data_testlib.frame_numbers(batch['video'], config.data)  # [5, 4]
+  for label, clip_frames in zip(batch['label'], frames):
+    length = TRAIN_LENGTHS[label]
+    bounds = [i * length // 4 for i in range(5)]
+    for i, frame in enumerate(clip_frames):
+      assert bounds[i] <= frame < bounds[i + 1], (length, clip_frames)
+
+
+def test_train_dense_sampling_strides_and_loops(data_specs):
+  config = data_testlib.tiny_config(data_specs['train'], frames=4, batch=10)
+  config.data.sampling, config.data.frame_stride = 'dense', 3
+  batch = next(pipeline.make_train_iterator(config))
+  frames = data_testlib.frame_numbers(batch['video'], config.data)
+  for label, clip_frames in zip(batch['label'], frames):
+    length = TRAIN_LENGTHS[label]
+    assert clip_frames[0] <= max(length - 10, 0)
+    expected = (clip_frames[0] + 3 * np.arange(4)) % length
+    assert clip_frames.tolist() == expected.tolist()
+
+
+def test_each_epoch_is_a_new_permutation(data_specs):
+  config = data_testlib.tiny_config(data_specs['train'], batch=4)
+  batches = _take(pipeline.make_train_iterator(config), 10)
+  labels = np.concatenate([b['label'] for b in batches])
+  assert sorted(labels[:20]) == list(range(20))
+  assert sorted(labels[20:]) == list(range(20))
+  assert labels[:20].tolist() != labels[20:].tolist()
+
+
+@pytest.mark.parametrize('process_count', [2, 3])
+def test_processes_split_each_epoch(data_specs, process_count):
+  config = data_testlib.tiny_config(data_specs['train'], batch=process_count)
+  per_process = 20 // process_count
+  seen = []
+  for k in range(process_count):
+    iterator = pipeline.make_train_iterator(
+        config, process_index=k, process_count=process_count)
+    assert iterator.records_per_epoch == per_process
+    seen.extend(int(b['label'][0]) for b in _take(iterator, per_process))
+  assert len(set(seen)) == len(seen) == per_process * process_count
+
+
+def test_same_seed_same_batches(data_specs):
+  config = _augmented(data_testlib.tiny_config(data_specs['train']))
+  first = _take(pipeline.make_train_iterator(config), 3)
+  again = _take(pipeline.make_train_iterator(config), 3)
+  _assert_batches_equal(first, again)
+  other = next(pipeline.make_train_iterator(config, seed=1))
+  assert not np.array_equal(other['video'], first[0]['video'])
+
+
+def test_resume_mid_epoch_replays_exactly(data_specs):
+  config = _augmented(data_testlib.tiny_config(data_specs['train']))
+  iterator = pipeline.make_train_iterator(config)
+  _take(iterator, 2)
+  state = json.loads(json.dumps(iterator.get_state()))  # small, serialisable
+  assert (state['epoch'], state['position']) == (0, 8)
+  expected = _take(iterator, 5)  # runs across the end of epoch 0
+  resumed = pipeline.make_train_iterator(config)
+  resumed.set_state(state)
+  _assert_batches_equal(expected, _take(resumed, 5))
+  assert resumed.get_state() == iterator.get_state()
+
+
+def test_resume_rejects_other_seed(data_specs):
+  config = data_testlib.tiny_config(data_specs['train'])
+  state = pipeline.make_train_iterator(config).get_state()
+  with pytest.raises(ValueError, match='seed: expected 1, got 0'):
+    pipeline.make_train_iterator(config, seed=1).set_state(state)
+
+
+def test_augmentation_identical_across_frames(data_specs):
+  config = _augmented(data_testlib.tiny_config(data_specs['static'], frames=6))
+  config.data.random_erasing = 1.0
+  for batch in _take(pipeline.make_train_iterator(config), 3):
+    video = batch['video']  # [b, T, H, W, 3]
+    np.testing.assert_allclose(video, video[:, :1].repeat(6, 1), atol=1e-5)
+    assert video.std(axis=(1, 2, 3, 4)).min() > 0.05
+
+
+def test_train_skips_and_counts_corrupt_records(data_specs):
+  config = data_testlib.tiny_config(data_specs['bad'], batch=10)
+  iterator = pipeline.make_train_iterator(config)
+  for epochs in (1, 2):
+    batch = next(iterator)
+    assert sorted(batch['label']) == [i for i in range(12) if i not in BAD]
+    state = iterator.get_state()
+    consumed = 12 * state['epoch'] + state['position']
+    # Records read but not yielded are exactly the bad ones read so far:
+    # all of them in finished epochs, and any trailing ones are unread.
+    assert iterator.num_skipped == consumed - 10 * epochs
+    assert iterator.num_skipped + (12 * epochs - consumed) == 2 * epochs
+
+
+def _eval_config(spec):
+  config = data_testlib.tiny_config(eval_spec=spec, frames=4)
+  config.data.num_clips, config.data.num_crops = 2, 3
+  return config
+
+
+@pytest.mark.parametrize('process_count', [1, 2, 3])
+def test_eval_covers_every_view_exactly_once(data_specs, process_count):
+  config = _eval_config(data_specs['eval'])
+  views, batch_counts = [], []
+  for k in range(process_count):
+    iterator = pipeline.make_eval_iterator(
+        config, process_index=k, process_count=process_count)
+    batches = list(iterator)
+    batch_counts.append(len(batches))
+    assert iterator.num_skipped == 0
+    for batch in batches:
+      assert batch['video'].shape == (12 // process_count, 4, 16, 16, 3)
+      keep = batch['mask']
+      assert np.all(batch['label'][~keep] == -1)
+      views.extend(zip(batch['video_id'][keep], batch['view'][keep],
+                       batch['label'][keep]))
+  assert len(set(batch_counts)) == 1  # all processes step together
+  pairs = [(int(v), int(w)) for v, w, _ in views]
+  assert sorted(pairs) == [(v, w) for v in range(13) for w in range(6)]
+  label_of = {}
+  for video_id, _, label in views:
+    assert label_of.setdefault(int(video_id), int(label)) == label
+  assert sorted(label_of.values()) == list(range(13))
+
+
+def test_eval_views_take_uniform_clips(data_specs):
+  config = _eval_config(data_specs['eval'])
+  batch = next(pipeline.make_eval_iterator(config))
+  frames = data_testlib.frame_numbers(batch['video'], config.data)
+  for label, view, clip_frames in zip(batch['label'], batch['view'], frames):
+    length, clip = EVAL_LENGTHS[label], view // 3
+    starts = [i * length // 4 for i in range(5)]
+    expected = [s + int((clip + 0.5) / 2 * max(e - s, 1))
+                for s, e in zip(starts, starts[1:])]
+    assert clip_frames.tolist() == expected
+
+
+def test_eval_skips_and_counts_corrupt_records(data_specs):
+  config = _eval_config(data_specs['bad'])
+  iterator = pipeline.make_eval_iterator(config)
+  batches = list(iterator)
+  assert iterator.num_skipped == 2
+  labels = np.concatenate([b['label'][b['mask']] for b in batches])
+  assert sorted(set(labels)) == [i for i in range(12) if i not in BAD]
+  assert len(labels) == 10 * 6
+
+
+def test_config_errors_name_the_values(data_specs):
+  config = data_testlib.tiny_config(data_specs['train'], batch=5)
+  with pytest.raises(ValueError, match='batch_size 5 .* process_count 2'):
+    pipeline.make_train_iterator(config, process_count=2)
+  config = _eval_config(data_specs['eval'])
+  config.data.eval_short_side = 8
+  with pytest.raises(ValueError, match='eval_short_side 8 < data.crop_size 16'):
+    pipeline.make_eval_iterator(config)
