@@ -1,0 +1,174 @@
+"""Multi-view evaluation on the host: the softmax averaged over the views
+(clips x crops) of each video, then top-1 / top-5 / per-class accuracy and a
+JSON report.
+
+Eval batches (data/pipeline.py, EvalIterator) hold one view per row; rows
+with mask False are padding. The accumulator keeps per-video sums (softmax
+sums, view counts), so partial accumulators, e.g. one per process, combine
+exactly with `merge` or `add_sums`.
+"""
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+TOP_K = 5  # top-5 accuracy; top-min(5, K) when there are fewer classes
+NUM_WORST = 5  # classes listed by format_summary
+
+
+class ViewAccumulator:
+  """Per-video sums of softmax probabilities over views, and view counts."""
+
+  def __init__(self, num_classes: int):
+    self.num_classes = num_classes
+    self._labels: dict[int, int] = {}  # video id -> label
+    self._views: dict[int, int] = {}  # video id -> views added
+    self._prob_sums: dict[int, np.ndarray] = {}  # video id -> [K] float64
+
+  def add(self, probs, video_id, label, mask) -> None:
+    """Adds a batch of views: probs [b, K] (softmax of the logits),
+    video_id, label, mask [b]. Rows with mask False are ignored."""
+    probs = np.asarray(probs, np.float64)
+    mask = np.asarray(mask, bool)
+    if probs.shape != (mask.size, self.num_classes):
+      raise ValueError(f'probs {probs.shape} != [{mask.size}, '
+                       f'{self.num_classes}]')
+    if (probs[mask] < 0).any():
+      raise ValueError('probs must be softmax probabilities, not logits')
+    self.add_sums(video_id=np.asarray(video_id)[mask],
+                  label=np.asarray(label)[mask], views=np.ones(mask.sum(), int),
+                  prob_sum=probs[mask])
+
+  def add_sums(self, video_id, label, views, prob_sum) -> None:
+    """Adds partial sums: video_id, label, views [n], prob_sum [n, K]; a
+    video id may repeat. Raises ValueError on a label out of range or one
+    video id seen with two labels."""
+    for vid, lab, count, probs in zip(np.asarray(video_id).tolist(),
+                                      np.asarray(label).tolist(),
+                                      np.asarray(views).tolist(),
+                                      np.asarray(prob_sum, np.float64)):
+      if not 0 <= lab < self.num_classes:
+        raise ValueError(f'video {vid}: label {lab} not in '
+                         f'[0, {self.num_classes})')
+      if self._labels.setdefault(vid, lab) != lab:
+        raise ValueError(f'video {vid} has labels {self._labels[vid]} and '
+                         f'{lab}')
+      self._views[vid] = self._views.get(vid, 0) + count
+      self._prob_sums[vid] = self._prob_sums.get(vid, 0.0) + probs
+
+  def sums(self) -> dict[str, np.ndarray]:
+    """The per-video sums, by increasing video id, as add_sums takes them:
+    video_id, label, views int64 [n], prob_sum float64 [n, K]."""
+    ids = sorted(self._labels)
+    return {
+        'video_id': np.array(ids, np.int64),
+        'label': np.array([self._labels[v] for v in ids], np.int64),
+        'views': np.array([self._views[v] for v in ids], np.int64),
+        'prob_sum': np.array([self._prob_sums[v] for v in ids],
+                             np.float64).reshape(len(ids), self.num_classes),
+    }
+
+  def merge(self, other: 'ViewAccumulator') -> None:
+    """Adds the sums of another accumulator (e.g. another process's)."""
+    if other.num_classes != self.num_classes:
+      raise ValueError(f'{other.num_classes} classes != {self.num_classes}')
+    self.add_sums(**other.sums())
+
+  def result(self) -> dict:
+    """Accuracy of the view-averaged softmax: top1, top5 (fractions),
+    per_class {class: top-1 over its videos} and per_class_videos {class:
+    videos} for the classes present, num_videos, num_views, and predictions
+    (one dict per video). Ties rank the lower class index first."""
+    sums = self.sums()
+    if not sums['video_id'].size:
+      raise ValueError('no videos were added')
+    labels = sums['label']
+    mean_probs = sums['prob_sum'] / sums['views'][:, None]  # [n, K]
+    # [n, min(5, K)], best first; a stable sort ranks ties by class index.
+    top = np.argsort(-mean_probs, axis=1, kind='stable')[:, :TOP_K]
+    top1_hit = top[:, 0] == labels
+    classes, class_videos = np.unique(labels, return_counts=True)
+    return {
+        'top1': float(top1_hit.mean()),
+        'top5': float((top == labels[:, None]).any(axis=1).mean()),
+        'per_class': {int(c): float(top1_hit[labels == c].mean())
+                      for c in classes},
+        'per_class_videos': dict(zip(classes.tolist(), class_videos.tolist())),
+        'num_videos': int(labels.size),
+        'num_views': int(sums['views'].sum()),
+        'predictions': _predictions(sums, top, mean_probs),
+    }
+
+
+def _predictions(sums, top, mean_probs) -> list[dict]:
+  """One dict per video: video_id, label, views, top5 (class indices, best
+  first) and top5_probs (their view-averaged probabilities)."""
+  top_probs = np.take_along_axis(mean_probs, top, axis=1)  # [n, k]
+  return [{'video_id': vid, 'label': lab, 'views': views, 'top5': classes,
+           'top5_probs': probs}
+          for vid, lab, views, classes, probs in zip(
+              sums['video_id'].tolist(), sums['label'].tolist(),
+              sums['views'].tolist(), top.tolist(), top_probs.tolist())]
+
+
+def _write_atomic(path: str, text: str) -> None:
+  """Writes a temporary file beside `path`, then renames it over `path`."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, temporary = tempfile.mkstemp(dir=folder,
+                                   prefix=os.path.basename(path) + '.tmp')
+  try:
+    with os.fdopen(fd, 'w') as f:
+      f.write(text)
+    os.replace(temporary, path)
+  except BaseException:
+    os.remove(temporary)
+    raise
+
+
+def _named_prediction(prediction: dict, class_names) -> dict:
+  if class_names is None:
+    return prediction
+  return {**prediction, 'label_name': class_names[prediction['label']],
+          'top5_names': [class_names[c] for c in prediction['top5']]}
+
+
+def write_report(result: dict, path: str, class_names=None) -> str:
+  """Writes `path` (JSON: accuracies, counts, per-class accuracy, and any
+  other key a caller put in `result`, e.g. the step) and, beside it, <path
+  without extension>.predictions.jsonl (one line per video). Each file
+  appears complete or not at all. Returns the predictions path."""
+  predictions_path = os.path.splitext(path)[0] + '.predictions.jsonl'
+  lines = [json.dumps(_named_prediction(p, class_names)) + '\n'
+           for p in result['predictions']]
+  _write_atomic(predictions_path, ''.join(lines))
+  per_class = [{'class': c, 'top1': acc,
+                'videos': result['per_class_videos'][c]}
+               for c, acc in sorted(result['per_class'].items())]
+  if class_names is not None:
+    for entry in per_class:
+      entry['name'] = class_names[entry['class']]
+  report = {key: value for key, value in result.items()
+            if key not in ('per_class', 'per_class_videos', 'predictions')}
+  report.update(per_class=per_class,
+                predictions=os.path.basename(predictions_path))
+  _write_atomic(path, json.dumps(report, indent=2) + '\n')
+  return predictions_path
+
+
+def format_summary(result: dict, class_names=None) -> str:
+  """Two lines: top-1 / top-5 with the counts, then the NUM_WORST classes
+  of lowest top-1 (ties: lower class index first)."""
+  worst = sorted(result['per_class'].items(),
+                 key=lambda item: (item[1], item[0]))[:NUM_WORST]
+  names = [str(c) if class_names is None else f'{c} {class_names[c]}'
+           for c, _ in worst]
+  worst_text = ', '.join(
+      f'{name} {100 * acc:.1f}% of {result["per_class_videos"][c]}'
+      for name, (c, acc) in zip(names, worst))
+  return (f'top-1 {100 * result["top1"]:.2f}%  '
+          f'top-5 {100 * result["top5"]:.2f}%  '
+          f'({result["num_videos"]} videos, {result["num_views"]} views)\n'
+          f'worst classes: {worst_text}')

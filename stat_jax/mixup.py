@@ -1,0 +1,103 @@
+"""Mixup and CutMix of video clips on device, as timm's `Mixup(mode='batch')`.
+
+Every clip is mixed with the clip at the mirrored position of the batch
+(`flip` along axis 0; the middle clip of an odd batch meets itself). One
+lam ~ Beta(alpha, alpha) serves the whole batch, and so does the CutMix box,
+which is the same in every frame of a clip. Targets are label-smoothed one-hot
+vectors mixed with the same lam.
+
+The alphas and probabilities are Python floats from `config.mixup` (static
+under jit); every random choice is a traced value, so one compiled step covers
+mixup, CutMix and no mixing.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def smooth_one_hot(labels: jax.Array, num_classes: int,
+                   smoothing: float) -> jax.Array:
+  """labels [B] int -> [B, K] float32 with off = smoothing / K on the other
+  classes and on = 1 - smoothing + off on the label (timm)."""
+  off = smoothing / num_classes
+  on = 1.0 - smoothing + off
+  one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  return off + (on - off) * one_hot
+
+
+def _beta(rng: jax.Array, alpha: float) -> jax.Array:
+  """lam ~ Beta(alpha, alpha); 1 (no mixing) when alpha is 0."""
+  if alpha <= 0:
+    return jnp.float32(1.0)
+  return jax.random.beta(rng, alpha, alpha)
+
+
+def _box_span(rng: jax.Array, ratio: jax.Array, size: int) -> jax.Array:
+  """[size] bool: a cut of int(size * ratio) pixels centred at a uniform
+  pixel, clipped to the image (timm's rand_bbox along one axis)."""
+  cut = jnp.floor(size * ratio).astype(jnp.int32)
+  centre = jax.random.randint(rng, (), 0, size)
+  low = jnp.clip(centre - cut // 2, 0, size)
+  high = jnp.clip(centre + cut // 2, 0, size)
+  pixels = jnp.arange(size)
+  return (pixels >= low) & (pixels < high)
+
+
+def _cutmix_box(rng: jax.Array, lam: jax.Array, height: int,
+                width: int) -> tuple[jax.Array, jax.Array]:
+  """Box [H, W] bool with sides sqrt(1 - lam) of the image's, and lam
+  corrected to the box actually pasted: 1 - box area / image area."""
+  rng_y, rng_x = jax.random.split(rng)
+  ratio = jnp.sqrt(1.0 - lam)
+  box = (_box_span(rng_y, ratio, height)[:, None]
+         & _box_span(rng_x, ratio, width)[None, :])  # [H, W]
+  return box, 1.0 - box.mean()
+
+
+def _mixing_weight(rng: jax.Array, height: int, width: int, *,
+                   mixup_alpha: float, cutmix_alpha: float, prob: float,
+                   switch_prob: float) -> tuple[jax.Array, jax.Array]:
+  """Per-pixel weight [H, W] of the clip itself (1 - weight goes to the
+  flipped clip) and the lam of its label: lam everywhere for mixup, 0 in the
+  box and 1 outside for CutMix, 1 everywhere without mixing."""
+  apply_rng, switch_rng, mixup_rng, cutmix_rng, box_rng = jax.random.split(
+      rng, 5)
+  apply = jax.random.uniform(apply_rng) < prob
+  if mixup_alpha > 0 and cutmix_alpha > 0:
+    use_cutmix = jax.random.uniform(switch_rng) < switch_prob
+  else:
+    use_cutmix = jnp.asarray(cutmix_alpha > 0)
+  lam_mixup = _beta(mixup_rng, mixup_alpha)
+  box, lam_cutmix = _cutmix_box(box_rng, _beta(cutmix_rng, cutmix_alpha),
+                                height, width)
+  weight = jnp.where(use_cutmix, 1.0 - box.astype(jnp.float32), lam_mixup)
+  lam = jnp.where(use_cutmix, lam_cutmix, lam_mixup)
+  return jnp.where(apply, weight, 1.0), jnp.where(apply, lam, 1.0)
+
+
+def mixup_cutmix(rng: jax.Array, video: jax.Array, labels: jax.Array, *,
+                 num_classes: int, mixup_alpha: float, cutmix_alpha: float,
+                 prob: float, switch_prob: float,
+                 label_smoothing: float) -> tuple[jax.Array, jax.Array]:
+  """Mixes a batch with its flip: video [B, T, H, W, C] float, labels [B] int
+  -> (video [B, T, H, W, C], soft targets [B, K] float32).
+
+  With probability `prob` the batch is mixed: by CutMix with probability
+  `switch_prob` when both alphas are > 0, else by whichever alpha is > 0. An
+  alpha of 0 disables that kind; both 0 gives the smoothed one-hot targets and
+  the video unchanged. The keyword arguments are those of `config.mixup`
+  plus `num_classes`.
+  """
+  if not jnp.issubdtype(video.dtype, jnp.floating):
+    raise TypeError(f'mixup needs a floating video, got {video.dtype}')
+  targets = smooth_one_hot(labels, num_classes, label_smoothing)  # [B, K]
+  if mixup_alpha <= 0 and cutmix_alpha <= 0:
+    return video, targets
+  height, width = video.shape[2:4]
+  weight, lam = _mixing_weight(
+      rng, height, width, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+      prob=prob, switch_prob=switch_prob)
+  weight = weight[:, :, None]  # [H, W, 1], broadcast over B, T and C
+  mixed = weight * video + (1.0 - weight) * jnp.flip(video, axis=0)
+  mixed_targets = lam * targets + (1.0 - lam) * jnp.flip(targets, axis=0)
+  return mixed.astype(video.dtype), mixed_targets
