@@ -1,13 +1,39 @@
-"""Evaluate STAT: python eval.py --config=configs/k400.py:16 --workdir=DIR."""
+"""Multi-view evaluation of a trained STAT checkpoint.
 
+  python eval.py --config=configs/k400.py:16 --workdir=runs/k400_16 \
+      [--checkpoint=latest|best|STEP]
+
+Writes <workdir>/eval_step<STEP>.json (+ per-video predictions beside it).
+"""
+
+import os
 import sys
 
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
-def main() -> int:
-  print('eval.py: multi-view evaluation is not implemented yet (issue 5); '
-        'nothing was evaluated.', file=sys.stderr)
-  return 2
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags
+
+from stat_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory to evaluate.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', 'latest',
+                                  "'latest', 'best' or a step number.")
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # orbax and clu are chatty at INFO
+  try:
+    trainer.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+  except (ValueError, FileNotFoundError) as error:
+    print(f'eval.py: {error}', file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  app.run(main)

@@ -1,13 +1,36 @@
-"""Train STAT: python train.py --config=configs/k400.py:16 --workdir=DIR."""
+"""Train STAT; restarting the same command resumes from the latest checkpoint.
 
+  python train.py --config=configs/k400.py:16 --workdir=runs/k400_16 \
+      [--config.batch_size=128 --config.model.window=5 ...]
+"""
+
+import os
 import sys
 
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
-def main() -> int:
-  print('train.py: the training loop is not implemented yet (issue 5); '
-        'nothing was trained.', file=sys.stderr)
-  return 2
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags
+
+from stat_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, '
+                               'TensorBoard logs, reports).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # orbax and clu are chatty at INFO
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (trainer.NonFiniteLoss, ValueError, FileNotFoundError) as error:
+    print(f'train.py: {error}', file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  app.run(main)

@@ -12,7 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from absl import app
+from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
@@ -104,12 +104,9 @@ def model_macs(config) -> int:
   return count_macs(*model_forward(abstract_model(config), config))
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.')
-
-
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   model = abstract_model(config)
   forward, state, view = model_forward(model, config)
   macs = count_macs(forward, state, view)
@@ -121,4 +118,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'Experiment config.')
+  flags.mark_flags_as_required(['config'])
   app.run(main)

@@ -1,0 +1,60 @@
+"""Device mesh ("data", "fsdp"), parameter sharding rules, global batches.
+
+Batches are split over both mesh axes. A parameter is sharded over "fsdp"
+along its largest dimension that the fsdp size divides, if it holds at least
+`config.mesh.fsdp_min_size` values; otherwise (and for scalars) replicated.
+"""
+
+import math
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ('data', 'fsdp')
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  fsdp = config.mesh.fsdp
+  data = config.mesh.data if config.mesh.data != -1 else len(devices) // fsdp
+  if data * fsdp != len(devices):
+    raise ValueError(f'config.mesh data={config.mesh.data} x fsdp={fsdp} '
+                     f'does not match the {len(devices)} devices')
+  grid = mesh_utils.create_device_mesh((data, fsdp), devices)
+  return Mesh(grid, BATCH_AXES)
+
+
+def param_spec(shape, fsdp_size: int, min_size: int) -> P:
+  """Shard the largest dimension that fsdp divides, else replicate."""
+  if fsdp_size == 1 or math.prod(shape) < min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = 'fsdp'
+      return P(*spec)
+  return P()
+
+
+def state_shardings(abstract_state, mesh: Mesh, min_size: int):
+  """NamedSharding for every leaf of an (abstract) train state."""
+  fsdp = mesh.shape['fsdp']
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, param_spec(x.shape, fsdp, min_size)),
+      abstract_state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def global_batch(local_batch: dict, mesh: Mesh) -> dict:
+  """This process's numpy batch -> global jax.Arrays split over the mesh."""
+  sharding = batch_sharding(mesh)
+  return {
+      key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+      for key, value in local_batch.items()
+  }

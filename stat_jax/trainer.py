@@ -1,0 +1,224 @@
+"""Training and evaluation of STAT, top to bottom.
+
+Phases (banners below): setup (config, mesh, data) -> model and optimizer
+(abstract init, sharded init or restore) -> compile -> loop (step, log,
+NaN guard, checkpoint, evaluate) -> finish. Evaluation helpers at the end
+serve both the loop and eval.py.
+"""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from data import pipeline, synthetic
+from stat_jax import checkpoint, metrics, optim, sharding
+from stat_jax.config_validation import validate
+from stat_jax.evaluation import ViewAccumulator, format_summary, write_report
+from stat_jax.flops import model_macs
+from stat_jax.train_step import (ModelParts, init_train_state, make_eval_step,
+                                 make_train_step)
+from stat_jax.transfer import load_pretrained
+
+
+def log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'checkpoints')
+
+
+def with_shardings(abstract, shardings):
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, shardings)
+
+
+class NonFiniteLoss(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after: int | None = None) -> dict:
+  """Train (resuming from workdir's latest checkpoint if any), evaluate.
+
+  `stop_after` ends the run after that step with a checkpoint, as a
+  pre-emption would (tests). Returns {'losses': {step: loss}, 'eval': the
+  last evaluation result or None, 'state': the final train state}.
+  """
+  # ------------------------------------------------------------- setup ---
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  synthetic.prepare(config.data)
+  mesh = sharding.make_mesh(config)
+  total_steps = optim.total_steps(config)
+  local_batch = config.batch_size // jax.process_count()
+  if config.batch_size % mesh.size:
+    raise ValueError(f'config.batch_size={config.batch_size} is not divisible '
+                     f'by the {mesh.size} devices of the mesh')
+  train_data = pipeline.make_train_iterator(
+      config, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+  # ------------------------------------------ model, optimizer, state ---
+  parts = ModelParts(config)
+  tx = optim.make_optimizer(config)
+  schedule = optim.learning_rate(config)
+  abstract_state = jax.eval_shape(lambda: init_train_state(parts, config.seed, tx))
+  state_shardings = sharding.state_shardings(abstract_state, mesh,
+                                             config.mesh.fsdp_min_size)
+  ckpt = checkpoint.Checkpointer(checkpoint_dir(workdir), config.keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None:
+    state, data_state, _ = ckpt.restore(
+        start, with_shardings(abstract_state, state_shardings))
+    train_data.set_state(data_state)
+    log(f'Resuming from step {start} ({ckpt.directory}).')
+  else:
+    state = jax.jit(lambda: init_train_state(parts, config.seed, tx),
+                    out_shardings=state_shardings)()
+    if config.init_from:
+      state = state.replace(params=load_pretrained(
+          config.init_from, state.params, log=log))
+    start = 0
+
+  # ----------------------------------------------------------- compile ---
+  batch_shardings = {'video': sharding.batch_sharding(mesh),
+                     'label': sharding.batch_sharding(mesh)}
+  train_step = jax.jit(make_train_step(config, parts, tx),
+                       in_shardings=(state_shardings, batch_shardings),
+                       out_shardings=(state_shardings, None), donate_argnums=0)
+  data = config.data
+  abstract_batch = {
+      'video': jax.ShapeDtypeStruct((config.batch_size, data.num_frames,
+                                     data.crop_size, data.crop_size, 3),
+                                    jnp.float32),
+      'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
+  compile_start = time.perf_counter()
+  train_step = train_step.lower(abstract_state, abstract_batch).compile()
+  report_memory(train_step, time.perf_counter() - compile_start)
+  eval_step = jax.jit(make_eval_step(parts))
+
+  # -------------------------------------------------------------- loop ---
+  writer = metrics.make_writer(workdir)
+  progress = metrics.Progress(total_steps, start, config.batch_size,
+                              train_flops_per_clip=6 * model_macs(config))
+  losses, pending, last_eval = {}, [], None
+  loss_log = os.path.join(workdir, 'train_log.jsonl')
+  log(f'Training {total_steps} steps of {config.batch_size} clips on '
+      f'{mesh.size} device(s) (mesh {dict(mesh.shape)}).')
+  last_step = min(total_steps, stop_after or total_steps)
+  for step in range(start + 1, last_step + 1):
+    batch = sharding.global_batch(next(train_data), mesh)
+    state, step_metrics = train_step(state, batch)
+    pending.append((step, step_metrics))
+    is_last = step == total_steps
+    evaluate_now = is_last or step % config.eval_every == 0
+    save_now = (evaluate_now or step == last_step
+                or step % config.checkpoint_every == 0)
+    if save_now or step % config.log_every == 0:
+      flushed = flush_losses(pending, ckpt, loss_log)
+      losses.update(flushed)
+      pending = []
+      rates = progress.report(step)
+      lr = float(schedule(step - 1))
+      writer.write_scalars(step, {
+          'train_loss': np.mean(list(flushed.values())), 'learning_rate': lr,
+          'grad_norm': float(step_metrics['grad_norm']),
+          'clips_per_s': rates['clips_per_s']})
+      log(progress.line(step, flushed[step], lr, rates))
+    if evaluate_now and data.eval_spec:
+      last_eval = evaluate(config, eval_step, state.params, mesh)
+      writer.write_scalars(step, {'val_top1': last_eval['top1'],
+                                  'val_top5': last_eval['top5']})
+      log(f'step {step} | val top-1 {last_eval["top1"]:.2%} | '
+          f'top-5 {last_eval["top5"]:.2%} ({last_eval["num_videos"]} videos)')
+    if save_now:
+      ckpt.save(step, state, train_data.get_state(), config,
+                metrics=({checkpoint.BEST_METRIC: last_eval['top1']}
+                         if evaluate_now and last_eval else None))
+
+  # ------------------------------------------------------------ finish ---
+  ckpt.wait()
+  ckpt.close()
+  writer.flush()
+  if last_eval is not None and jax.process_index() == 0:
+    write_report(last_eval, os.path.join(workdir, 'eval_report.json'))
+  log(f'TensorBoard logs: {os.path.join(workdir, "tensorboard")}')
+  log(f'Checkpoints: {ckpt.directory} (latest step {last_step})')
+  return {'losses': losses, 'eval': last_eval, 'state': state}
+
+
+def flush_losses(pending, ckpt, path) -> dict:
+  """Fetch the losses of the steps since the last flush; stop on NaN/inf."""
+  losses = {step: float(m['loss']) for step, m in pending}
+  for step, loss in losses.items():
+    if not np.isfinite(loss):
+      ckpt.wait()
+      raise NonFiniteLoss(
+          f'training loss is {loss} at step {step}; stopping. Last good '
+          f'checkpoint: step {ckpt.latest_step()} in {ckpt.directory}')
+  if jax.process_index() == 0:
+    with open(path, 'a') as f:
+      for step, loss in losses.items():
+        f.write(json.dumps({'step': step, 'loss': loss}) + '\n')
+  return losses
+
+
+def report_memory(compiled, seconds: float) -> None:
+  """Tell what one step costs before it runs (MaxText style)."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    log(f'Compiled the train step in {seconds:.1f}s.')
+    return
+  gib = lambda n: n / 2**30
+  log(f'Compiled the train step in {seconds:.1f}s; per device: arguments '
+      f'{gib(analysis.argument_size_in_bytes):.2f} GiB, temporaries '
+      f'{gib(analysis.temp_size_in_bytes):.2f} GiB, outputs '
+      f'{gib(analysis.output_size_in_bytes):.2f} GiB.')
+
+
+# -------------------------------------------------------------- evaluate ---
+
+def evaluate(config, eval_step, params, mesh) -> dict:
+  """Multi-view evaluation of every eval video exactly once."""
+  views = pipeline.make_eval_iterator(
+      config, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  accumulator = ViewAccumulator(config.model.num_classes)
+  for batch in views:
+    video = sharding.global_batch({'video': batch['video']}, mesh)['video']
+    probs = np.asarray(jax.device_get(eval_step(params, video)))
+    accumulator.add(probs, batch['video_id'], batch['label'], batch['mask'])
+  result = accumulator.result()
+  result['skipped'] = views.num_skipped
+  return result
+
+
+def evaluate_checkpoint(config, workdir: str, which: str = 'latest') -> dict:
+  """eval.py: restore a checkpoint of workdir, evaluate, write the report."""
+  validate(config)
+  synthetic.prepare(config.data)
+  mesh = sharding.make_mesh(config)
+  parts = ModelParts(config)
+  ckpt = checkpoint.Checkpointer(checkpoint_dir(workdir), 1, read_only=True)
+  step = ckpt.resolve(which)
+  tx = optim.make_optimizer(config)
+  abstract_state = jax.eval_shape(lambda: init_train_state(parts, config.seed, tx))
+  state_shardings = sharding.state_shardings(abstract_state, mesh,
+                                             config.mesh.fsdp_min_size)
+  state = ckpt.restore_state(step, with_shardings(abstract_state, state_shardings))
+  result = evaluate(config, jax.jit(make_eval_step(parts)), state.params, mesh)
+  result['checkpoint_step'] = step
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, f'eval_step{step}.json')
+    write_report(result, path)
+    log(format_summary(result))
+    log(f'Report: {path}')
+  return result

@@ -1,0 +1,59 @@
+"""`config.init_from`: start from another run's parameters (e.g. K400 -> SSv2).
+
+Parameters are matched by their path in the model; a parameter whose shape
+differs (the classifier when the class count changes) keeps its fresh
+initialisation. What was loaded, re-initialised or left unused is reported.
+"""
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+
+def _flatten(tree) -> dict:
+  flat = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    name = '.'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                    for k in path)
+    flat[name.removesuffix('.value')] = leaf
+  return flat
+
+
+def _latest_state_dir(source: str) -> str:
+  """A run workdir, its checkpoints/ dir, or one step dir -> the state item."""
+  for candidate in (source, os.path.join(source, 'checkpoints')):
+    if os.path.isdir(os.path.join(candidate, 'state')):
+      return os.path.join(candidate, 'state')
+    steps = [int(d) for d in os.listdir(candidate) if d.isdigit()] if os.path.isdir(candidate) else []
+    if steps:
+      return os.path.join(candidate, str(max(steps)), 'state')
+  raise FileNotFoundError(f'config.init_from={source!r}: no checkpoint found '
+                          '(expected a workdir, its checkpoints/ or a step dir)')
+
+
+def load_pretrained(source: str, params: nnx.State, log=print) -> nnx.State:
+  """`params` with every same-path, same-shape parameter taken from source."""
+  path = _latest_state_dir(source)
+  with ocp.StandardCheckpointer() as checkpointer:
+    saved = checkpointer.restore(path)
+  saved = _flatten(saved['params'])
+  ours = _flatten(params)
+  loaded, reinitialised = [], []
+  new_leaves = []
+  for name, leaf in ours.items():
+    source_leaf = saved.get(name)
+    if source_leaf is not None and np.shape(source_leaf) == leaf.shape:
+      loaded.append(name)
+      new_leaves.append(jax.device_put(np.asarray(source_leaf, leaf.dtype),
+                                       leaf.sharding))
+    else:
+      reinitialised.append(name)
+      new_leaves.append(leaf)
+  unused = sorted(set(saved) - set(ours))
+  log(f'init_from {path}: loaded {len(loaded)} parameters; re-initialised '
+      f'{len(reinitialised)}: {", ".join(reinitialised) or "none"}; unused '
+      f'{len(unused)}: {", ".join(unused) or "none"}')
+  return jax.tree.unflatten(jax.tree.structure(params), new_leaves)

@@ -1,0 +1,273 @@
+"""The training loop: learning, exact resume, sharding, accumulation, guards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from data import pipeline, synthetic
+from stat_jax import optim, trainer
+from stat_jax.config_validation import ConfigError
+from stat_jax.train_step import (ModelParts, init_train_state, make_eval_step,
+                                 make_train_step)
+from stat_jax.transfer import load_pretrained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def motion(tmp_path_factory):
+  """A tiny synthetic motion set: 48 train, 7 val clips of 16 x 32²."""
+  return synthetic.generate(str(tmp_path_factory.mktemp('motion')), 48, 7,
+                            num_frames=16, size=32, seed=0)
+
+
+def run_config(motion, **overrides):
+  config = tiny.get_config()
+  config.model.num_classes = len(synthetic.CLASSES)
+  config.data.train_spec, config.data.eval_spec = motion['train'], motion['val']
+  config.data.label_map = motion['label_map']
+  config.data.eval_batch_size = 4
+  config.total_steps = 6
+  config.checkpoint_every = 3
+  config.eval_every = 1000
+  config.log_every = 1
+  for key, value in overrides.items():
+    section, _, name = key.rpartition('.')
+    (config[section] if section else config)[name] = value
+  return config
+
+
+def no_randomness(config):
+  """No mixup, dropout or drop path: steps depend on the batch only."""
+  config.mixup.mixup_alpha = config.mixup.cutmix_alpha = 0.0
+  config.model.drop_path = config.model.dropout = 0.0
+  return config
+
+
+def fixed_batch(config, seed=0):
+  data = config.data
+  rng = np.random.default_rng(seed)
+  return {'video': rng.normal(size=(config.batch_size, data.num_frames,
+                                    data.crop_size, data.crop_size, 3)
+                              ).astype(np.float32),
+          'label': rng.integers(0, config.model.num_classes,
+                                config.batch_size).astype(np.int32)}
+
+
+def test_loss_decreases_on_a_fixed_batch(motion):
+  config = no_randomness(run_config(motion, total_steps=50))
+  config.optimizer.warmup_epochs = 0.0
+  config.optimizer.base_lr = 0.5  # x 4/512 -> 4e-3
+  parts, tx = ModelParts(config), optim.make_optimizer(config)
+  state = init_train_state(parts, config.seed, tx)
+  step = jax.jit(make_train_step(config, parts, tx))
+  batch = fixed_batch(config)
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert all(np.isfinite(losses))
+  assert losses[-1] < 0.75 * losses[0]  # memorising the batch
+  assert int(state.step) == 8
+
+
+def read_loss_log(workdir):
+  losses = {}
+  with open(os.path.join(workdir, 'train_log.jsonl')) as f:
+    for line in f:
+      entry = json.loads(line)
+      losses[entry['step']] = entry['loss']  # a resumed step: the latest
+  return losses
+
+
+def params_of(result):
+  return jax.tree.leaves(jax.device_get(result['state'].params))
+
+
+def test_exact_resume_after_a_stop(motion, tmp_path):
+  config = run_config(motion)
+  straight = trainer.train_and_evaluate(config, str(tmp_path / 'straight'))
+  assert sorted(straight['losses']) == list(range(1, 7))
+  assert os.path.isdir(tmp_path / 'straight' / 'checkpoints' / '6')
+
+  first = trainer.train_and_evaluate(config, str(tmp_path / 'resumed'),
+                                     stop_after=3)
+  assert sorted(first['losses']) == [1, 2, 3]
+  second = trainer.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert sorted(second['losses']) == [4, 5, 6]
+  resumed = {**first['losses'], **second['losses']}
+  assert resumed == straight['losses']  # bit for bit
+  for a, b in zip(params_of(straight), params_of(second)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigkill_then_rerun_gives_the_same_losses(motion, tmp_path):
+  config = run_config(motion)
+  reference = trainer.train_and_evaluate(config, str(tmp_path / 'reference'))
+  workdir = str(tmp_path / 'killed')
+  command = [sys.executable, 'train.py', '--config=configs/tiny.py',
+             f'--workdir={workdir}', '--config.total_steps=6',
+             '--config.checkpoint_every=3', '--config.eval_every=1000',
+             '--config.log_every=1',
+             f'--config.model.num_classes={len(synthetic.CLASSES)}',
+             f'--config.data.train_spec={motion["train"]}',
+             f'--config.data.eval_spec={motion["val"]}',
+             f'--config.data.label_map={motion["label_map"]}',
+             '--config.data.eval_batch_size=4']
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while not os.path.isdir(os.path.join(workdir, 'checkpoints', '3')):
+    assert time.time() < deadline and process.poll() is None
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+  assert read_loss_log(workdir) == reference['losses']
+
+
+SHARDING_SCRIPT = r'''
+import json, sys
+import jax
+import numpy as np
+sys.path.insert(0, '.')
+from configs import tiny
+from stat_jax import optim, sharding
+from stat_jax.train_step import ModelParts, init_train_state, make_train_step
+
+def losses(data, fsdp, devices):
+  config = tiny.get_config()
+  config.batch_size = 8
+  config.mixup.mixup_alpha = config.mixup.cutmix_alpha = 0.0
+  config.model.drop_path = 0.0
+  config.mesh.data, config.mesh.fsdp, config.mesh.fsdp_min_size = data, fsdp, 1
+  mesh = sharding.make_mesh(config, devices)
+  parts, tx = ModelParts(config), optim.make_optimizer(config)
+  abstract = jax.eval_shape(lambda: init_train_state(parts, 0, tx))
+  shardings = sharding.state_shardings(abstract, mesh, 1)
+  state = jax.jit(lambda: init_train_state(parts, 0, tx), out_shardings=shardings)()
+  step = jax.jit(make_train_step(config, parts, tx), out_shardings=(shardings, None))
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(3):
+    batch = {'video': rng.normal(size=(8, 8, 32, 32, 3)).astype(np.float32),
+             'label': rng.integers(0, 10, 8).astype(np.int32)}
+    state, metrics = step(state, sharding.global_batch(batch, mesh))
+    out.append(float(metrics['loss']))
+  sharded = sum(len(leaf.sharding.device_set) > 1 and not leaf.sharding.is_fully_replicated
+                for leaf in jax.tree.leaves(state.params))
+  return out, sharded
+
+one, _ = losses(1, 1, jax.devices()[:1])
+four, sharded = losses(2, 2, jax.devices())
+print(json.dumps({'one': one, 'four': four, 'sharded_params': sharded}))
+'''
+
+
+def test_one_device_and_a_data_fsdp_mesh_agree():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  out = subprocess.run([sys.executable, '-c', SHARDING_SCRIPT], cwd=ROOT, env=env,
+                       check=True, capture_output=True, text=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['sharded_params'] > 0  # fsdp really split parameters
+  np.testing.assert_allclose(result['four'], result['one'], rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_accumulation_equals_the_full_batch(motion):
+  config = no_randomness(run_config(motion, batch_size=8))
+  parts, tx = ModelParts(config), optim.make_optimizer(config)
+  state = init_train_state(parts, config.seed, tx)
+  batch = fixed_batch(config)
+  full, full_metrics = jax.jit(make_train_step(config, parts, tx))(state, batch)
+  config.grad_accum_steps = 4
+  micro, micro_metrics = jax.jit(make_train_step(config, parts, tx))(state, batch)
+  np.testing.assert_allclose(micro_metrics['loss'], full_metrics['loss'], rtol=1e-5)
+  np.testing.assert_allclose(micro_metrics['grad_norm'], full_metrics['grad_norm'],
+                             rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(micro.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_evaluation_counts_every_video_once_and_averages_views(motion):
+  config = run_config(motion)
+  config.data.num_clips, config.data.num_crops = 2, 1  # 7 videos, batches of 4
+  parts = ModelParts(config)
+  params = jax.jit(lambda: parts.init_params(0))()
+  eval_step = jax.jit(make_eval_step(parts))
+  mesh = trainer.sharding.make_mesh(config)
+  result = trainer.evaluate(config, eval_step, params, mesh)
+  assert result['num_videos'] == 7 and result['num_views'] == 14
+  assert result['skipped'] == 0
+  # Reference: every video's views through the model, softmax averaged.
+  views = {}
+  for batch in pipeline.make_eval_iterator(config):
+    probs = np.asarray(eval_step(params, batch['video']))
+    for p, vid, label, valid in zip(probs, batch['video_id'], batch['label'],
+                                    batch['mask']):
+      if valid:
+        views.setdefault(int(vid), (int(label), []))[1].append(p)
+  correct = [np.argmax(np.mean(p, 0)) == label for label, p in views.values()]
+  assert result['top1'] == pytest.approx(np.mean(correct))
+
+
+def test_nan_loss_stops_naming_the_step(motion, tmp_path, monkeypatch):
+  real = pipeline.make_train_iterator
+
+  class Poisoned:
+    """The real iterator, with NaN pixels in its 5th batch."""
+
+    def __init__(self, *args, **kwargs):
+      self._inner, self._count = real(*args, **kwargs), 0
+
+    def __next__(self):
+      batch = next(self._inner)
+      self._count += 1
+      if self._count == 5:
+        batch = dict(batch, video=np.full_like(batch['video'], np.nan))
+      return batch
+
+    def get_state(self):
+      return self._inner.get_state()
+
+  monkeypatch.setattr(pipeline, 'make_train_iterator', Poisoned)
+  with pytest.raises(trainer.NonFiniteLoss,
+                     match=r'at step 5.*Last good checkpoint: step 3'):
+    trainer.train_and_evaluate(run_config(motion), str(tmp_path))
+
+
+def test_bad_config_is_refused_before_anything_runs(motion, tmp_path):
+  config = run_config(motion, **{'model.window': 4})
+  with pytest.raises(ConfigError, match='model.window = 4'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+  result = subprocess.run(
+      [sys.executable, 'train.py', '--config=configs/tiny.py',
+       f'--workdir={tmp_path / "cli"}', '--config.model.windw=3'],
+      cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode != 0 and 'windw' in result.stderr
+
+
+def test_init_from_reinitialises_a_head_of_another_size(motion, tmp_path):
+  source = run_config(motion, total_steps=1, checkpoint_every=1)
+  trained = trainer.train_and_evaluate(source, str(tmp_path / 'k400'))
+  target = run_config(motion)
+  target.model.num_classes = 5
+  parts = ModelParts(target)
+  fresh = jax.jit(lambda: parts.init_params(1))()
+  messages = []
+  loaded = load_pretrained(str(tmp_path / 'k400'), fresh, log=messages.append)
+  assert 're-initialised 2: head.bias, head.kernel' in messages[0]
+  np.testing.assert_array_equal(loaded['head']['kernel'].value,
+                                fresh['head']['kernel'].value)
+  np.testing.assert_array_equal(
+      loaded['blocks'][0]['attn']['qkv']['kernel'].value,
+      trained['state'].params['blocks'][0]['attn']['qkv']['kernel'].value)
