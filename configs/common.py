@@ -25,6 +25,14 @@ KINETICS_MEAN = (0.45, 0.45, 0.45)
 KINETICS_STD = (0.225, 0.225, 0.225)
 
 
+def clip_length(arg: str, config_file: str) -> int:
+  """The T of a `configs/<file>.py:<T>` argument: one of the paper's 16, 32, 64."""
+  if not arg.isdigit() or int(arg) not in WINDOW_FOR_FRAMES:
+    raise ValueError(f'{config_file}:{arg}: the clip length must be one of '
+                     f'{sorted(WINDOW_FOR_FRAMES)}')
+  return int(arg)
+
+
 def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
   """The STAT architecture of the paper (defaults = its main setting)."""
   m = ml_collections.ConfigDict()

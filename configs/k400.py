@@ -15,10 +15,7 @@ TRAIN_VIDEOS = 240_000
 
 
 def get_config(arg: str = '16'):
-  num_frames = int(arg)
-  if num_frames not in common.WINDOW_FOR_FRAMES:
-    raise ValueError(f'configs/k400.py:{arg}: the clip length must be one of '
-                     f'{sorted(common.WINDOW_FOR_FRAMES)}')
+  num_frames = common.clip_length(arg, 'configs/k400.py')
   config = common.base_config(num_frames, NUM_CLASSES)
   config.data.dataset = 'kinetics400'
   config.train_examples = TRAIN_VIDEOS

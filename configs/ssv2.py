@@ -17,10 +17,7 @@ TRAIN_VIDEOS = 168_913
 
 
 def get_config(arg: str = '16'):
-  num_frames = int(arg)
-  if num_frames not in common.WINDOW_FOR_FRAMES:
-    raise ValueError(f'configs/ssv2.py:{arg}: the clip length must be one of '
-                     f'{sorted(common.WINDOW_FOR_FRAMES)}')
+  num_frames = common.clip_length(arg, 'configs/ssv2.py')
   config = common.base_config(num_frames, NUM_CLASSES)
   config.data.dataset = 'ssv2'
   config.data.flip = False

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stat_jax import conv
+
 ATTENTION_SETS = ('ca', 'ca+sa', 'ca+la', 'ca+sa+la')
 SPATIAL_SUMMARIES = ('cls', 'avgpool')
 
@@ -134,7 +136,8 @@ class Pool(nnx.Module):
     self.conv = nnx.Conv(
         head_dim, head_dim, (kernel, kernel), (stride, stride),
         padding=[(kernel // 2, kernel // 2)] * 2, feature_group_count=head_dim,
-        use_bias=False, dtype=dtype, rngs=rngs)
+        use_bias=False, dtype=dtype,
+        conv_general_dilated=conv.conv_general_dilated, rngs=rngs)
     self.norm = nnx.LayerNorm(head_dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x, grid, num_summary):

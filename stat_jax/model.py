@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from stat_jax import arch
+from stat_jax import arch, conv
 from stat_jax.config_validation import validate
 from stat_jax.attention import ShrinkingTemporalAttention, dense_init
 
@@ -33,7 +33,7 @@ class TokenEmbedding(nnx.Module):
     self.convs = nnx.List([
         nnx.Conv(fin, s.features, s.kernel, s.stride,
                  padding=[(k // 2, k // 2) for k in s.kernel], dtype=dtype,
-                 rngs=rngs)
+                 conv_general_dilated=conv.conv_general_dilated, rngs=rngs)
         for fin, s in zip(features, specs)
     ])
     self.norms = nnx.List([
@@ -139,7 +139,7 @@ class TemporalAggregation(nnx.Module):
     """frames: [B, nt, C] -> [B, C]."""
     if not self.layers:
       return frames.mean(axis=1)
-    video_cls = jnp.broadcast_to(self.video_cls.value.astype(frames.dtype),
+    video_cls = jnp.broadcast_to(self.video_cls[...].astype(frames.dtype),
                                  (frames.shape[0], 1, frames.shape[2]))
     x = jnp.concatenate([video_cls, frames], axis=1)  # [B, 1 + nt, C]
     for layer in self.layers:
@@ -185,11 +185,11 @@ class STAT(nnx.Module):
     batch, nt, nh, nw, dim = x.shape
     x = x.reshape(batch, nt, nh * nw, dim)
     if self.num_summary:
-      cls = jnp.broadcast_to(self.cls_token.value.astype(x.dtype),
+      cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype),
                              (batch, nt, 1, dim))
       x = jnp.concatenate([cls, x], axis=2)
-    x = x + self.pos_spatial.value.astype(x.dtype)
-    return x + self.pos_temporal.value.astype(x.dtype), (nh, nw)
+    x = x + self.pos_spatial[...].astype(x.dtype)
+    return x + self.pos_temporal[...].astype(x.dtype), (nh, nw)
 
   def __call__(self, video):
     if video.shape[1:] != self.input_shape:

@@ -60,8 +60,8 @@ def naive_sta(sta, x, grid, num_summary):
   x = np.asarray(x, np.float64)
   batch, nt, tokens, dim = x.shape
   heads, head_dim = sta.heads, dim // sta.heads
-  w = np.asarray(sta.qkv.kernel.value, np.float64)
-  b = np.asarray(sta.qkv.bias.value, np.float64)
+  w = np.asarray(sta.qkv.kernel[...], np.float64)
+  b = np.asarray(sta.qkv.bias[...], np.float64)
   qkv = (x @ w + b).reshape(batch, nt, tokens, 3, heads, head_dim)
   qkv = jnp.asarray(np.moveaxis(qkv, (3, 4), (0, 3)), jnp.float32)
   q, k, v = qkv[0], qkv[1], qkv[2]  # [B, nt, h, N, d]
@@ -103,8 +103,8 @@ def naive_sta(sta, x, grid, num_summary):
         weights /= weights.sum(-1, keepdims=True)
         out[n, i, h] = weights @ values
   out = np.moveaxis(out, 2, 3).reshape(batch, nt, -1, dim)
-  pw = np.asarray(sta.proj.kernel.value, np.float64)
-  return out @ pw + np.asarray(sta.proj.bias.value, np.float64)
+  pw = np.asarray(sta.proj.kernel[...], np.float64)
+  return out @ pw + np.asarray(sta.proj.bias[...], np.float64)
 
 
 CASES = [

@@ -266,8 +266,8 @@ def test_init_from_reinitialises_a_head_of_another_size(motion, tmp_path):
   messages = []
   loaded = load_pretrained(str(tmp_path / 'k400'), fresh, log=messages.append)
   assert 're-initialised 2: head.bias, head.kernel' in messages[0]
-  np.testing.assert_array_equal(loaded['head']['kernel'].value,
-                                fresh['head']['kernel'].value)
+  np.testing.assert_array_equal(loaded['head']['kernel'][...],
+                                fresh['head']['kernel'][...])
   np.testing.assert_array_equal(
-      loaded['blocks'][0]['attn']['qkv']['kernel'].value,
-      trained['state'].params['blocks'][0]['attn']['qkv']['kernel'].value)
+      loaded['blocks'][0]['attn']['qkv']['kernel'][...],
+      trained['state'].params['blocks'][0]['attn']['qkv']['kernel'][...])
