@@ -71,10 +71,6 @@ class Checkpointer:
         data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
     return restored['state'], restored['data'], restored['config']
 
-  def restore_config(self, step: int) -> dict:
-    return self._manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))['config']
-
   def restore_state(self, step: int, abstract_state):
     return self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))['state']

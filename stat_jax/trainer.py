@@ -40,6 +40,15 @@ def with_shardings(abstract, shardings):
       abstract, shardings)
 
 
+def abstract_train_state(config, mesh):
+  """(model parts, optimizer, abstract train state, its shardings)."""
+  parts = ModelParts(config)
+  tx = optim.make_optimizer(config)
+  abstract = jax.eval_shape(lambda: init_train_state(parts, config.seed, tx))
+  shardings = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+  return parts, tx, abstract, shardings
+
+
 class NonFiniteLoss(FloatingPointError):
   """The training loss became NaN or infinite."""
 
@@ -67,12 +76,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       process_count=jax.process_count())
 
   # ------------------------------------------ model, optimizer, state ---
-  parts = ModelParts(config)
-  tx = optim.make_optimizer(config)
+  parts, tx, abstract_state, state_shardings = abstract_train_state(config, mesh)
   schedule = optim.learning_rate(config)
-  abstract_state = jax.eval_shape(lambda: init_train_state(parts, config.seed, tx))
-  state_shardings = sharding.state_shardings(abstract_state, mesh,
-                                             config.mesh.fsdp_min_size)
   ckpt = checkpoint.Checkpointer(checkpoint_dir(workdir), config.keep_checkpoints)
   start = ckpt.latest_step()
   if start is not None:
@@ -206,13 +211,9 @@ def evaluate_checkpoint(config, workdir: str, which: str = 'latest') -> dict:
   validate(config)
   synthetic.prepare(config.data)
   mesh = sharding.make_mesh(config)
-  parts = ModelParts(config)
   ckpt = checkpoint.Checkpointer(checkpoint_dir(workdir), 1, read_only=True)
   step = ckpt.resolve(which)
-  tx = optim.make_optimizer(config)
-  abstract_state = jax.eval_shape(lambda: init_train_state(parts, config.seed, tx))
-  state_shardings = sharding.state_shardings(abstract_state, mesh,
-                                             config.mesh.fsdp_min_size)
+  parts, _, abstract_state, state_shardings = abstract_train_state(config, mesh)
   state = ckpt.restore_state(step, with_shardings(abstract_state, state_shardings))
   result = evaluate(config, jax.jit(make_eval_step(parts)), state.params, mesh)
   result['checkpoint_step'] = step

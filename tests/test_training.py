@@ -259,6 +259,14 @@ def test_bad_config_is_refused_before_anything_runs(motion, tmp_path):
 def test_init_from_reinitialises_a_head_of_another_size(motion, tmp_path):
   source = run_config(motion, total_steps=1, checkpoint_every=1)
   trained = trainer.train_and_evaluate(source, str(tmp_path / 'k400'))
+  # eval.py's path: restore that checkpoint and evaluate every video once.
+  report = trainer.evaluate_checkpoint(source, str(tmp_path / 'k400'), 'best')
+  assert report['checkpoint_step'] == 1 and report['num_videos'] == 7
+  assert report['top1'] == trained['eval']['top1']
+  assert os.path.exists(tmp_path / 'k400' / 'eval_step1.json')
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint '5'.*steps: \[1\]"):
+    trainer.evaluate_checkpoint(source, str(tmp_path / 'k400'), '5')
+
   target = run_config(motion)
   target.model.num_classes = 5
   parts = ModelParts(target)
