@@ -65,6 +65,10 @@ def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
   m.sa_pool = 2
   m.mlp_ratio = 4.0
   m.qkv_bias = True
+  # How STA's attention is computed (same numbers, attention.py): 'xla' maps
+  # the per-frame attention over frames; 'cudnn' packs the frames for cuDNN
+  # flash attention (GPU, bfloat16/float16); 'auto' takes cudnn where it runs.
+  m.attention_impl = 'auto'
   m.drop_path = 0.2  # stochastic depth, rising linearly over the blocks
   m.dropout = 0.5  # before the classifier
   return m

@@ -17,7 +17,11 @@ and neighbours outside the clip are masked out, not wrapped.
 
 The per-frame computation `frame_attention` is written once and mapped over
 frames (and clips) with `jax.vmap`; the window comes from the static table
-`window_table`.
+`window_table`. That is attention implementation 'xla'. Implementation
+'cudnn' packs every frame's keys into one sequence instead (neighbours
+outside the clip moved to its end and cut off by a per-frame key length) for
+`jax.nn.dot_product_attention`'s cuDNN flash attention; softmax does not
+depend on the order of the keys, so both compute equations (7)-(8).
 """
 
 import jax
@@ -29,6 +33,10 @@ from stat_jax import conv
 
 ATTENTION_SETS = ('ca', 'ca+sa', 'ca+la', 'ca+sa+la')
 SPATIAL_SUMMARIES = ('cls', 'avgpool')
+# 'auto': cudnn where cuDNN flash attention runs (GPU, 16-bit, head width a
+# multiple of 8 up to 128), else xla.
+ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
+CUDNN_DTYPES = ('bfloat16', 'float16')
 
 # The init of every linear layer in the transformer (MViT / ViT recipe).
 dense_init = nnx.initializers.truncated_normal(stddev=0.02)
@@ -78,12 +86,58 @@ def frame_attention(q, k_ca, v_ca, k_sa, v_sa, window_index, window_valid,
   logits = jnp.einsum('hqd,hkd->hqk', q, k, preferred_element_type=jnp.float32)
   logits = logits / np.sqrt(head_dim).astype(np.float32)
   logits = jnp.where(valid, logits, -jnp.inf)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('hqk,hkd->hqd', weights, v)
+  # Softmax in float32, normalised after the product with V: one division
+  # per output value instead of one per key.
+  peak = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+  weights = jnp.exp(logits - peak)  # [h, nq, nk]
+  out = jnp.einsum('hqk,hkd->hqd', weights.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return (out / weights.sum(axis=-1, keepdims=True)).astype(v.dtype)
+
+
+def resolve_attention_impl(impl: str, dtype, head_dim: int) -> str:
+  """'xla' or 'cudnn' for ATTENTION_IMPLS `impl` at this compute dtype."""
+  if impl != 'auto':
+    return impl
+  cudnn_runs = (jax.default_backend() == 'gpu'
+                and jnp.dtype(dtype).name in CUDNN_DTYPES
+                and head_dim % 8 == 0 and head_dim <= 128)
+  return 'cudnn' if cudnn_runs else 'xla'
+
+
+def packed_attention(q, k_cur, v_cur, k_sa, v_sa, window_index, window_valid,
+                     k_la, v_la, *, implementation: str):
+  """Equations (7)-(8) for all frames at once with jax.nn.dot_product_attention.
+
+  Frame i's keys are packed as [K_CA_i, K_LA, K_SA of its neighbours inside
+  the clip, those outside]; a per-frame key length cuts the last ones off.
+  Shapes as in `frame_attention`, with leading [B, nt] (K_LA, V_LA: [B, h,
+  n_la, d]). Returns [B, nt, h, nq, d].
+  """
+  batch, nt, heads, nq, head_dim = q.shape
+  inside_first = np.argsort(~window_valid, axis=1, kind='stable')  # [nt, to-1]
+  neighbours = np.take_along_axis(window_index, inside_first, axis=1)
+
+  def keys(cur, sa, la):  # -> [B * nt, n_ca + n_la + (to-1) * n_sa, h, d]
+    la = jnp.broadcast_to(la[:, None], (batch, nt, *la.shape[1:]))
+    sa = sa[:, neighbours]  # [B, nt, to-1, h, n_sa, d]
+    sa = jnp.moveaxis(sa, 2, 3).reshape(batch, nt, heads, -1, head_dim)
+    packed = jnp.concatenate([cur, la, sa], axis=3)  # [B, nt, h, S, d]
+    return jnp.swapaxes(packed, 2, 3).reshape(batch * nt, -1, heads, head_dim)
+
+  lengths = (k_cur.shape[3] + k_la.shape[2]
+             + k_sa.shape[3] * window_valid.sum(axis=1))  # [nt]
+  query = jnp.swapaxes(q, 2, 3).reshape(batch * nt, nq, heads, head_dim)
+  out = jax.nn.dot_product_attention(
+      query, keys(k_cur, k_sa, k_la), keys(v_cur, v_sa, v_la),
+      key_value_seq_lengths=jnp.tile(jnp.asarray(lengths, jnp.int32), batch),
+      implementation=implementation)  # [B * nt, nq, h, d]
+  return jnp.swapaxes(out.reshape(batch, nt, nq, heads, head_dim), 2, 3)
 
 
 def shrinking_temporal_attention(q, k, v, k_sa, v_sa, *, attention: str,
-                                 window: int, num_summary: int):
+                                 window: int, num_summary: int,
+                                 impl: str = 'xla'):
   """STA for a batch of clips: maps `frame_attention` over clips and frames.
 
   Args:
@@ -94,6 +148,7 @@ def shrinking_temporal_attention(q, k, v, k_sa, v_sa, *, attention: str,
     attention: one of ATTENTION_SETS.
     window: the temporal window `to` (odd).
     num_summary: 1 with spatial class tokens, 0 with avg-pooled summaries.
+    impl: 'xla' (vmapped frame_attention) or 'cudnn' (packed_attention).
   Returns:
     [B, nt, h, nq, d]
   """
@@ -115,6 +170,9 @@ def shrinking_temporal_attention(q, k, v, k_sa, v_sa, *, attention: str,
   else:
     index, valid = np.zeros((nt, 0), np.int32), np.zeros((nt, 0), bool)
     k_sa = v_sa = jnp.zeros((batch, nt, heads, 0, head_dim), k.dtype)
+  if impl == 'cudnn':
+    return packed_attention(q, k_cur, v_cur, k_sa, v_sa, index, valid, k_la,
+                            v_la, implementation='cudnn')
 
   per_frame = jax.vmap(frame_attention,  # over frames: SA and LA shared
                        in_axes=(0, 0, 0, None, None, 0, 0, None, None))
@@ -140,6 +198,11 @@ class Pool(nnx.Module):
         conv_general_dilated=conv.conv_general_dilated, rngs=rngs)
     self.norm = nnx.LayerNorm(head_dim, dtype=dtype, rngs=rngs)
 
+  def output_grid(self, grid):
+    """(nh, nw) -> the pooled grid (the conv's 'same'-style padding)."""
+    kernel, = set(self.conv.kernel_size)
+    return tuple((n + 2 * (kernel // 2) - kernel) // self.stride + 1 for n in grid)
+
   def __call__(self, x, grid, num_summary):
     """x: [B, nt, h, num_summary + nh*nw, d] -> same with the grid pooled."""
     batch, nt, heads, _, head_dim = x.shape
@@ -147,9 +210,9 @@ class Pool(nnx.Module):
     summary, patches = x[:, :, :, :num_summary], x[:, :, :, num_summary:]
     patches = patches.reshape(batch * nt * heads, nh, nw, head_dim)
     patches = self.conv(patches)  # [B*nt*h, nh', nw', d]
-    pooled_grid = patches.shape[1:3]
     patches = patches.reshape(batch, nt, heads, -1, head_dim)
-    return self.norm(jnp.concatenate([summary, patches], axis=3)), pooled_grid
+    pooled = self.norm(jnp.concatenate([summary, patches], axis=3))
+    return pooled, self.output_grid(grid)
 
 
 def short_term_pool(x, grid, size: int):
@@ -169,9 +232,11 @@ class ShrinkingTemporalAttention(nnx.Module):
 
   def __init__(self, dim: int, heads: int, *, q_stride: int, kv_stride: int,
                attention: str, window: int, num_summary: int, pool_kernel: int,
-               sa_pool: int, qkv_bias: bool, dtype, rngs: nnx.Rngs):
+               sa_pool: int, qkv_bias: bool, dtype, rngs: nnx.Rngs,
+               attention_impl: str = 'xla'):
     head_dim = dim // heads
     self.heads, self.attention, self.window = heads, attention, window
+    self.impl = resolve_attention_impl(attention_impl, dtype, head_dim)
     self.num_summary, self.sa_pool = num_summary, sa_pool
     # Fq, Fk, Fv of equation (1), fused into one C -> 3C projection.
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype,
@@ -182,6 +247,10 @@ class ShrinkingTemporalAttention(nnx.Module):
                    if q_stride > 1 else None)
     self.pool_k = Pool(head_dim, pool_kernel, kv_stride, dtype=dtype, rngs=rngs)
     self.pool_v = Pool(head_dim, pool_kernel, kv_stride, dtype=dtype, rngs=rngs)
+
+  def output_grid(self, grid):
+    """The token grid of the output: Q's, pooled at a stage transition."""
+    return grid if self.pool_q is None else self.pool_q.output_grid(grid)
 
   def __call__(self, x, grid):
     """x: [B, nt, num_summary + nh*nw, C] -> ([B, nt, num_summary + ñh*ñw, C], (ñh, ñw))."""
@@ -200,6 +269,6 @@ class ShrinkingTemporalAttention(nnx.Module):
       v_sa = short_term_pool(v[:, :, :, self.num_summary:], kv_grid, self.sa_pool)
     out = shrinking_temporal_attention(
         q, k, v, k_sa, v_sa, attention=self.attention, window=self.window,
-        num_summary=self.num_summary)  # [B, nt, h, nq, d]
+        num_summary=self.num_summary, impl=self.impl)  # [B, nt, h, nq, d]
     out = jnp.moveaxis(out, 2, 3).reshape(batch, nt, -1, dim)
     return self.proj(out), out_grid

@@ -12,7 +12,8 @@ import ml_collections
 
 from configs import common
 from stat_jax import arch
-from stat_jax.attention import ATTENTION_SETS, SPATIAL_SUMMARIES
+from stat_jax.attention import (ATTENTION_IMPLS, ATTENTION_SETS, CUDNN_DTYPES,
+                                SPATIAL_SUMMARIES)
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 SAMPLINGS = ('segment', 'dense')
@@ -71,6 +72,12 @@ def check_model(config: ml_collections.ConfigDict) -> None:
   for key in ('kv_stride', 'pool_kernel', 'sa_pool'):
     _require(isinstance(m[key], int) and m[key] >= 1, f'model.{key}', m[key],
              'must be an integer >= 1')
+  _require(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl',
+           m.attention_impl, f'must be one of {", ".join(ATTENTION_IMPLS)}')
+  _require(m.attention_impl != 'cudnn' or config.dtype in CUDNN_DTYPES,
+           'model.attention_impl', m.attention_impl,
+           f'cudnn needs dtype {" or ".join(CUDNN_DTYPES)} (dtype is '
+           f'{config.dtype!r}); use auto or xla')
   _require(0 <= m.drop_path < 1, 'model.drop_path', m.drop_path, 'must be in [0, 1)')
   _require(0 <= m.dropout < 1, 'model.dropout', m.dropout, 'must be in [0, 1)')
   _require(m.num_classes >= 1, 'model.num_classes', m.num_classes, 'must be >= 1')

@@ -2,8 +2,10 @@
 
 Counts the MACs of every `dot_general` and `conv_general_dilated` in the
 jaxpr of one forward pass at batch 1, walking nested jaxprs (jit, vmap,
-custom_jvp, remat, scan x its length). XLA's `cost_analysis()` flops / 2 is
-printed beside it as a cross-check (XLA also counts element-wise ops).
+custom_jvp, remat, scan x its length); conv.depthwise_conv, which computes
+a convolution as shifted multiply-adds, counts as that convolution. XLA's
+`cost_analysis()` flops / 2 is printed beside it as a cross-check (XLA also
+counts element-wise ops).
 
   python -m stat_jax.flops --config=configs/k400.py:16
 """
@@ -16,6 +18,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from stat_jax import conv
 from stat_jax.model import build_model
 
 
@@ -34,6 +37,12 @@ def conv_macs(eqn) -> int:
   return math.prod(out) * math.prod(rhs) // rhs[rhs_out_dim]
 
 
+def depthwise_conv_macs(eqn) -> int:
+  """conv.depthwise_conv: one multiply-add per output and window tap."""
+  kernel = eqn.invars[1].aval.shape  # [*window, 1, C]
+  return math.prod(eqn.outvars[0].aval.shape) * math.prod(kernel[:-2])
+
+
 def _sub_jaxprs(value):
   if isinstance(value, jax.extend.core.ClosedJaxpr):
     yield value.jaxpr
@@ -48,6 +57,9 @@ def count_jaxpr_macs(jaxpr) -> int:
   total = 0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
+    if name == 'jit' and eqn.params['name'] == conv.depthwise_conv.__name__:
+      total += depthwise_conv_macs(eqn)
+      continue
     if name == 'dot_general':
       total += dot_general_macs(eqn)
     elif name == 'conv_general_dilated':

@@ -75,7 +75,8 @@ class STABlock(nnx.Module):
         dim, spec.heads, q_stride=spec.q_stride, kv_stride=spec.kv_stride,
         attention=model.attention, window=model.window,
         num_summary=num_summary, pool_kernel=model.pool_kernel,
-        sa_pool=model.sa_pool, qkv_bias=model.qkv_bias, dtype=dtype, rngs=rngs)
+        sa_pool=model.sa_pool, qkv_bias=model.qkv_bias, dtype=dtype, rngs=rngs,
+        attention_impl=model.attention_impl)
     self.drop_path = drop_path(spec.drop_path, rngs)
     self.norm2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * model.mlp_ratio), spec.dim_out, dtype=dtype,
@@ -99,12 +100,16 @@ class STABlock(nnx.Module):
 
   def __call__(self, x, grid):
     """x: [B, nt, num_summary + nh*nw, C] -> ([B, nt, ., C_out], new grid)."""
-    attended, new_grid = self.attn(self.norm1(x), grid)
+    return self.output_tokens(x, grid), self.attn.output_grid(grid)
+
+  def output_tokens(self, x, grid):
+    """The output tokens alone (what remat recomputes; grid is static)."""
+    attended, _ = self.attn(self.norm1(x), grid)
     x = self.skip(x, grid) + self.drop_path(attended)
     x_norm = self.norm2(x)
     if self.proj is not None:
       x = self.proj(x_norm)
-    return x + self.drop_path(self.mlp(x_norm)), new_grid
+    return x + self.drop_path(self.mlp(x_norm))
 
 
 class TemporalBlock(nnx.Module):
@@ -156,6 +161,7 @@ class STAT(nnx.Module):
     blocks = arch.block_specs(model)
     stem = arch.stem_specs(model)
     self.num_summary = 1 if model.spatial_summary == 'cls' else 0
+    self.remat = config.remat
     self.input_shape = (config.data.num_frames, config.data.crop_size,
                         config.data.crop_size, 3)
     nt, nh, nw = arch.token_grid(config)
@@ -196,8 +202,11 @@ class STAT(nnx.Module):
       raise ValueError(f'STAT expects video [B, {", ".join(map(str, self.input_shape))}]'
                        f' (config data.num_frames, data.crop_size); got {video.shape}')
     x, grid = self.tokens(video)
+    # remat: keep only each block's input for the backward pass.
+    block_tokens = (nnx.remat(STABlock.output_tokens, static_argnums=2)
+                    if self.remat else STABlock.output_tokens)
     for block in self.blocks:
-      x, grid = block(x, grid)
+      x, grid = block_tokens(block, x, grid), block.attn.output_grid(grid)
     if self.num_summary:  # the spatial class token of each frame
       frames = x[:, :, 0]  # [B, nt, C]
     else:  # Table 3 "spatial avg-pooling"

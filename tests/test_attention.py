@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from stat_jax import attention as sta_lib
 from stat_jax.attention import (ATTENTION_SETS, ShrinkingTemporalAttention,
                                 window_table)
 
@@ -31,11 +32,12 @@ def test_window_table_hand_worked():
                             if j != i and 0 <= j < nt}  # never wrapped
 
 
-def make_sta(attention, window, q_stride, num_summary, seed=0):
+def make_sta(attention, window, q_stride, num_summary, seed=0, impl='xla'):
   return ShrinkingTemporalAttention(
       DIM, HEADS, q_stride=q_stride, kv_stride=2, attention=attention,
       window=window, num_summary=num_summary, pool_kernel=3, sa_pool=2,
-      qkv_bias=True, dtype=jnp.float32, rngs=nnx.Rngs(seed))
+      qkv_bias=True, dtype=jnp.float32, rngs=nnx.Rngs(seed),
+      attention_impl=impl)
 
 
 def avg_pool_same(x, size):
@@ -114,15 +116,44 @@ CASES = [
      ('ca+sa', 3, 1, 0)]
 
 
+@pytest.fixture
+def cudnn_on_cpu(monkeypatch):
+  """jax.nn.dot_product_attention's 'cudnn' answered by its 'xla' path on
+  the same packed inputs (no GPU here): checks the packing, not cuDNN."""
+  original = jax.nn.dot_product_attention
+  calls = []
+
+  def emulated(*args, implementation=None, **kwargs):
+    calls.append(implementation)
+    return original(*args, implementation='xla', **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', emulated)
+  return calls
+
+
+@pytest.mark.parametrize('impl', ['xla', 'cudnn', 'auto'])
 @pytest.mark.parametrize('attention,window,q_stride,num_summary', CASES)
-def test_sta_matches_naive_reference(attention, window, q_stride, num_summary):
-  sta = make_sta(attention, window, q_stride, num_summary)
+def test_sta_matches_naive_reference(attention, window, q_stride, num_summary,
+                                     impl, cudnn_on_cpu):
+  sta = make_sta(attention, window, q_stride, num_summary, impl=impl)
   tokens = num_summary + GRID[0] * GRID[1]
   x = jax.random.normal(jax.random.key(1), (2, NT, tokens, DIM))
   got, grid = sta(x, GRID)
   assert grid == (GRID[0] // q_stride, GRID[1] // q_stride)
   np.testing.assert_allclose(got, naive_sta(sta, x, GRID, num_summary),
                              rtol=1e-4, atol=1e-5)
+  assert cudnn_on_cpu == (['cudnn'] if impl == 'cudnn' else [])
+
+
+def test_auto_takes_cudnn_only_where_it_runs(monkeypatch):
+  resolve = sta_lib.resolve_attention_impl
+  assert resolve('auto', jnp.bfloat16, 96) == 'xla'  # this CPU
+  assert resolve('xla', jnp.bfloat16, 96) == 'xla'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert resolve('auto', jnp.bfloat16, 96) == 'cudnn'
+  assert resolve('auto', jnp.float32, 96) == 'xla'  # cuDNN: 16-bit only
+  assert resolve('auto', jnp.bfloat16, 100) == 'xla'  # head width % 8
+  assert resolve('auto', jnp.float16, 256) == 'xla'  # head width <= 128
 
 
 def frames_changed(sta, x, frame, token_slice):

@@ -9,8 +9,9 @@ import pytest
 from flax import nnx
 
 from configs import k400, ssv2, tiny
+from stat_jax.config_validation import ConfigError
 from stat_jax.flops import abstract_model, param_count
-from stat_jax.model import build_model
+from stat_jax.model import STAT, build_model
 
 
 forward = nnx.jit(lambda model, video: model(video))
@@ -144,3 +145,46 @@ def test_bfloat16_compute_keeps_float32_params():
   assert all(x.dtype == jnp.float32 for x in leaves)
   logits = forward(model, jnp.ones((1, 8, 32, 32, 3)))
   assert logits.dtype == jnp.bfloat16 and math.isfinite(float(logits[0, 0]))
+
+
+def test_bfloat16_forward_follows_float32():
+  config = tiny.get_config()
+  video = jax.random.normal(jax.random.key(2), (2, 8, 32, 32, 3))
+  logits = {}
+  for dtype in ('float32', 'bfloat16'):
+    config.dtype = dtype
+    model = build_model(config, nnx.Rngs(0))  # the same parameters
+    model.eval()
+    logits[dtype] = np.asarray(forward(model, video), np.float32)
+  scale = np.abs(logits['float32']).max()
+  np.testing.assert_allclose(logits['bfloat16'], logits['float32'],
+                             atol=0.05 * scale)
+
+
+@pytest.mark.parametrize('impl,dtype,message', [
+    ('flash', 'float32', r'model.attention_impl.*xla, cudnn, auto'),
+    ('cudnn', 'float32', r"cudnn needs dtype bfloat16 or float16.*'float32'"),
+])
+def test_attention_impl_is_validated(impl, dtype, message):
+  config = tiny.get_config()
+  config.model.attention_impl, config.dtype = impl, dtype
+  with pytest.raises(ConfigError, match=message):
+    build_model(config, nnx.Rngs(0))
+
+
+def test_every_attention_impl_gives_the_same_logits(monkeypatch):
+  """'cudnn' answered by jax.nn.dot_product_attention's 'xla' path (no GPU
+  here): the packed frames give the model's logits."""
+  original = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', lambda *a, **k: original(
+      *a, **{**k, 'implementation': 'xla'}))
+  config = tiny.get_config()
+  video = jax.random.normal(jax.random.key(3), (2, 8, 32, 32, 3))
+  logits = {}
+  for impl in ('xla', 'cudnn', 'auto'):
+    config.model.attention_impl = impl
+    model = STAT(config, rngs=nnx.Rngs(0))  # validation would refuse float32 cudnn
+    model.eval()
+    logits[impl] = forward(model, video)
+  np.testing.assert_allclose(logits['cudnn'], logits['xla'], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(logits['auto'], logits['xla'])  # CPU: xla

@@ -1,0 +1,191 @@
+"""Measuring code shared by speed.py and scaling.py.
+
+For one config: compile the jitted forward pass (the eval step) or the train
+step, then report the time per clip (the minimum over repeats: other load on
+the machine only ever adds time), the compile time, the memory XLA plans for
+one call (on XLA:CPU its plan leaves out most temporaries) and, on Linux,
+how far the process's peak resident memory rises above where it was during
+one call, the model FLOP/s (2 x the multiply-adds of stat_jax.flops per
+clip; a train step counts 3 forward passes) and the MFU against a large
+matmul at the same dtype, timed in the same run between the model's runs.
+"""
+
+import dataclasses
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from stat_jax import optim
+from stat_jax.flops import model_macs
+from stat_jax.train_step import (ModelParts, init_train_state, make_eval_step,
+                                 make_train_step)
+
+MATMUL_SIZE = 4096  # the peak: one [n, n] x [n, n] product at the config dtype
+
+
+@dataclasses.dataclass
+class Program:
+  """A jitted step, its arguments and what one call does to them."""
+  step: jax.stages.Wrapped | jax.stages.Compiled
+  args: tuple
+  train: bool  # the step returns (state, metrics) and donates the state
+  clips: int  # per call
+
+  def run(self):
+    out = jax.block_until_ready(self.step(*self.args))
+    if self.train:
+      self.args = (out[0], *self.args[1:])
+
+
+def random_video(config, batch: int) -> jax.Array:
+  data = config.data
+  shape = (batch, data.num_frames, data.crop_size, data.crop_size, 3)
+  return jax.random.normal(jax.random.key(0), shape, jnp.float32)
+
+
+def forward_program(config, batch: int) -> Program:
+  """The eval step (forward pass + softmax) on a random clip batch."""
+  parts = ModelParts(config)
+  params = jax.jit(parts.init_params, static_argnums=0)(config.seed)
+  return Program(jax.jit(make_eval_step(parts)),
+                 (params, random_video(config, batch)), train=False, clips=batch)
+
+
+def train_program(config, batch: int) -> Program:
+  """The full train step (mixup, forward, backward, AdamW), state donated."""
+  parts = ModelParts(config)
+  tx = optim.make_optimizer(config)
+  state = jax.jit(lambda: init_train_state(parts, config.seed, tx))()
+  clips = {'video': random_video(config, batch),
+           'label': jnp.zeros((batch,), jnp.int32)}
+  return Program(jax.jit(make_train_step(config, parts, tx), donate_argnums=0),
+                 (state, clips), train=True, clips=batch)
+
+
+def compile_program(config: ml_collections.ConfigDict, *, batch: int,
+                    train: bool) -> tuple[Program, float]:
+  """The forward or train program of `config` at `batch`, compiled ahead of
+  time, and the seconds the compile took."""
+  config = ml_collections.ConfigDict(config)
+  config.batch_size = batch
+  program = (train_program if train else forward_program)(config, batch)
+  start = time.perf_counter()
+  program.step = program.step.lower(*program.args).compile()
+  return program, time.perf_counter() - start
+
+
+def seconds(call, repeats: int) -> float:
+  """The fastest of `repeats` calls (after one untimed call)."""
+  call()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    call()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def matmul_flops_per_s(dtype: str, repeats: int) -> float:
+  """FLOP/s of the fastest of `repeats` [n, n] x [n, n] products."""
+  a = jax.random.normal(jax.random.key(1), (MATMUL_SIZE, MATMUL_SIZE), dtype)
+  product = jax.jit(jnp.dot).lower(a, a).compile()
+  return 2 * MATMUL_SIZE**3 / seconds(
+      lambda: jax.block_until_ready(product(a, a)), repeats)
+
+
+def planned_memory(compiled: jax.stages.Compiled) -> int | None:
+  """Bytes XLA plans for one call (peak where the backend reports it, else
+  arguments + outputs + temporaries - donated aliases), or None."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  peak = getattr(stats, 'peak_memory_in_bytes', 0)
+  return peak or (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                  + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def _status_kib(field: str) -> int:
+  status = open('/proc/self/status').read()
+  return int(re.search(rf'^{field}:\s+(\d+) kB', status, re.M).group(1))
+
+
+def peak_rss_growth(call) -> int | None:
+  """Bytes the process's peak resident memory rose above its resident
+  memory at the start of `call` (Linux: /proc; None elsewhere)."""
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')  # resets the peak (VmHWM) to the current VmRSS
+  except OSError:
+    return None
+  before = _status_kib('VmRSS')
+  call()
+  return (_status_kib('VmHWM') - before) * 1024
+
+
+def flops_per_clip(config: ml_collections.ConfigDict, train: bool) -> float:
+  """2 x the multiply-adds of one view; a train step counts as 3 forwards."""
+  return 2 * model_macs(config) * (3 if train else 1)
+
+
+def time_program(program: Program, config: ml_collections.ConfigDict, *,
+                 repeats: int) -> dict:
+  """Time per clip, FLOP/s and MFU; the matmul peak is timed before and
+  after the program, the faster of the two counts."""
+  peak = matmul_flops_per_s(config.dtype, repeats)
+  best = seconds(program.run, repeats)
+  peak = max(peak, matmul_flops_per_s(config.dtype, repeats))
+  achieved = flops_per_clip(config, program.train) * program.clips / best
+  return {'ms_per_clip': 1e3 * best / program.clips,
+          'achieved_gflops': achieved / 1e9, 'peak_gflops': peak / 1e9,
+          'mfu': achieved / peak}
+
+
+def measure(config: ml_collections.ConfigDict, *, batch: int, train: bool,
+            repeats: int = 3, label: str = '', run: bool = True
+            ) -> tuple[dict, Program]:
+  """Compile one program of `config` and, unless `run` is False, time it:
+  (a row of the tables, the compiled program)."""
+  program, compile_s = compile_program(config, batch=batch, train=train)
+  memory = planned_memory(program.step)
+  growth = peak_rss_growth(program.run) if run else None
+  timing = (time_program(program, config, repeats=repeats) if run else
+            dict.fromkeys(('ms_per_clip', 'achieved_gflops', 'peak_gflops',
+                           'mfu')))
+  row = {'label': label, 'frames': config.data.num_frames,
+         'mode': 'train' if train else 'forward', 'dtype': config.dtype,
+         'batch': batch, **timing,
+         'gflop_per_clip': flops_per_clip(config, train) / 1e9,
+         'plan_gib': memory / 2**30 if memory is not None else None,
+         'rss_growth_gib': growth / 2**30 if growth is not None else None,
+         'compile_s': compile_s, 'device': jax.devices()[0].device_kind}
+  return row, program
+
+
+COLUMNS = (  # (heading, key, format spec); text left-aligned, numbers right
+    ('config', 'label', '24s'), ('T', 'frames', '3d'), ('mode', 'mode', '7s'),
+    ('dtype', 'dtype', '8s'), ('batch', 'batch', '5d'),
+    ('ms/clip', 'ms_per_clip', '9.1f'), ('GFLOP/clip', 'gflop_per_clip', '10.1f'),
+    ('GFLOP/s', 'achieved_gflops', '8.1f'), ('peak GFLOP/s', 'peak_gflops', '12.1f'),
+    ('MFU', 'mfu', '6.1%'), ('plan GiB', 'plan_gib', '8.2f'),
+    ('RSS+ GiB', 'rss_growth_gib', '8.2f'), ('compile s', 'compile_s', '9.1f'),
+)
+
+
+def format_table(rows: list[dict]) -> str:
+  """A fixed-width table of `measure` rows (n/a where not measured)."""
+  def width(spec):
+    return int(spec.split('.')[0].rstrip('sdf%'))
+
+  def cell(spec, value):
+    if isinstance(value, str):
+      return f'{value:<{spec}}'
+    return f'{value:>{spec}}' if value is not None else f'{"n/a":>{width(spec)}}'
+
+  head = ' '.join(f'{name:<{width(spec)}}' if spec.endswith('s')
+                  else f'{name:>{width(spec)}}' for name, _, spec in COLUMNS)
+  return '\n'.join([head] + [' '.join(cell(spec, row[key])
+                                      for _, key, spec in COLUMNS)
+                             for row in rows])
