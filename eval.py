@@ -4,6 +4,11 @@
       [--checkpoint=latest|best|STEP]
 
 Writes <workdir>/eval_step<STEP>.json (+ per-video predictions beside it).
+
+Multi-process (one process per host or GPU): run the same command in every
+process; see stat_jax/distributed.py and the README's "Scale-out" (flags
+--coordinator_address, --num_processes, --process_id; locally
+`python -m stat_jax.launch --num_processes 2 -- eval.py ...`).
 """
 
 import os
@@ -14,7 +19,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
-from stat_jax import trainer
+from stat_jax import distributed, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory to evaluate.')
@@ -28,6 +33,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax and clu are chatty at INFO
   try:
+    distributed.initialize_from_flags()
     trainer.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
   except (ValueError, FileNotFoundError) as error:
     print(f'eval.py: {error}', file=sys.stderr)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from data import pipeline, synthetic
 from stat_jax import checkpoint, metrics, optim, sharding
@@ -67,7 +68,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   synthetic.prepare(config.data)
   mesh = sharding.make_mesh(config)
   total_steps = optim.total_steps(config)
-  local_batch = config.batch_size // jax.process_count()
   if config.batch_size % mesh.size:
     raise ValueError(f'config.batch_size={config.batch_size} is not divisible '
                      f'by the {mesh.size} devices of the mesh')
@@ -117,7 +117,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   losses, pending, last_eval = {}, [], None
   loss_log = os.path.join(workdir, 'train_log.jsonl')
   log(f'Training {total_steps} steps of {config.batch_size} clips on '
-      f'{mesh.size} device(s) (mesh {dict(mesh.shape)}).')
+      f'{mesh.size} device(s) in {jax.process_count()} process(es) '
+      f'(mesh {dict(mesh.shape)}).')
   last_step = min(total_steps, stop_after or total_steps)
   for step in range(start + 1, last_step + 1):
     batch = sharding.global_batch(next(train_data), mesh)
@@ -192,17 +193,27 @@ def report_memory(compiled, seconds: float) -> None:
 # -------------------------------------------------------------- evaluate ---
 
 def evaluate(config, eval_step, params, mesh) -> dict:
-  """Multi-view evaluation of every eval video exactly once."""
+  """Multi-view evaluation of every eval video exactly once.
+
+  Each process reads its part of the videos; every batch row (probabilities
+  with its video id, label and mask) is gathered to every process, so each
+  returns the result over all videos. A collective in multi-process runs.
+  """
   views = pipeline.make_eval_iterator(
       config, process_index=jax.process_index(),
       process_count=jax.process_count())
   accumulator = ViewAccumulator(config.model.num_classes)
   for batch in views:
-    video = sharding.global_batch({'video': batch['video']}, mesh)['video']
-    probs = np.asarray(jax.device_get(eval_step(params, video)))
-    accumulator.add(probs, batch['video_id'], batch['label'], batch['mask'])
+    rows = sharding.global_batch(
+        {key: batch[key] for key in ('video', 'video_id', 'label', 'mask')},
+        mesh)
+    rows['probs'] = eval_step(params, rows.pop('video'))
+    rows = multihost_utils.process_allgather(rows, tiled=True)
+    accumulator.add(rows['probs'], rows['video_id'], rows['label'],
+                    rows['mask'])
   result = accumulator.result()
-  result['skipped'] = views.num_skipped
+  result['skipped'] = int(
+      multihost_utils.process_allgather(np.int64(views.num_skipped)).sum())
   return result
 
 

@@ -1,0 +1,340 @@
+"""Scale-out: jax.distributed jobs of local CPU processes (stat_jax.launch).
+
+The runs compared (module fixtures, each one or two subprocesses; the slow
+part):
+  one_process     1 process x 4 devices trains the tiny config, evaluates;
+  two_processes   2 processes x 2 devices (mesh data=2, fsdp=2) train it
+                  with train.py; process 1 is killed after the first
+                  checkpoint, and the job is run again: it resumes, ends,
+                  evaluates;
+  restored        1 process x 2 devices restores the 2-process checkpoint
+                  (eval.py's path) and evaluates it.
+Mixup and drop path are off: process k reads clips k, k + 2, ... so the
+2-process batch is a permutation of the 1-process one, and the mean loss
+only sees the order through rounding.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from data import synthetic
+from stat_jax import checkpoint, distributed, launch, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+KILL_DEADLINE_S = 30  # a killed process's partner is stopped within this
+# XLA's CPU compile takes most of these runs' time; its optimisations are
+# not what the tests are about.
+FAST_COMPILE = ('--xla_backend_optimization_level=0 '
+                '--xla_llvm_disable_expensive_passes=true')
+ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_COMPILE)
+
+RUN_SCRIPT = r'''
+"""argv: root, mode (train | restore), overrides (JSON), workdir, out prefix.
+Writes <out>.json (losses, eval) and <out>.npz (the parameters) on process 0."""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from stat_jax import distributed
+distributed.initialize()
+import jax, numpy as np
+from jax.experimental import multihost_utils
+from configs import tiny
+from stat_jax import checkpoint, sharding, trainer
+
+mode, overrides, workdir, out = sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], sys.argv[5]
+config = tiny.get_config()
+for key, value in overrides.items():
+  section, _, name = key.rpartition('.')
+  (config[section] if section else config)[name] = value
+if mode == 'train':
+  result = trainer.train_and_evaluate(config, workdir)
+  report, state = {'losses': result['losses'], 'eval': result['eval']}, result['state']
+else:
+  report = {'eval': trainer.evaluate_checkpoint(config, workdir)}
+  mesh = sharding.make_mesh(config)
+  _, _, abstract, shardings = trainer.abstract_train_state(config, mesh)
+  ckpt = checkpoint.Checkpointer(trainer.checkpoint_dir(workdir), 1, read_only=True)
+  state = ckpt.restore_state(ckpt.latest_step(), trainer.with_shardings(abstract, shardings))
+params = multihost_utils.process_allgather(state.params, tiled=True)
+if jax.process_index() == 0:
+  np.savez(out + '.npz', *jax.tree.leaves(params))
+  with open(out + '.json', 'w') as f:
+    json.dump(report, f)
+'''
+
+
+@pytest.fixture(scope='module')
+def motion(tmp_path_factory):
+  """A tiny synthetic motion set: 48 train, 7 val clips of 16 x 32²."""
+  return synthetic.generate(str(tmp_path_factory.mktemp('motion')), 48, 7,
+                            num_frames=16, size=32, seed=0)
+
+
+@pytest.fixture(scope='module')
+def overrides(motion) -> dict:
+  """Config fields of every run here, over configs/tiny.py."""
+  return {'total_steps': STEPS, 'checkpoint_every': 2, 'eval_every': 1000,
+          'log_every': 1, 'model.num_classes': len(synthetic.CLASSES),
+          'model.drop_path': 0.0, 'mixup.mixup_alpha': 0.0,
+          'mixup.cutmix_alpha': 0.0, 'data.train_spec': motion['train'],
+          'data.eval_spec': motion['val'], 'data.label_map': motion['label_map'],
+          'data.eval_batch_size': 4, 'mesh.fsdp': 2, 'mesh.fsdp_min_size': 1}
+
+
+def tiny_config(overrides):
+  config = tiny.get_config()
+  for key, value in overrides.items():
+    section, _, name = key.rpartition('.')
+    (config[section] if section else config)[name] = value
+  return config
+
+
+def launcher(num_processes, devices, *command) -> list[str]:
+  return [sys.executable, '-m', 'stat_jax.launch',
+          f'--num_processes={num_processes}', f'--devices_per_process={devices}',
+          '--', *command]
+
+
+def run_script(tmp_path, overrides, mode, workdir, *, processes=1,
+               devices=2) -> dict:
+  """RUN_SCRIPT as `processes` local processes (1: no launcher) of
+  `devices` CPU devices each: {'report': its JSON, 'params': leaves,
+  'output': stdout}."""
+  script, out = tmp_path / 'run.py', str(tmp_path / mode)
+  script.write_text(RUN_SCRIPT)
+  args = [str(script), ROOT, mode, json.dumps(overrides), str(workdir), out]
+  if processes == 1:
+    env = dict(ENV, XLA_FLAGS=f'{FAST_COMPILE} '
+               f'--xla_force_host_platform_device_count={devices}')
+    command = [sys.executable, *args]
+  else:
+    env, command = ENV, launcher(processes, devices, *args)
+  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  with open(out + '.json') as f:
+    report = json.load(f)
+  with np.load(out + '.npz') as arrays:
+    params = [arrays[f'arr_{i}'] for i in range(len(arrays.files))]
+  return {'report': report, 'params': params, 'output': result.stdout}
+
+
+def collect_output(process) -> list[str]:
+  """The lines the process prints, collected by a thread as they come."""
+  lines = []
+  thread = threading.Thread(target=lambda: lines.extend(process.stdout),
+                            daemon=True)
+  thread.start()
+  return lines
+
+
+def started_pids(lines) -> dict:
+  """{process index: pid} from the launcher's 'process k started' lines."""
+  pids = {}
+  for line in list(lines):
+    if line.startswith('[launch] process') and 'started (pid' in line:
+      words = line.split()
+      pids[int(words[2])] = int(words[-1].rstrip(')'))
+  return pids
+
+
+def kill_process_1_after_a_checkpoint(command, workdir) -> dict:
+  """Runs the job until its first checkpoint, SIGKILLs process 1, waits for
+  the launcher: its status, seconds from the kill, output, pids."""
+  job = subprocess.Popen(command, cwd=ROOT, env=ENV, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  lines = collect_output(job)
+  try:
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(workdir, 'checkpoints', '2')):
+      assert time.time() < deadline and job.poll() is None, ''.join(lines)
+      time.sleep(0.05)
+    pids = started_pids(lines)
+    os.kill(pids[1], signal.SIGKILL)
+    killed = time.monotonic()
+    returncode = job.wait(KILL_DEADLINE_S)
+    return {'returncode': returncode, 'seconds': time.monotonic() - killed,
+            'output': ''.join(lines), 'pids': pids}
+  finally:
+    if job.poll() is None:  # a check above failed; the launcher kills the job
+      job.terminate()
+      job.wait()
+
+
+@pytest.fixture(scope='module')
+def one_process(tmp_path_factory, overrides):
+  tmp = tmp_path_factory.mktemp('one_process')
+  return run_script(tmp, overrides, 'train', tmp / 'run', devices=4)
+
+
+@pytest.fixture(scope='module')
+def two_processes(tmp_path_factory, overrides):
+  tmp = tmp_path_factory.mktemp('two_processes')
+  workdir = str(tmp / 'run')
+  killed = kill_process_1_after_a_checkpoint(
+      launcher(2, 2, 'train.py', '--config=configs/tiny.py',
+               f'--workdir={workdir}',
+               *[f'--config.{k}={v}' for k, v in overrides.items()]),
+      workdir)
+  rerun = run_script(tmp, overrides, 'train', workdir, processes=2, devices=2)
+  return dict(rerun, killed=killed, workdir=workdir)
+
+
+@pytest.fixture(scope='module')
+def restored(tmp_path_factory, overrides, two_processes):
+  return run_script(tmp_path_factory.mktemp('restored'), overrides, 'restore',
+                    two_processes['workdir'], devices=2)
+
+
+def read_loss_log(workdir) -> dict:
+  """{step (str): loss} from train_log.jsonl; a resumed step: the latest."""
+  losses = {}
+  with open(os.path.join(workdir, 'train_log.jsonl')) as f:
+    for line in f:
+      entry = json.loads(line)
+      losses[str(entry['step'])] = entry['loss']
+  return losses
+
+
+def in_step_order(losses: dict) -> np.ndarray:
+  assert sorted(map(int, losses)) == list(range(1, STEPS + 1))
+  return np.array([losses[str(step)] for step in range(1, STEPS + 1)])
+
+
+# ---------------------------------------------------------------- training ---
+
+def test_two_processes_train_like_one_process_with_four_devices(
+    one_process, two_processes):
+  one = in_step_order(one_process['report']['losses'])
+  two = in_step_order(read_loss_log(two_processes['workdir']))
+  assert np.isfinite(one).all() and len(set(one.tolist())) == STEPS
+  difference = np.abs(two - one).max()
+  print(f'max |loss(2 processes) - loss(1 process)| = {difference:.2e}')
+  assert difference < 1e-5
+  for a, b in zip(one_process['params'], two_processes['params']):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_killing_a_process_stops_the_job_and_a_rerun_resumes(
+    one_process, two_processes):
+  killed = two_processes['killed']
+  print(f'the job stopped {killed["seconds"]:.2f}s after process 1 was killed')
+  assert killed['returncode'] != 0
+  assert ('[launch] process 1 was killed by SIGKILL; stopping the other '
+          'processes') in killed['output']
+  with pytest.raises(ProcessLookupError):  # process 0 is gone too
+    os.kill(killed['pids'][0], 0)
+  output = two_processes['output']
+  assert '[p0] Resuming from step' in output
+  start = int(output.split('[p0] Resuming from step ')[1].split()[0])
+  resumed = two_processes['report']['losses']
+  assert sorted(map(int, resumed)) == list(range(start + 1, STEPS + 1))
+  reference = one_process['report']['losses']
+  for step, loss in resumed.items():
+    assert loss == pytest.approx(reference[step], abs=1e-5)
+
+
+def test_launcher_stops_the_others_when_one_process_fails():
+  code = ('import os, sys, time; rank = os.environ["JAX_PROCESS_ID"]; '
+          'print("hello from", rank, "of", os.environ["JAX_NUM_PROCESSES"]); '
+          'sys.exit(3) if rank == "1" else time.sleep(120)')
+  start = time.monotonic()
+  result = subprocess.run(launcher(2, 1, '-c', code), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+  assert time.monotonic() - start < 30
+  assert result.returncode == 3
+  assert '[p0] hello from 0 of 2' in result.stdout
+  assert '[p1] hello from 1 of 2' in result.stdout
+  assert 'process 1 exited with status 3; stopping' in result.stderr
+
+
+# -------------------------------------------------------------- evaluation ---
+
+def test_multi_process_eval_counts_every_video_once(
+    one_process, two_processes, restored):
+  multi = two_processes['report']['eval']
+  single = restored['report']['eval']  # the same parameters, 1 process
+  assert multi['num_videos'] == single['num_videos'] == 7
+  assert multi['num_views'] == single['num_views'] == 7 * 2
+  assert multi['skipped'] == 0
+  assert multi['per_class_videos'] == single['per_class_videos']
+  assert one_process['report']['eval']['per_class_videos'] == \
+      multi['per_class_videos']
+  views = lambda result: {p['video_id']: p['views']
+                          for p in result['predictions']}
+  assert views(multi) == views(single) == {v: 2 for v in range(7)}
+  assert (multi['top1'], multi['top5']) == (single['top1'], single['top5'])
+  for a, b in zip(multi['predictions'], single['predictions']):
+    np.testing.assert_allclose(a['top5_probs'], b['top5_probs'], atol=1e-6)
+
+
+# ------------------------------------------------------------- checkpoints ---
+
+def test_two_process_checkpoint_restores_in_one_process_with_two_devices(
+    two_processes, restored):
+  state_dir = os.path.join(two_processes['workdir'], 'checkpoints',
+                           str(STEPS), 'state')
+  written = sorted(name for name in os.listdir(state_dir)
+                   if name.startswith('ocdbt.process_'))
+  assert written == ['ocdbt.process_0', 'ocdbt.process_1']  # both wrote
+  assert len(restored['params']) == len(two_processes['params'])
+  for a, b in zip(two_processes['params'], restored['params']):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resuming_needs_the_process_count_that_saved(two_processes,
+                                                     overrides):
+  config = tiny_config(dict(overrides, **{'mesh.fsdp': 1}))
+  with pytest.raises(ValueError, match=r'written by 2 process\(es\); resume '
+                     r'it with 2 \(eval.py restores it on any number\)'):
+    trainer.train_and_evaluate(config, two_processes['workdir'])
+
+
+def test_data_states_of_all_processes_are_kept_in_order():
+  # One process here: the gather is the identity, as a list.
+  state = {'epoch': 1, 'position': 5, 'process_index': 0}
+  assert checkpoint.gather_int_dicts(state) == [state]
+
+
+# ------------------------------------------------------------- initialize ---
+
+def test_a_single_process_run_initializes_nothing(monkeypatch):
+  for env_var in distributed.ENV_VARS.values():
+    monkeypatch.delenv(env_var, raising=False)
+  assert distributed.detected_cluster() is None
+  assert distributed.initialize() is False
+  assert jax.process_count() == 1
+
+
+def test_partial_settings_are_refused_naming_what_is_missing(monkeypatch):
+  for env_var in distributed.ENV_VARS.values():
+    monkeypatch.delenv(env_var, raising=False)
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '2')
+  with pytest.raises(ValueError, match=r'needs --coordinator_address \(or '
+                     r'JAX_COORDINATOR_ADDRESS\), --process_id'):
+    distributed.initialize()
+
+
+def test_jax_detects_a_slurm_step(monkeypatch):
+  for name, value in {'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'node1',
+                      'SLURM_NTASKS': '2', 'SLURM_PROCID': '0',
+                      'SLURM_LOCALID': '0'}.items():
+    monkeypatch.setenv(name, value)
+  assert distributed.detected_cluster() == 'SlurmCluster'
+
+
+def test_launcher_gives_each_process_its_settings():
+  env = launch.process_env(1, 2, 4, 1234)
+  assert env['JAX_COORDINATOR_ADDRESS'] == '127.0.0.1:1234'
+  assert (env['JAX_NUM_PROCESSES'], env['JAX_PROCESS_ID']) == ('2', '1')
+  assert '--xla_force_host_platform_device_count=4' in env['XLA_FLAGS']
