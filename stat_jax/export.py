@@ -1,0 +1,259 @@
+"""Export a trained checkpoint to other frameworks.
+
+  python -m stat_jax.export --workdir=runs/k400_16 [--checkpoint=best] \
+      --out=exports/k400_16 [--formats=savedmodel,onnx,safetensors,stablehlo]
+
+Every format serves stat_jax.inference.serving_fn: uint8 RGB video
+[batch, T, H, W, 3] (batch dynamic, T/H/W those of the run's config) ->
+logits and probabilities float32 [batch, classes], normalisation inside.
+
+  savedmodel/          TF SavedModel (jax2tf), signature serving_default:
+                       video -> {logits, probabilities}; loads without JAX
+  model.onnx           ONNX (jax2onnx, opset ONNX_OPSET): video -> logits,
+                       probabilities
+  params.safetensors   the parameters by dotted name (stat_jax/param_names.py)
+  params.json          config, class names, shape and layout of each tensor
+  model.stablehlo      jax.export serialization (symbolic batch), reload with
+                       jax.export.deserialize(...).call(video)
+  example_input.npy    uint8 [2, T, H, W, 3] and the JAX model's logits for it
+  example_logits.npy
+  manifest.json        config, classes, input spec, formats, versions, step
+
+The export is written into a hidden temporary folder beside --out and
+renamed to --out when complete: a folder at --out is always a whole export.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from unittest import mock
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
+
+import flax  # pylint: disable=g-import-not-at-top
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+from flax import nnx
+from jax.experimental import jax2tf
+from jax2onnx import to_onnx
+
+from stat_jax import inference, param_names
+
+ONNX_OPSET = 21  # runs in ONNX Runtime 1.18 and later
+# StableHLO and SavedModel carry one lowering per platform.
+PLATFORMS = ('cpu', 'cuda')
+EXAMPLE_BATCH = 2
+
+
+def _batch_spec(data, batch):
+  """uint8 [batch, T, H, W, 3]; batch an int or a symbolic dimension."""
+  return jax.ShapeDtypeStruct((batch, *inference.input_shape(data)), jnp.uint8)
+
+
+# ------------------------------------------------------------- formats ---
+
+def write_savedmodel(restored, folder) -> dict:
+  """Parameters as TF variables, the model as one XlaCallModule op."""
+  leaves, treedef = jax.tree.flatten(restored.params)
+  apply = inference.serving_fn(restored.parts, restored.config.data)
+  shape = inference.input_shape(restored.config.data)
+  tf_apply = jax2tf.convert(
+      lambda flat, video: apply(jax.tree.unflatten(treedef, flat), video),
+      polymorphic_shapes=[None, f'(b, {", ".join(map(str, shape))})'],
+      with_gradient=False, native_serialization_platforms=PLATFORMS)
+  module = tf.Module()
+  module.params = [tf.Variable(np.asarray(leaf), trainable=False)
+                   for leaf in leaves]
+
+  @tf.function(autograph=False, input_signature=[
+      tf.TensorSpec([None, *shape], tf.uint8, name='video')])
+  def serve(video):
+    logits, probabilities = tf_apply(module.params, video)
+    return {'logits': logits, 'probabilities': probabilities}
+
+  module.serve = serve
+  tf.saved_model.save(module, os.path.join(folder, 'savedmodel'),
+                      signatures={'serving_default': serve})
+  return {'path': 'savedmodel', 'signature': 'serving_default',
+          'platforms': list(PLATFORMS)}
+
+
+@contextlib.contextmanager
+def _jax2onnx_compatible():
+  """Rewrites two calls that jax2onnx 0.17 converts wrongly into equivalent
+  ones it converts exactly: nnx.max_pool with explicit padding pairs (it
+  treats them as 'VALID') becomes -inf padding + 'VALID', and jnp.where
+  gets operands of equal rank (its vmap rule misaligns a lower-rank mask)."""
+  max_pool, where = nnx.max_pool, jnp.where
+
+  def padded_max_pool(x, *, window_shape, strides=None, padding='VALID'):
+    if not isinstance(padding, str):  # [B, *spatial, C]: pad the spatial dims
+      x = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
+      padding = 'VALID'
+    return max_pool(x, window_shape=window_shape, strides=strides,
+                    padding=padding)
+
+  def same_rank_where(condition, x, y):
+    rank = max(np.ndim(condition), np.ndim(x), np.ndim(y))
+    return where(*(jax.lax.expand_dims(a, tuple(range(rank - np.ndim(a))))
+                   for a in (condition, x, y)))
+
+  with mock.patch.object(nnx, 'max_pool', padded_max_pool), \
+      mock.patch.object(jnp, 'where', same_rank_where):
+    yield
+
+
+def write_onnx(restored, folder) -> dict:
+  """Parameters as initializers; 'batch' is a named dynamic dimension."""
+  apply = inference.serving_fn(restored.parts, restored.config.data)
+
+  def classify(video):
+    with _jax2onnx_compatible():  # active while jax2onnx traces
+      return apply(restored.params, video)
+
+  to_onnx(classify, [_batch_spec(restored.config.data, 'batch')],
+          model_name='stat', opset=ONNX_OPSET, input_names=['video'],
+          output_names=['logits', 'probabilities'], return_mode='file',
+          output_path=os.path.join(folder, 'model.onnx'))
+  return {'path': 'model.onnx', 'opset': ONNX_OPSET}
+
+
+def write_safetensors(restored, folder) -> dict:
+  param_names.save_safetensors(restored.params,
+                               os.path.join(folder, 'params.safetensors'))
+  layouts = param_names.layouts(restored.config)
+  arrays = param_names.named_arrays(restored.params)
+  tensors = {name: {'shape': list(array.shape), 'dtype': str(array.dtype),
+                    'layout': layouts[name]} for name, array in arrays.items()}
+  _write_json(os.path.join(folder, 'params.json'), {
+      'config': restored.config.to_dict(), 'classes': restored.classes,
+      'tensors': tensors})
+  return {'path': 'params.safetensors', 'index': 'params.json'}
+
+
+def write_stablehlo(restored, folder) -> dict:
+  """Parameters as constants of the module; a symbolic 'batch' dimension."""
+  batch, = jax.export.symbolic_shape('batch')
+  exported = jax.export.export(jax.jit(restored.classify),
+                               platforms=PLATFORMS)(
+                                   _batch_spec(restored.config.data, batch))
+  with open(os.path.join(folder, 'model.stablehlo'), 'wb') as f:
+    f.write(exported.serialize())
+  return {'path': 'model.stablehlo', 'platforms': list(PLATFORMS)}
+
+
+FORMATS = {'savedmodel': write_savedmodel, 'onnx': write_onnx,
+           'safetensors': write_safetensors, 'stablehlo': write_stablehlo}
+
+
+# -------------------------------------------------------------- export ---
+
+def check_formats(formats) -> list[str]:
+  """The requested format names, in order, without repeats; unknown -> error."""
+  unknown = [name for name in formats if name not in FORMATS]
+  if unknown or not formats:
+    named = ', '.join(map(repr, unknown)) or '(none given)'
+    raise ValueError(f'unknown export format(s) {named}; choose from '
+                     f'{", ".join(FORMATS)}')
+  return list(dict.fromkeys(formats))
+
+
+def _write_format(name, restored, folder) -> dict:
+  try:
+    return FORMATS[name](restored, folder)
+  except Exception as error:
+    raise RuntimeError(f'{name} export of checkpoint step {restored.step} '
+                       f'failed: {type(error).__name__}: {error}') from error
+
+
+def _write_json(path, value):
+  with open(path, 'w') as f:
+    json.dump(value, f, indent=1)
+
+
+def _manifest(restored, workdir, formats: dict) -> dict:
+  data = restored.config.data
+  clip = inference.input_shape(data)
+  return {
+      'checkpoint': {'workdir': os.path.abspath(workdir),
+                     'step': restored.step},
+      'config': restored.config.to_dict(),
+      'classes': restored.classes,
+      'input': {'name': 'video', 'dtype': 'uint8', 'shape': ['batch', *clip],
+                'channels': 'RGB', 'range': [0, 255],
+                'normalisation': {'mean': list(data.mean),
+                                  'std': list(data.std),
+                                  'applied': 'inside the model'}},
+      'outputs': {name: {'dtype': 'float32',
+                         'shape': ['batch', restored.config.model.num_classes]}
+                  for name in ('logits', 'probabilities')},
+      'formats': formats,
+      'examples': {'input': 'example_input.npy',
+                   'logits': 'example_logits.npy'},
+      'versions': {'jax': jax.__version__, 'flax': flax.__version__},
+  }
+
+
+def export_checkpoint(workdir: str, out: str, formats: list[str],
+                      which: str = 'latest') -> dict:
+  """Writes the export folder `out`; returns its manifest."""
+  formats = check_formats(formats)
+  out = os.path.abspath(out)
+  if os.path.exists(out):
+    raise FileExistsError(f'--out={out} exists; remove it or choose another')
+  restored = inference.restore(workdir, which)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.partial-',
+                             dir=os.path.dirname(out))
+  try:
+    example = np.random.default_rng(0).integers(
+        0, 256, (EXAMPLE_BATCH, *inference.input_shape(restored.config.data)),
+        dtype=np.uint8)
+    np.save(os.path.join(staging, 'example_input.npy'), example)
+    np.save(os.path.join(staging, 'example_logits.npy'),
+            np.asarray(restored.classify(example)[0]))
+    written = {name: _write_format(name, restored, staging)
+               for name in formats}
+    manifest = _manifest(restored, workdir, written)
+    _write_json(os.path.join(staging, 'manifest.json'), manifest)
+    os.chmod(staging, 0o755)  # mkdtemp made it private
+    os.rename(staging, out)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return manifest
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  parser.add_argument('--workdir', required=True, help='training run directory')
+  parser.add_argument('--checkpoint', default='latest',
+                      help="'latest', 'best' or a step number")
+  parser.add_argument('--out', required=True, help='export directory to create')
+  parser.add_argument('--formats', default=','.join(FORMATS),
+                      help=f'comma-separated subset of {",".join(FORMATS)}')
+  args = parser.parse_args(argv)
+  formats = [name.strip() for name in args.formats.split(',') if name.strip()]
+  try:
+    manifest = export_checkpoint(args.workdir, args.out, formats,
+                                 args.checkpoint)
+  except (ValueError, FileNotFoundError, FileExistsError,
+          RuntimeError) as error:
+    print(f'stat_jax.export: {error}', file=sys.stderr)
+    return 1
+  files = sorted(os.listdir(args.out))
+  print(f'Exported step {manifest["checkpoint"]["step"]} of {args.workdir} to '
+        f'{args.out}: {", ".join(files)}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

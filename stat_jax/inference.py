@@ -1,0 +1,127 @@
+"""A trained checkpoint as a video classifier (shared by export and predict).
+
+`restore(workdir)` reads the config a run saved with its checkpoint and the
+parameters (optimizer state is restored too, then dropped); `serving_fn`
+is the one function every export format serves:
+
+  uint8 RGB video [B, T, H, W, 3] -> (logits, probabilities) [B, classes]
+
+with the normalisation of data/pipeline.py inside, the model in eval mode
+(no dropout, no drop path), float32 compute whatever `config.dtype` the run
+trained with, and the portable 'xla' attention (model.attention_impl).
+"""
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from configs import common
+from data import dmvr
+from stat_jax import checkpoint, sharding, trainer
+from stat_jax.config_validation import validate
+from stat_jax.train_step import ModelParts
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  config: ml_collections.ConfigDict  # the run's, set up for inference
+  parts: ModelParts
+  params: nnx.State
+  step: int
+  classes: list[str]  # class names, index = label
+
+  @functools.cached_property
+  def apply(self):
+    """Jitted serving_fn: (params, uint8 video) -> (logits, probabilities)."""
+    return jax.jit(serving_fn(self.parts, self.config.data))
+
+  def classify(self, video):
+    """uint8 video [B, T, H, W, 3] -> (logits, probabilities) [B, classes]."""
+    return self.apply(self.params, video)
+
+
+def input_shape(data) -> tuple[int, int, int, int]:
+  """(T, H, W, 3) of one clip; the batch dimension is free."""
+  return (data.num_frames, data.crop_size, data.crop_size, 3)
+
+
+def serving_fn(parts: ModelParts, data):
+  """apply(params, video uint8 [B, T, H, W, 3]) -> (logits, probabilities)."""
+  std = np.asarray(data.std, np.float32)
+  scale = 1.0 / (255.0 * std)  # data.pipeline._normalise: x / 255 - mean, / std
+  offset = -np.asarray(data.mean, np.float32) / std
+
+  def apply(params, video):
+    model = nnx.merge(parts.eval_graph, params, parts.fresh_rngs())
+    logits = model(video.astype(jnp.float32) * scale + offset)
+    logits = logits.astype(jnp.float32)  # [B, classes]
+    return logits, jax.nn.softmax(logits, axis=-1)
+
+  return apply
+
+
+def saved_config(checkpoint_dir: str, step: int) -> ml_collections.ConfigDict:
+  """The config item a run saved beside its train state (checkpoint.py),
+  over today's defaults: keys added since the run was saved take them."""
+  path = os.path.join(checkpoint_dir, str(step), 'config')
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+    saved = reader.restore(path)
+  config = common.base_config(saved['data']['num_frames'],
+                              saved['model']['num_classes'])
+  config.update(saved)  # JSON lists become the defaults' tuples
+  validate(config)
+  return config
+
+
+def restore(workdir: str, which: str = 'latest') -> Restored:
+  """The parameters of checkpoint `which` ('latest', 'best' or a step) of a
+  training run directory, on one device, with the run's config."""
+  directory = trainer.checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'no checkpoints in {directory}: --workdir must be '
+                            'the directory of a training run')
+  ckpt = checkpoint.Checkpointer(directory, 1, read_only=True)
+  step = ckpt.resolve(which)
+  config = saved_config(directory, step)
+  config.dtype = 'float32'
+  config.remat = False
+  config.model.attention_impl = 'xla'  # no cuDNN custom call: runs anywhere
+  config.mesh.data, config.mesh.fsdp = 1, 1
+  mesh = sharding.make_mesh(config, jax.local_devices()[:1])
+  parts, _, abstract, shardings = trainer.abstract_train_state(config, mesh)
+  state = ckpt.restore_state(step, trainer.with_shardings(abstract, shardings))
+  ckpt.close()
+  params = jax.device_put(state.params, jax.local_devices()[0])  # mesh-free
+  return Restored(config, parts, params, step, class_names(config))
+
+
+def _label_map_paths(data):
+  if data.label_map:
+    yield data.label_map
+  for spec in (data.eval_spec, data.train_spec):
+    if spec:
+      try:
+        yield os.path.join(dmvr.spec_directory(spec), 'label_map.txt')
+      except (FileNotFoundError, ValueError):  # shards moved or deleted
+        continue
+
+
+def class_names(config) -> list[str]:
+  """From data.label_map, else label_map.txt beside the eval (or train)
+  shards, else '0' .. 'N-1'."""
+  count = config.model.num_classes
+  for path in _label_map_paths(config.data):
+    if os.path.exists(path):
+      names = dmvr.load_label_map(path)
+      if len(names) != count:
+        raise ValueError(f'{path}: {len(names)} class names, but '
+                         f'model.num_classes = {count}')
+      return names
+  return [str(i) for i in range(count)]
