@@ -37,7 +37,9 @@ def get_config(arg: str = ''):
   m.stage_depths = (1, 1, 2, 1)
   m.stage_dims = (32, 64, 128, 256)
   m.stage_heads = (1, 2, 4, 8)
-  m.kv_stride = 8  # 4x4 tokens -> K/V 1x1 at stage 1; 2x2 -> 1x1 after
+  # No K/V pooling: on a 4x4 token grid MViT's stride-8 pooling would leave
+  # one K/V token that sees only the top-left corner (kernel 3, pad 1).
+  m.kv_stride = 1
   m.sa_pool = 1
   m.drop_path = 0.0
   m.dropout = 0.0

@@ -2,9 +2,14 @@
 
 Twelve classes in six time-reversed pairs (no 'static' class): a clip of class
 2k+1 is literally a clip of class 2k played backwards, so `reverse_class` maps
-each label to its pair and only temporal order separates them. Shapes,
-colours, textures, backgrounds, sizes, speeds and start positions are random;
-every clip is a pure function of (seed, split, index).
+each label to its pair and only temporal order separates them. Shapes, object
+colours and textures, background textures, sizes, speeds and start positions
+are random; every clip is a pure function of (seed, split, index).
+
+Backgrounds are mid-grey under a random texture. A random background colour
+(a per-clip offset of the whole input) stalls learning from scratch: the demo
+STAT stayed at chance for 600 steps with it, and a plain 3D CNN too, while
+with grey backgrounds it passes 85 % val top-1 by step 200.
 
   python -m data.synthetic --out /tmp/motion --train 1000 --val 200
 
@@ -31,6 +36,8 @@ CLASSES = (
     'approach', 'separate',
     'appear', 'disappear',
 )
+# Bumped whenever rendering changes, so prepare() refuses an old cache.
+GENERATOR_VERSION = 2
 _SPLIT_CODES = {'train': 0, 'val': 1}
 _CLIPS_PER_SHARD = 256
 _SHAPES = ('ellipse', 'rectangle', 'triangle')
@@ -45,9 +52,12 @@ def reverse_class(label: int) -> int:
 
 # --------------------------------------------------------------- rendering ---
 
+_BACKGROUND_GREY = 128.0
+
+
 def _background(rng, size):
-  """float32 [size, size, 3]: a colour plus a static gradient/blob texture."""
-  base = rng.uniform(30, 225, 3)
+  """float32 [size, size, 3]: mid-grey plus a static gradient/blob texture."""
+  base = np.full(3, _BACKGROUND_GREY)
   yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
   kind = rng.integers(3)
   if kind == 0:  # linear gradient
@@ -232,7 +242,8 @@ def prepare(data) -> dict:
   if not spec.generate:
     return {}
   params = {'train': spec.train_clips, 'val': spec.val_clips,
-            'frames': spec.frames, 'size': spec.size, 'seed': spec.seed}
+            'frames': spec.frames, 'size': spec.size, 'seed': spec.seed,
+            'generator': GENERATOR_VERSION}
   params_path = os.path.join(spec.dir, 'params.json')
   if not os.path.exists(params_path):
     staging = f'{spec.dir}.tmp{os.getpid()}'

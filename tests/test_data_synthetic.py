@@ -1,6 +1,7 @@
 """The synthetic motion dataset: determinism, reversed pairs, visible motion,
 shards + label map, and the TFDS builder."""
 
+import json
 import os
 
 import numpy as np
@@ -112,3 +113,24 @@ def test_prepare_generates_once_and_fills_the_specs(tmp_path):
   data.synthetic.size = 40
   with pytest.raises(ValueError, match="'size': 32"):
     synthetic.prepare(data)
+
+
+def test_prepare_refuses_a_set_from_an_older_generator(tmp_path):
+  data = data_testlib.tiny_config().data
+  data.synthetic.update(generate=True, dir=str(tmp_path / 'set'),
+                        train_clips=2, val_clips=1, frames=4, size=32)
+  synthetic.prepare(data)
+  params_path = tmp_path / 'set' / 'params.json'
+  params = json.loads(params_path.read_text())
+  params['generator'] = synthetic.GENERATOR_VERSION - 1
+  params_path.write_text(json.dumps(params))
+  with pytest.raises(ValueError, match="'generator': 1"):
+    synthetic.prepare(data)
+
+
+def test_backgrounds_are_grey():
+  """Objects and textures vary; the background has no colour (R = G = B)."""
+  clips = [synthetic.render_clip(label, 0, 'train', i, 4, 32)
+           for i, label in enumerate(range(0, 12, 2))]
+  corners = np.stack([c[:, :3, :3].reshape(-1, 3).mean(0) for c in clips])
+  assert np.all(np.ptp(corners, axis=1) < 4), corners
