@@ -85,7 +85,8 @@ def frame_attention(q, k_ca, v_ca, k_sa, v_sa, window_index, window_valid,
   ])
   logits = jnp.einsum('hqd,hkd->hqk', q, k, preferred_element_type=jnp.float32)
   logits = logits / np.sqrt(head_dim).astype(np.float32)
-  logits = jnp.where(valid, logits, -jnp.inf)
+  # valid at the rank of logits: jax2onnx mis-batches a lower-rank mask.
+  logits = jnp.where(valid[None, None], logits, -jnp.inf)
   # Softmax in float32, normalised after the product with V: one division
   # per output value instead of one per key.
   peak = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))

@@ -93,6 +93,10 @@ class Checkpointer:
     return (restored['state'], data_states[jax.process_index()],
             restored['config'])
 
+  def restore_config(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))['config']
+
   def restore_state(self, step: int, abstract_state):
     return self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))['state']

@@ -24,13 +24,11 @@ renamed to --out when complete: a folder at --out is always a whole export.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
-from unittest import mock
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
@@ -39,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
-from flax import nnx
 from jax.experimental import jax2tf
 from jax2onnx import to_onnx
 
@@ -84,40 +81,11 @@ def write_savedmodel(restored, folder) -> dict:
           'platforms': list(PLATFORMS)}
 
 
-@contextlib.contextmanager
-def _jax2onnx_compatible():
-  """Rewrites two calls that jax2onnx 0.17 converts wrongly into equivalent
-  ones it converts exactly: nnx.max_pool with explicit padding pairs (it
-  treats them as 'VALID') becomes -inf padding + 'VALID', and jnp.where
-  gets operands of equal rank (its vmap rule misaligns a lower-rank mask)."""
-  max_pool, where = nnx.max_pool, jnp.where
-
-  def padded_max_pool(x, *, window_shape, strides=None, padding='VALID'):
-    if not isinstance(padding, str):  # [B, *spatial, C]: pad the spatial dims
-      x = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
-      padding = 'VALID'
-    return max_pool(x, window_shape=window_shape, strides=strides,
-                    padding=padding)
-
-  def same_rank_where(condition, x, y):
-    rank = max(np.ndim(condition), np.ndim(x), np.ndim(y))
-    return where(*(jax.lax.expand_dims(a, tuple(range(rank - np.ndim(a))))
-                   for a in (condition, x, y)))
-
-  with mock.patch.object(nnx, 'max_pool', padded_max_pool), \
-      mock.patch.object(jnp, 'where', same_rank_where):
-    yield
-
-
 def write_onnx(restored, folder) -> dict:
   """Parameters as initializers; 'batch' is a named dynamic dimension."""
   apply = inference.serving_fn(restored.parts, restored.config.data)
 
-  def classify(video):
-    with _jax2onnx_compatible():  # active while jax2onnx traces
-      return apply(restored.params, video)
-
-  to_onnx(classify, [_batch_spec(restored.config.data, 'batch')],
+  to_onnx(lambda video: apply(restored.params, video), [_batch_spec(restored.config.data, 'batch')],
           model_name='stat', opset=ONNX_OPSET, input_names=['video'],
           output_names=['logits', 'probabilities'], return_mode='file',
           output_path=os.path.join(folder, 'model.onnx'))

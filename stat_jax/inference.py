@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from configs import common
@@ -67,12 +66,11 @@ def serving_fn(parts: ModelParts, data):
   return apply
 
 
-def saved_config(checkpoint_dir: str, step: int) -> ml_collections.ConfigDict:
-  """The config item a run saved beside its train state (checkpoint.py),
-  over today's defaults: keys added since the run was saved take them."""
-  path = os.path.join(checkpoint_dir, str(step), 'config')
-  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
-    saved = reader.restore(path)
+def saved_config(ckpt: checkpoint.Checkpointer,
+                 step: int) -> ml_collections.ConfigDict:
+  """The config a run saved with checkpoint `step`, over today's defaults:
+  keys added since the run was saved take them."""
+  saved = ckpt.restore_config(step)
   config = common.base_config(saved['data']['num_frames'],
                               saved['model']['num_classes'])
   config.update(saved)  # JSON lists become the defaults' tuples
@@ -89,7 +87,7 @@ def restore(workdir: str, which: str = 'latest') -> Restored:
                             'the directory of a training run')
   ckpt = checkpoint.Checkpointer(directory, 1, read_only=True)
   step = ckpt.resolve(which)
-  config = saved_config(directory, step)
+  config = saved_config(ckpt, step)
   config.dtype = 'float32'
   config.remat = False
   config.model.attention_impl = 'xla'  # no cuDNN custom call: runs anywhere

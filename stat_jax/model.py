@@ -42,8 +42,8 @@ class TokenEmbedding(nnx.Module):
 
   def __call__(self, video):
     x = video
-    for conv, norm in zip(self.convs[:-1], self.norms):
-      x = jax.nn.gelu(norm(conv(x)))
+    for layer, norm in zip(self.convs[:-1], self.norms):
+      x = jax.nn.gelu(norm(layer(x)))
     return self.convs[-1](x)
 
 
@@ -92,9 +92,13 @@ class STABlock(nnx.Module):
     batch, nt, _, dim = x.shape
     summary, patches = x[:, :, :self.num_summary], x[:, :, self.num_summary:]
     patches = patches.reshape(batch * nt, *grid, dim)
+    # -inf padding + 'VALID' (not padding pairs): the same pool, and one that
+    # jax2onnx converts exactly.
+    patches = jnp.pad(patches, ((0, 0), (1, 1), (1, 1), (0, 0)),
+                      constant_values=-jnp.inf)
     patches = nnx.max_pool(patches, window_shape=(3, 3),
                            strides=(self.q_stride, self.q_stride),
-                           padding=((1, 1), (1, 1)))
+                           padding='VALID')
     patches = patches.reshape(batch, nt, -1, dim)
     return jnp.concatenate([summary, patches], axis=2)
 
