@@ -67,7 +67,8 @@ def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
   m.qkv_bias = True
   # How STA's attention is computed (same numbers, attention.py): 'xla' maps
   # the per-frame attention over frames; 'cudnn' packs the frames for cuDNN
-  # flash attention (GPU, bfloat16/float16); 'auto' takes cudnn where it runs.
+  # flash attention (GPU, bfloat16/float16; not yet timed there); 'auto' is
+  # 'xla', the path measured to train on a GPU (benchmarks/RESULTS.md).
   m.attention_impl = 'auto'
   m.drop_path = 0.2  # stochastic depth, rising linearly over the blocks
   m.dropout = 0.5  # before the classifier

@@ -3,9 +3,17 @@
   python train.py --config=configs/demo.py --workdir=runs/demo
 
 If the dataset is not in data.synthetic.dir it is generated first (about
-half a minute). Classes differ only by motion and come in time-reversed pairs
-(data/synthetic.py), so a high score needs temporal order. Horizontal flip is
-off: left/right and clockwise/counter-clockwise are labels.
+20 seconds). Classes differ only by motion and come in time-reversed pairs
+(data/synthetic.py), so a high score needs temporal order; the final
+evaluation also scores val clips played backwards against the reversed
+class. Horizontal flip is off: left/right and clockwise/counter-clockwise
+are labels.
+
+The recipe (2 cores, ~5 minutes: > 90 % val top-1 and > 90 % on reversed
+clips): 16-frame 32x32 clips read whole (no crop, no RandAugment, no mixup),
+1000 steps of 32 at a peak LR of 2e-4. At 5e-4 (the earlier recipe) the
+loss stayed at ln(12) for all 600 steps in three runs of four; at 1e-4 it
+learned but reached only 87.5 % in 600 steps.
 """
 
 from configs import common
@@ -19,13 +27,13 @@ def get_config(arg: str = ''):
   d.dataset = 'synthetic_motion'
   d.synthetic.generate = True
   d.synthetic.dir = 'cache/synthetic_motion'
-  d.synthetic.train_clips = 2400
+  d.synthetic.train_clips = 4800
   d.synthetic.val_clips = 480
-  d.synthetic.frames = 32
-  d.synthetic.size = 40
+  d.synthetic.frames = 16
+  d.synthetic.size = 32
   d.crop_size = 32
   d.eval_short_side = 32
-  d.area_range = (0.6, 1.0)
+  d.area_range = (1.0, 1.0)
   d.flip = False
   d.randaugment_layers = 0
   d.random_erasing = 0.0
@@ -45,14 +53,14 @@ def get_config(arg: str = ''):
   m.dropout = 0.0
 
   config.batch_size = 32
-  config.total_steps = 600
+  config.total_steps = 1000
   config.train_examples = d.synthetic.train_clips
-  config.optimizer.base_lr = 8e-3  # x 32/512 -> 5e-4 peak
-  config.optimizer.min_lr = 8e-5
+  config.optimizer.base_lr = 3.2e-3  # x 32/512 -> 2e-4 peak
+  config.optimizer.min_lr = 3.2e-5
   config.optimizer.warmup_epochs = 1.0
   config.mixup.mixup_alpha = 0.0
   config.mixup.cutmix_alpha = 0.0
   config.log_every = 50
-  config.eval_every = 300
-  config.checkpoint_every = 300
+  config.eval_every = 500
+  config.checkpoint_every = 500
   return config

@@ -50,6 +50,16 @@ def reverse_class(label: int) -> int:
   return label ^ 1
 
 
+def time_reversed(batch: dict) -> dict:
+  """An eval batch (data/pipeline.py) played backwards: 'video' [b, T, ...]
+  reversed along T and each real row's label mapped through reverse_class;
+  padding rows (label -1) keep theirs."""
+  labels = [reverse_class(label) if label >= 0 else label
+            for label in batch['label'].tolist()]
+  return dict(batch, video=batch['video'][:, ::-1],
+              label=np.array(labels, batch['label'].dtype))
+
+
 # --------------------------------------------------------------- rendering ---
 
 _BACKGROUND_GREY = 128.0

@@ -96,14 +96,15 @@ def frame_attention(q, k_ca, v_ca, k_sa, v_sa, window_index, window_valid,
   return (out / weights.sum(axis=-1, keepdims=True)).astype(v.dtype)
 
 
-def resolve_attention_impl(impl: str, dtype, head_dim: int) -> str:
-  """'xla' or 'cudnn' for ATTENTION_IMPLS `impl` at this compute dtype."""
-  if impl != 'auto':
-    return impl
-  cudnn_runs = (jax.default_backend() == 'gpu'
-                and jnp.dtype(dtype).name in CUDNN_DTYPES
-                and head_dim % 8 == 0 and head_dim <= 128)
-  return 'cudnn' if cudnn_runs else 'xla'
+def resolve_attention_impl(impl: str) -> str:
+  """'xla' or 'cudnn' for ATTENTION_IMPLS `impl`.
+
+  'auto' is 'xla': the one path measured to train on a GPU
+  (benchmarks/RESULTS.md). cuDNN refused STAT's odd sequence lengths in the
+  backward pass (Q 785, KV 89); `pad_to_even` now evens them, but that path
+  has not been timed on a GPU yet, so it stays opt-in ('cudnn').
+  """
+  return 'xla' if impl == 'auto' else impl
 
 
 def packed_attention(q, k_cur, v_cur, k_sa, v_sa, window_index, window_valid,
@@ -130,10 +131,21 @@ def packed_attention(q, k_cur, v_cur, k_sa, v_sa, window_index, window_valid,
              + k_sa.shape[3] * window_valid.sum(axis=1))  # [nt]
   query = jnp.swapaxes(q, 2, 3).reshape(batch * nt, nq, heads, head_dim)
   out = jax.nn.dot_product_attention(
-      query, keys(k_cur, k_sa, k_la), keys(v_cur, v_sa, v_la),
+      pad_to_even(query), pad_to_even(keys(k_cur, k_sa, k_la)),
+      pad_to_even(keys(v_cur, v_sa, v_la)),
       key_value_seq_lengths=jnp.tile(jnp.asarray(lengths, jnp.int32), batch),
-      implementation=implementation)  # [B * nt, nq, h, d]
+      implementation=implementation)[:, :nq]  # [B * nt, nq, h, d]
   return jnp.swapaxes(out.reshape(batch, nt, nq, heads, head_dim), 2, 3)
+
+
+def pad_to_even(x):
+  """[N, S, h, d] -> [N, S rounded up to even, h, d], zero rows appended.
+
+  cuDNN's flash attention has no backward pass for odd query or key lengths
+  under a padding mask; the extra key is beyond every key length (masked)
+  and the extra query row is sliced off the output.
+  """
+  return jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))
 
 
 def shrinking_temporal_attention(q, k, v, k_sa, v_sa, *, attention: str,
@@ -222,10 +234,12 @@ def short_term_pool(x, grid, size: int):
   x: [B, nt, h, nh*nw, d] -> [B, nt, h, ňh*ňw, d].
   """
   batch, nt, heads, _, head_dim = x.shape
-  x = x.reshape(batch * nt * heads, *grid, head_dim)
-  x = nnx.avg_pool(x, window_shape=(size, size), strides=(size, size),
-                   padding='SAME', count_include_pad=False)
-  return x.reshape(batch, nt, heads, -1, head_dim)
+  pooled = nnx.avg_pool(x.reshape(batch * nt * heads, *grid, head_dim),
+                        window_shape=(size, size), strides=(size, size),
+                        padding='SAME', count_include_pad=False)
+  # The pad-aware divisor is float32: cast back, or bf16 attention would run
+  # on float32 keys (and cuDNN refuses mixed dtypes).
+  return pooled.reshape(batch, nt, heads, -1, head_dim).astype(x.dtype)
 
 
 class ShrinkingTemporalAttention(nnx.Module):
@@ -237,7 +251,7 @@ class ShrinkingTemporalAttention(nnx.Module):
                attention_impl: str = 'xla'):
     head_dim = dim // heads
     self.heads, self.attention, self.window = heads, attention, window
-    self.impl = resolve_attention_impl(attention_impl, dtype, head_dim)
+    self.impl = resolve_attention_impl(attention_impl)
     self.num_summary, self.sa_pool = num_summary, sa_pool
     # Fq, Fk, Fv of equation (1), fused into one C -> 3C projection.
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype,

@@ -16,6 +16,8 @@ import numpy as np
 
 TOP_K = 5  # top-5 accuracy; top-min(5, K) when there are fewer classes
 NUM_WORST = 5  # classes listed by format_summary
+# Result keys written to TensorBoard as val_<key>.
+EVAL_SCALARS = ('top1', 'top5', 'time_reversed_top1')
 
 
 class ViewAccumulator:
@@ -158,9 +160,21 @@ def write_report(result: dict, path: str, class_names=None) -> str:
   return predictions_path
 
 
+def format_accuracy(result: dict) -> str:
+  """One line: top-1 / top-5 with the counts, and the time-reversal score
+  when the result has one (trainer.evaluate on the synthetic set)."""
+  text = (f'top-1 {100 * result["top1"]:.2f}%  '
+          f'top-5 {100 * result["top5"]:.2f}%  '
+          f'({result["num_videos"]} videos, {result["num_views"]} views)')
+  if 'time_reversed_top1' in result:
+    text += (f'  time-reversed clips given the reversed class '
+             f'{100 * result["time_reversed_top1"]:.2f}%')
+  return text
+
+
 def format_summary(result: dict, class_names=None) -> str:
-  """Two lines: top-1 / top-5 with the counts, then the NUM_WORST classes
-  of lowest top-1 (ties: lower class index first)."""
+  """Two lines: format_accuracy, then the NUM_WORST classes of lowest
+  top-1 (ties: lower class index first)."""
   worst = sorted(result['per_class'].items(),
                  key=lambda item: (item[1], item[0]))[:NUM_WORST]
   names = [str(c) if class_names is None else f'{c} {class_names[c]}'
@@ -168,7 +182,4 @@ def format_summary(result: dict, class_names=None) -> str:
   worst_text = ', '.join(
       f'{name} {100 * acc:.1f}% of {result["per_class_videos"][c]}'
       for name, (c, acc) in zip(names, worst))
-  return (f'top-1 {100 * result["top1"]:.2f}%  '
-          f'top-5 {100 * result["top5"]:.2f}%  '
-          f'({result["num_videos"]} videos, {result["num_views"]} views)\n'
-          f'worst classes: {worst_text}')
+  return f'{format_accuracy(result)}\nworst classes: {worst_text}'

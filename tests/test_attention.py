@@ -32,11 +32,12 @@ def test_window_table_hand_worked():
                             if j != i and 0 <= j < nt}  # never wrapped
 
 
-def make_sta(attention, window, q_stride, num_summary, seed=0, impl='xla'):
+def make_sta(attention, window, q_stride, num_summary, seed=0, impl='xla',
+             dtype=jnp.float32):
   return ShrinkingTemporalAttention(
       DIM, HEADS, q_stride=q_stride, kv_stride=2, attention=attention,
       window=window, num_summary=num_summary, pool_kernel=3, sa_pool=2,
-      qkv_bias=True, dtype=jnp.float32, rngs=nnx.Rngs(seed),
+      qkv_bias=True, dtype=dtype, rngs=nnx.Rngs(seed),
       attention_impl=impl)
 
 
@@ -145,15 +146,35 @@ def test_sta_matches_naive_reference(attention, window, q_stride, num_summary,
   assert cudnn_on_cpu == (['cudnn'] if impl == 'cudnn' else [])
 
 
-def test_auto_takes_cudnn_only_where_it_runs(monkeypatch):
+@pytest.mark.parametrize('impl', ['xla', 'cudnn'])
+def test_bfloat16_attention_keeps_every_key_in_bfloat16(impl, monkeypatch):
+  """All of Q, K_CA, K_SA, K_LA in the compute dtype (cuDNN refuses mixed
+  dtypes, and one float32 part would promote the whole attention), and
+  cuDNN gets even query and key lengths (it has no backward pass for odd
+  ones under a padding mask; here 1 + 4*4 = 17 queries)."""
+  seen = []
+  original = jax.nn.dot_product_attention
+
+  def recorded(query, key, value, *, implementation=None, **kwargs):
+    seen.append((query.dtype, key.dtype, value.dtype,
+                 query.shape[1] % 2, key.shape[1] % 2))
+    return original(query, key, value, implementation='xla', **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', recorded)
+  sta = make_sta('ca+sa+la', 3, 1, 1, impl=impl, dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(1), (2, NT, 1 + GRID[0] * GRID[1], DIM))
+  got, _ = sta(x.astype(jnp.bfloat16), GRID)
+  assert got.dtype == jnp.bfloat16
+  assert seen == ([(jnp.bfloat16,) * 3 + (0, 0)] if impl == 'cudnn' else [])
+  np.testing.assert_allclose(got.astype(np.float32),
+                             naive_sta(sta, x, GRID, 1), atol=0.1)
+
+
+def test_auto_is_the_measured_xla_path(monkeypatch):
   resolve = sta_lib.resolve_attention_impl
-  assert resolve('auto', jnp.bfloat16, 96) == 'xla'  # this CPU
-  assert resolve('xla', jnp.bfloat16, 96) == 'xla'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert resolve('auto', jnp.bfloat16, 96) == 'cudnn'
-  assert resolve('auto', jnp.float32, 96) == 'xla'  # cuDNN: 16-bit only
-  assert resolve('auto', jnp.bfloat16, 100) == 'xla'  # head width % 8
-  assert resolve('auto', jnp.float16, 256) == 'xla'  # head width <= 128
+  assert resolve('auto') == 'xla'
+  assert resolve('cudnn') == 'cudnn' and resolve('xla') == 'xla'
 
 
 def frames_changed(sta, x, frame, token_slice):

@@ -1,7 +1,6 @@
 """stat_jax.predict on video files encoded here with PyAV."""
 
 import json
-import os
 
 import av
 import numpy as np
