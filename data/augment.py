@@ -11,7 +11,8 @@ geometric and signed ops taking a random sign. Ops, all over tf / tf.image:
 AutoContrast, Equalize, Invert, Rotate (30 deg at m=10), Posterize (4 - 4m/10
 bits kept), Solarize (threshold 256 - 25.6m), SolarizeAdd (+11m below 128),
 Color / Contrast / Brightness / Sharpness (factor 1 +- 0.09m), ShearX /
-ShearY (0.03m), TranslateX / TranslateY (4.5m % of the side). AutoContrast and
+ShearY (0.03m), TranslateX / TranslateY (4.5m % of the side, rounded to
+whole pixels). AutoContrast and
 Equalize use statistics of the whole clip, not of each frame.
 """
 
@@ -97,6 +98,19 @@ def _affine(clip, transform):
       fill_mode='CONSTANT')
 
 
+def _translate(clip, pixels, axis):
+  """Shift the content by round(pixels) along axis (1 = y, 2 = x; positive:
+  towards 0), grey fill: output[i] = input[i + shift], as `_affine` with
+  offset `pixels`, at whole pixels (pad + slice, 4x faster than the warp)."""
+  size = tf.shape(clip)[axis]
+  shift = tf.clip_by_value(tf.cast(tf.round(pixels), tf.int32), -size, size)
+  pad = tf.abs(shift)
+  axis_row = tf.one_hot(axis, 4, dtype=tf.int32)  # [4]
+  padded = tf.pad(clip, axis_row[:, None] * tf.stack([pad, pad]),
+                  constant_values=_FILL)
+  return tf.slice(padded, axis_row * (pad + shift), tf.shape(clip))
+
+
 def _rotate(clip, degrees):
   shape = tf.cast(tf.shape(clip)[1:3], tf.float32)
   cy, cx = (shape[0] - 1) / 2, (shape[1] - 1) / 2
@@ -120,12 +134,21 @@ def _equalize(clip):
   return tf.reshape(out, tf.shape(clip))
 
 
+def _channel_extreme(reduce, clip):
+  """Per-channel reduce_min / reduce_max over [T, H, W] -> [3], as rows of
+  W*3 values first: 3x faster than reducing the three leading axes."""
+  rows = reduce(tf.reshape(clip, [-1, tf.shape(clip)[2] * 3]), 0)  # [W*3]
+  return reduce(tf.reshape(rows, [-1, 3]), 0)
+
+
 def _autocontrast(clip):
-  low = tf.reduce_min(clip, [0, 1, 2])
-  high = tf.reduce_max(clip, [0, 1, 2])
-  scale = tf.where(high > low, 255. / tf.maximum(high - low, 1e-3), 1.)
-  return tf.clip_by_value(tf.where(high > low, (clip - low) * scale, clip),
-                          0., 255.)
+  """Stretch each channel's clip-wide [min, max] to [0, 255]."""
+  low = _channel_extreme(tf.reduce_min, clip)
+  high = _channel_extreme(tf.reduce_max, clip)
+  spread = high > low
+  scale = tf.where(spread, 255. / tf.maximum(high - low, 1e-3), 1.)
+  offset = tf.where(spread, -low * scale, 0.)
+  return tf.clip_by_value(clip * scale + offset, 0., 255.)
 
 
 def _sharpness(clip, factor):
@@ -164,8 +187,8 @@ def rand_augment_ops(clip, level, sign):
       lambda: _sharpness(clip, factor),
       lambda: _affine(clip, tf.stack([1., shear, 0., 0., 1., 0.])),
       lambda: _affine(clip, tf.stack([1., 0., 0., shear, 1., 0.])),
-      lambda: _affine(clip, tf.stack([1., 0., shift * shape[1], 0., 1., 0.])),
-      lambda: _affine(clip, tf.stack([1., 0., 0., 0., 1., shift * shape[0]])),
+      lambda: _translate(clip, shift * shape[1], axis=2),
+      lambda: _translate(clip, shift * shape[0], axis=1),
   ]
 
 

@@ -81,3 +81,38 @@ def test_crop_window_inside_image():
         (3 / 4, 4 / 3)).numpy()
     assert 0 <= y and y + h <= 40 and 0 <= x and x + w <= 60
     assert 0.08 * 2400 * 0.8 <= h * w
+
+
+@pytest.mark.parametrize('pixels,axis', [(3.0, 2), (-5.0, 2), (4.0, 1),
+                                         (-2.0, 1), (2.6, 2)])
+def test_translate_equals_the_warp_at_whole_pixels(pixels, axis):
+  clip = _static_clip(frames=2, size=12)
+  offset = [1., 0., 0., 0., 1., 0.]  # identity + the whole-pixel shift
+  offset[2 if axis == 2 else 5] = float(np.round(pixels))
+  warped = augment._affine(clip, tf.constant(offset))
+  np.testing.assert_allclose(augment._translate(clip, pixels, axis), warped,
+                             atol=1e-3)
+  shifted = np.asarray(augment._translate(clip, pixels, axis))
+  assert (shifted == augment._FILL).any()  # the uncovered edge is grey
+
+
+def test_autocontrast_matches_pil_and_stretches_each_channel():
+  pil_ops = pytest.importorskip('PIL.ImageOps')
+  pil_image = pytest.importorskip('PIL.Image')
+  rng = np.random.default_rng(3)
+  image = rng.integers([20, 0, 90], [200, 256, 150], (16, 16, 3)).astype(np.uint8)
+  out = augment._autocontrast(tf.constant(image[None], tf.float32)).numpy()[0]
+  reference = np.asarray(pil_ops.autocontrast(pil_image.fromarray(image)))
+  np.testing.assert_allclose(out, reference, atol=1.0)  # PIL truncates
+  np.testing.assert_allclose(out.min((0, 1)), 0, atol=1e-3)
+  np.testing.assert_allclose(out.max((0, 1)), 255, atol=1e-3)
+
+
+def test_channel_extremes_over_the_whole_clip():
+  clip = np.random.default_rng(1).uniform(0, 255, (3, 5, 7, 3)).astype(np.float32)
+  np.testing.assert_array_equal(
+      augment._channel_extreme(tf.reduce_min, tf.constant(clip)),
+      clip.min((0, 1, 2)))
+  np.testing.assert_array_equal(
+      augment._channel_extreme(tf.reduce_max, tf.constant(clip)),
+      clip.max((0, 1, 2)))
