@@ -100,6 +100,31 @@ def _label_table(data, spec):
       tf.lookup.KeyValueTensorInitializer(names, tf.range(len(names))), -1)
 
 
+def _label_map_paths(data):
+  if data.label_map:
+    yield data.label_map
+  for spec in (data.eval_spec, data.train_spec):
+    if spec:
+      try:
+        yield os.path.join(dmvr.spec_directory(spec), 'label_map.txt')
+      except (FileNotFoundError, ValueError):  # shards moved or deleted
+        continue
+
+
+def class_names(config) -> list[str]:
+  """From data.label_map, else label_map.txt beside the eval (or train)
+  shards, else '0' .. 'N-1'."""
+  count = config.model.num_classes
+  for path in _label_map_paths(config.data):
+    if os.path.exists(path):
+      names = dmvr.load_label_map(path)
+      if len(names) != count:
+        raise ValueError(f'{path}: {len(names)} class names, but '
+                         f'model.num_classes = {count}')
+      return names
+  return [str(i) for i in range(count)]
+
+
 def _label(parsed, table, num_classes):
   """int32 label: the first clip/label/index, else the label map entry of the
   first text label; a record with neither (or out of range) fails."""

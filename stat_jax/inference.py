@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from configs import common
-from data import dmvr
+from data import pipeline
 from stat_jax import checkpoint, sharding, trainer
 from stat_jax.config_validation import validate
 from stat_jax.train_step import ModelParts
@@ -97,29 +97,4 @@ def restore(workdir: str, which: str = 'latest') -> Restored:
   state = ckpt.restore_state(step, trainer.with_shardings(abstract, shardings))
   ckpt.close()
   params = jax.device_put(state.params, jax.local_devices()[0])  # mesh-free
-  return Restored(config, parts, params, step, class_names(config))
-
-
-def _label_map_paths(data):
-  if data.label_map:
-    yield data.label_map
-  for spec in (data.eval_spec, data.train_spec):
-    if spec:
-      try:
-        yield os.path.join(dmvr.spec_directory(spec), 'label_map.txt')
-      except (FileNotFoundError, ValueError):  # shards moved or deleted
-        continue
-
-
-def class_names(config) -> list[str]:
-  """From data.label_map, else label_map.txt beside the eval (or train)
-  shards, else '0' .. 'N-1'."""
-  count = config.model.num_classes
-  for path in _label_map_paths(config.data):
-    if os.path.exists(path):
-      names = dmvr.load_label_map(path)
-      if len(names) != count:
-        raise ValueError(f'{path}: {len(names)} class names, but '
-                         f'model.num_classes = {count}')
-      return names
-  return [str(i) for i in range(count)]
+  return Restored(config, parts, params, step, pipeline.class_names(config))

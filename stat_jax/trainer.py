@@ -159,7 +159,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt.close()
   writer.flush()
   if last_eval is not None and jax.process_index() == 0:
-    write_report(last_eval, os.path.join(workdir, 'eval_report.json'))
+    write_report(last_eval, os.path.join(workdir, 'eval_report.json'),
+                 pipeline.class_names(config))
   log(f'TensorBoard logs: {os.path.join(workdir, "tensorboard")}')
   log(f'Checkpoints: {ckpt.directory} (latest step {last_step})')
   return {'losses': losses, 'eval': last_eval, 'state': state}
@@ -250,7 +251,8 @@ def evaluate_checkpoint(config, workdir: str, which: str = 'latest') -> dict:
   result['checkpoint_step'] = step
   if jax.process_index() == 0:
     path = os.path.join(workdir, f'eval_step{step}.json')
-    write_report(result, path)
-    log(format_summary(result))
+    names = pipeline.class_names(config)
+    write_report(result, path, names)
+    log(format_summary(result, names))
     log(f'Report: {path}')
   return result
