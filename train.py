@@ -7,9 +7,13 @@ Multi-process (one process per host or GPU): run the same command in every
 process; see stat_jax/distributed.py and the README's "Scale-out" (flags
 --coordinator_address, --num_processes, --process_id; locally
 `python -m stat_jax.launch --num_processes 2 -- train.py ...`).
+
+SIGTERM (a pre-emption) ends the run after the current step with a
+checkpoint, exit status 143; the same command resumes it.
 """
 
 import os
+import signal
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
@@ -31,11 +35,12 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax and clu are chatty at INFO
   try:
     distributed.initialize_from_flags()
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (trainer.NonFiniteLoss, ValueError, FileNotFoundError) as error:
     print(f'train.py: {error}', file=sys.stderr)
     return 1
-  return 0
+  # Pre-empted: saved, but not finished (the shell's code for SIGTERM).
+  return 128 + signal.SIGTERM if result['preempted'] else 0
 
 
 if __name__ == '__main__':

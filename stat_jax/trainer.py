@@ -22,6 +22,7 @@ from stat_jax.config_validation import validate
 from stat_jax.evaluation import (EVAL_SCALARS, ViewAccumulator, format_accuracy,
                                  format_summary, write_report)
 from stat_jax.flops import model_macs
+from stat_jax.preemption import watch as watch_preemption
 from stat_jax.train_step import (ModelParts, init_train_state, make_eval_step,
                                  make_train_step)
 from stat_jax.transfer import load_pretrained
@@ -124,35 +125,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       f'{mesh.size} device(s) in {jax.process_count()} process(es) '
       f'(mesh {dict(mesh.shape)}).')
   last_step = min(total_steps, stop_after or total_steps)
-  for step in range(start + 1, last_step + 1):
-    batch = sharding.global_batch(next(train_data), mesh)
-    state, step_metrics = train_step(state, batch)
-    pending.append((step, step_metrics))
-    is_last = step == total_steps
-    evaluate_now = is_last or step % config.eval_every == 0
-    save_now = (evaluate_now or step == last_step
-                or step % config.checkpoint_every == 0)
-    if save_now or step % config.log_every == 0:
-      flushed = flush_losses(pending, ckpt, loss_log)
-      losses.update(flushed)
-      pending = []
-      rates = progress.report(step)
-      lr = float(schedule(step - 1))
-      writer.write_scalars(step, {
-          'train_loss': np.mean(list(flushed.values())), 'learning_rate': lr,
-          'grad_norm': float(step_metrics['grad_norm']),
-          'clips_per_s': rates['clips_per_s']})
-      log(progress.line(step, flushed[step], lr, rates))
-    if evaluate_now and data.eval_spec:
-      last_eval = evaluate(config, eval_step, state.params, mesh)
-      writer.write_scalars(step, {f'val_{key}': value
-                                  for key, value in last_eval.items()
-                                  if key in EVAL_SCALARS})
-      log(f'step {step} | val {format_accuracy(last_eval)}')
-    if save_now:
-      ckpt.save(step, state, train_data.get_state(), config,
-                metrics=({checkpoint.BEST_METRIC: last_eval['top1']}
-                         if evaluate_now and last_eval else None))
+  step = start
+  with watch_preemption() as preemption:
+    for step in range(start + 1, last_step + 1):
+      batch = sharding.global_batch(next(train_data), mesh)
+      state, step_metrics = train_step(state, batch)
+      pending.append((step, step_metrics))
+      is_last = step == total_steps
+      evaluate_now = is_last or step % config.eval_every == 0
+      stopping = step == last_step or preemption.reached(step)
+      save_now = (evaluate_now or stopping
+                  or step % config.checkpoint_every == 0)
+      if save_now or step % config.log_every == 0:
+        flushed = flush_losses(pending, ckpt, loss_log)
+        losses.update(flushed)
+        pending = []
+        rates = progress.report(step)
+        lr = float(schedule(step - 1))
+        writer.write_scalars(step, {
+            'train_loss': np.mean(list(flushed.values())), 'learning_rate': lr,
+            'grad_norm': float(step_metrics['grad_norm']),
+            'clips_per_s': rates['clips_per_s']})
+        log(progress.line(step, flushed[step], lr, rates))
+      if evaluate_now and data.eval_spec:
+        last_eval = evaluate(config, eval_step, state.params, mesh)
+        writer.write_scalars(step, {f'val_{key}': value
+                                    for key, value in last_eval.items()
+                                    if key in EVAL_SCALARS})
+        log(f'step {step} | val {format_accuracy(last_eval)}')
+      if save_now:
+        ckpt.save(step, state, train_data.get_state(), config,
+                  metrics=({checkpoint.BEST_METRIC: last_eval['top1']}
+                           if evaluate_now and last_eval else None))
+      if stopping:
+        break
 
   # ------------------------------------------------------------ finish ---
   ckpt.wait()
@@ -162,8 +168,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     write_report(last_eval, os.path.join(workdir, 'eval_report.json'),
                  pipeline.class_names(config))
   log(f'TensorBoard logs: {os.path.join(workdir, "tensorboard")}')
-  log(f'Checkpoints: {ckpt.directory} (latest step {last_step})')
-  return {'losses': losses, 'eval': last_eval, 'state': state}
+  preempted = step < last_step
+  if preempted:
+    log(f'Pre-empted (SIGTERM) after step {step}: checkpoint saved; run the '
+        'same command again to resume.')
+  log(f'Checkpoints: {ckpt.directory} (latest step {step})')
+  return {'losses': losses, 'eval': last_eval, 'state': state,
+          'preempted': preempted}
 
 
 def flush_losses(pending, ckpt, path) -> dict:

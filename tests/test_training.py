@@ -109,27 +109,58 @@ def test_exact_resume_after_a_stop(motion, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def train_command(motion, workdir, total_steps):
+  """train.py on the tiny config and the motion set, logging every step."""
+  return [sys.executable, 'train.py', '--config=configs/tiny.py',
+          f'--workdir={workdir}', f'--config.total_steps={total_steps}',
+          '--config.checkpoint_every=3', '--config.eval_every=1000',
+          '--config.log_every=1',
+          f'--config.model.num_classes={len(synthetic.CLASSES)}',
+          f'--config.data.train_spec={motion["train"]}',
+          f'--config.data.eval_spec={motion["val"]}',
+          f'--config.data.label_map={motion["label_map"]}',
+          '--config.data.eval_batch_size=4']
+
+
+def wait_for(condition, process, seconds=120):
+  deadline = time.time() + seconds
+  while not condition():
+    assert time.time() < deadline and process.poll() is None
+    time.sleep(0.05)
+
+
 def test_sigkill_then_rerun_gives_the_same_losses(motion, tmp_path):
   config = run_config(motion)
   reference = trainer.train_and_evaluate(config, str(tmp_path / 'reference'))
   workdir = str(tmp_path / 'killed')
-  command = [sys.executable, 'train.py', '--config=configs/tiny.py',
-             f'--workdir={workdir}', '--config.total_steps=6',
-             '--config.checkpoint_every=3', '--config.eval_every=1000',
-             '--config.log_every=1',
-             f'--config.model.num_classes={len(synthetic.CLASSES)}',
-             f'--config.data.train_spec={motion["train"]}',
-             f'--config.data.eval_spec={motion["val"]}',
-             f'--config.data.label_map={motion["label_map"]}',
-             '--config.data.eval_batch_size=4']
+  command = train_command(motion, workdir, total_steps=6)
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-  deadline = time.time() + 120
-  while not os.path.isdir(os.path.join(workdir, 'checkpoints', '3')):
-    assert time.time() < deadline and process.poll() is None
-    time.sleep(0.05)
+  wait_for(lambda: os.path.isdir(os.path.join(workdir, 'checkpoints', '3')),
+           process)
   process.send_signal(signal.SIGKILL)
   process.wait()
+  subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+  assert read_loss_log(workdir) == reference['losses']
+
+
+def test_sigterm_saves_the_current_step_and_a_rerun_resumes(motion, tmp_path):
+  config = run_config(motion, total_steps=16)
+  reference = trainer.train_and_evaluate(config, str(tmp_path / 'reference'))
+  workdir = str(tmp_path / 'preempted')
+  command = train_command(motion, workdir, total_steps=16)
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  log = os.path.join(workdir, 'train_log.jsonl')
+  wait_for(lambda: os.path.exists(log), process)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 128 + signal.SIGTERM, output
+  stopped = max(read_loss_log(workdir))
+  assert stopped < 16 and 'Pre-empted (SIGTERM) after step' in output
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
+                 if d.isdigit())
+  assert saved[-1] == stopped  # saved where it stopped, not at a multiple of 3
   subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
   assert read_loss_log(workdir) == reference['losses']
 
