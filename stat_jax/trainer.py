@@ -61,8 +61,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Train (resuming from workdir's latest checkpoint if any), evaluate.
 
   `stop_after` ends the run after that step with a checkpoint, as a
-  pre-emption would (tests). Returns {'losses': {step: loss}, 'eval': the
-  last evaluation result or None, 'state': the final train state}.
+  pre-emption would (tests); a SIGTERM ends it after the current step, with
+  a checkpoint (stat_jax/preemption.py). Returns {'losses': {step: loss},
+  'eval': the last evaluation result or None, 'state': the final train
+  state, 'preempted': whether a SIGTERM stopped it before its last step}.
   """
   # ------------------------------------------------------------- setup ---
   validate(config)
