@@ -212,20 +212,10 @@ def report_memory(compiled, seconds: float) -> None:
 
 def evaluate(config, eval_step, params, mesh) -> dict:
   """Multi-view evaluation of every eval video exactly once. On the
-  synthetic motion set the result also holds 'time_reversed_top1': how often
-  a val clip played backwards gets the reversed class (temporal order used).
-  """
-  result = evaluate_views(config, eval_step, params, mesh)
-  if config.data.dataset == 'synthetic_motion':
-    result['time_reversed_top1'] = evaluate_views(
-        config, eval_step, params, mesh, time_reversed=True)['top1']
-  return result
-
-
-def evaluate_views(config, eval_step, params, mesh, *,
-                   time_reversed: bool = False) -> dict:
-  """The accuracy of the view-averaged softmax (synthetic.time_reversed
-  batches when `time_reversed`).
+  synthetic motion set each batch is also played backwards in the same pass
+  (synthetic.time_reversed), and the result holds 'time_reversed_top1': how
+  often a val clip played backwards gets the reversed class (temporal order
+  used).
 
   Each process reads its part of the videos; every batch row (probabilities
   with its video id, label and mask) is gathered to every process, so each
@@ -234,21 +224,31 @@ def evaluate_views(config, eval_step, params, mesh, *,
   views = pipeline.make_eval_iterator(
       config, process_index=jax.process_index(),
       process_count=jax.process_count())
-  accumulator = ViewAccumulator(config.model.num_classes)
+  forward = ViewAccumulator(config.model.num_classes)
+  backward = (ViewAccumulator(config.model.num_classes)
+              if config.data.dataset == 'synthetic_motion' else None)
   for batch in views:
-    if time_reversed:
-      batch = synthetic.time_reversed(batch)
-    rows = sharding.global_batch(
-        {key: batch[key] for key in ('video', 'video_id', 'label', 'mask')},
-        mesh)
-    rows['probs'] = eval_step(params, rows.pop('video'))
-    rows = multihost_utils.process_allgather(rows, tiled=True)
-    accumulator.add(rows['probs'], rows['video_id'], rows['label'],
-                    rows['mask'])
-  result = accumulator.result()
+    add_views(forward, batch, eval_step, params, mesh)
+    if backward is not None:
+      add_views(backward, synthetic.time_reversed(batch), eval_step, params,
+                mesh)
+  result = forward.result()
+  if backward is not None:
+    result['time_reversed_top1'] = backward.result()['top1']
   result['skipped'] = int(
       multihost_utils.process_allgather(np.int64(views.num_skipped)).sum())
   return result
+
+
+def add_views(accumulator, batch, eval_step, params, mesh) -> None:
+  """The softmax of one eval batch's views, with their video ids, labels and
+  masks gathered from every process, into `accumulator`."""
+  rows = sharding.global_batch(
+      {key: batch[key] for key in ('video', 'video_id', 'label', 'mask')},
+      mesh)
+  rows['probs'] = eval_step(params, rows.pop('video'))
+  rows = multihost_utils.process_allgather(rows, tiled=True)
+  accumulator.add(rows['probs'], rows['video_id'], rows['label'], rows['mask'])
 
 
 def evaluate_checkpoint(config, workdir: str, which: str = 'latest') -> dict:
