@@ -70,6 +70,10 @@ def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
   # flash attention (GPU, bfloat16/float16; not yet timed there); 'auto' is
   # 'xla', the path measured to train on a GPU (benchmarks/RESULTS.md).
   m.attention_impl = 'auto'
+  # How the convolutions are computed (same numbers, stat_jax/conv.py): 'cpu'
+  # rewrites them into forms XLA:CPU runs fast, 'xla' leaves them to XLA
+  # (cuDNN on a GPU); 'auto' is 'cpu' on the CPU backend, else 'xla'.
+  m.conv_impl = 'auto'
   m.drop_path = 0.2  # stochastic depth, rising linearly over the blocks
   m.dropout = 0.5  # before the classifier
   return m

@@ -24,6 +24,8 @@ outside the clip moved to its end and cut off by a per-frame key length) for
 depend on the order of the keys, so both compute equations (7)-(8).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,14 +203,14 @@ class Pool(nnx.Module):
   tokens are not pooled but are normalised with the pooled tokens.
   """
 
-  def __init__(self, head_dim: int, kernel: int, stride: int, *, dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, head_dim: int, kernel: int, stride: int, *,
+               conv_impl: str, dtype, rngs: nnx.Rngs):
     self.stride = stride
     self.conv = nnx.Conv(
         head_dim, head_dim, (kernel, kernel), (stride, stride),
         padding=[(kernel // 2, kernel // 2)] * 2, feature_group_count=head_dim,
         use_bias=False, dtype=dtype,
-        conv_general_dilated=conv.conv_general_dilated, rngs=rngs)
+        conv_general_dilated=conv.conv_function(conv_impl), rngs=rngs)
     self.norm = nnx.LayerNorm(head_dim, dtype=dtype, rngs=rngs)
 
   def output_grid(self, grid):
@@ -248,7 +250,7 @@ class ShrinkingTemporalAttention(nnx.Module):
   def __init__(self, dim: int, heads: int, *, q_stride: int, kv_stride: int,
                attention: str, window: int, num_summary: int, pool_kernel: int,
                sa_pool: int, qkv_bias: bool, dtype, rngs: nnx.Rngs,
-               attention_impl: str = 'xla'):
+               attention_impl: str = 'xla', conv_impl: str = 'auto'):
     head_dim = dim // heads
     self.heads, self.attention, self.window = heads, attention, window
     self.impl = resolve_attention_impl(attention_impl)
@@ -258,10 +260,11 @@ class ShrinkingTemporalAttention(nnx.Module):
                           kernel_init=dense_init, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, dtype=dtype, kernel_init=dense_init,
                            rngs=rngs)
-    self.pool_q = (Pool(head_dim, pool_kernel, q_stride, dtype=dtype, rngs=rngs)
-                   if q_stride > 1 else None)
-    self.pool_k = Pool(head_dim, pool_kernel, kv_stride, dtype=dtype, rngs=rngs)
-    self.pool_v = Pool(head_dim, pool_kernel, kv_stride, dtype=dtype, rngs=rngs)
+    pool = functools.partial(Pool, head_dim, pool_kernel, conv_impl=conv_impl,
+                             dtype=dtype, rngs=rngs)
+    self.pool_q = pool(q_stride) if q_stride > 1 else None
+    self.pool_k = pool(kv_stride)
+    self.pool_v = pool(kv_stride)
 
   def output_grid(self, grid):
     """The token grid of the output: Q's, pooled at a stage transition."""

@@ -11,7 +11,7 @@ import difflib
 import ml_collections
 
 from configs import common
-from stat_jax import arch
+from stat_jax import arch, conv
 from stat_jax.attention import (ATTENTION_IMPLS, ATTENTION_SETS, CUDNN_DTYPES,
                                 SPATIAL_SUMMARIES)
 
@@ -78,6 +78,8 @@ def check_model(config: ml_collections.ConfigDict) -> None:
            'model.attention_impl', m.attention_impl,
            f'cudnn needs dtype {" or ".join(CUDNN_DTYPES)} (dtype is '
            f'{config.dtype!r}); use auto or xla')
+  _require(m.conv_impl in conv.CONV_IMPLS, 'model.conv_impl', m.conv_impl,
+           f'must be one of {", ".join(conv.CONV_IMPLS)}')
   _require(0 <= m.drop_path < 1, 'model.drop_path', m.drop_path, 'must be in [0, 1)')
   _require(0 <= m.dropout < 1, 'model.dropout', m.dropout, 'must be in [0, 1)')
   _require(m.num_classes >= 1, 'model.num_classes', m.num_classes, 'must be >= 1')

@@ -1,5 +1,13 @@
 """Convolutions computed the way XLA:CPU runs them fast; same numbers as lax.
 
+`model.conv_impl` picks them ('cpu') or lax's own convolution ('xla': XLA's
+kernels, cuDNN on a GPU); 'auto' is 'cpu' on the CPU backend only. On a GPU
+the forms below cost memory traffic that cuDNN does not: `patches_conv`
+writes the patches out (9x-27x the input) and the gradients of
+`tap_dots_conv` go through float32 patch gradients; the train step of
+STAT-16 moves ~20 % more bytes per clip with them (benchmarks/RESULTS.md,
+"What bounds the GPU").
+
 `conv_general_dilated` has lax's signature, so it plugs into
 `nnx.Conv(conv_general_dilated=...)`. Where it applies (explicit padding,
 channels-last, no dilation) it picks one of:
@@ -30,6 +38,22 @@ from jax import lax
 
 # Inputs with fewer channels than this convolve faster as patches x kernel.
 FEW_CHANNELS = 8
+CONV_IMPLS = ('cpu', 'xla', 'auto')
+
+
+def resolve_conv_impl(impl: str, platform: str | None = None) -> str:
+  """'cpu' or 'xla' for CONV_IMPLS `impl` on `platform` (default: the
+  default backend's): 'auto' is 'cpu' on 'cpu', 'xla' on GPUs and TPUs."""
+  if impl != 'auto':
+    return impl
+  return 'cpu' if (platform or jax.default_backend()) == 'cpu' else 'xla'
+
+
+def conv_function(impl: str):
+  """The `conv_general_dilated` of CONV_IMPLS `impl`, for nnx.Conv."""
+  if resolve_conv_impl(impl) == 'cpu':
+    return conv_general_dilated
+  return lax.conv_general_dilated
 
 
 def _window_slices(x, first: int, window, strides, out_shape):

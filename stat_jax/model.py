@@ -28,12 +28,13 @@ class TokenEmbedding(nnx.Module):
   we put LayerNorm + GELU (a stack of bare convs would be one linear map).
   """
 
-  def __init__(self, specs: tuple[arch.ConvSpec, ...], *, dtype, rngs):
+  def __init__(self, specs: tuple[arch.ConvSpec, ...], *, conv_impl: str,
+               dtype, rngs):
     features = [3] + [s.features for s in specs]
     self.convs = nnx.List([
         nnx.Conv(fin, s.features, s.kernel, s.stride,
                  padding=[(k // 2, k // 2) for k in s.kernel], dtype=dtype,
-                 conv_general_dilated=conv.conv_general_dilated, rngs=rngs)
+                 conv_general_dilated=conv.conv_function(conv_impl), rngs=rngs)
         for fin, s in zip(features, specs)
     ])
     self.norms = nnx.List([
@@ -76,7 +77,7 @@ class STABlock(nnx.Module):
         attention=model.attention, window=model.window,
         num_summary=num_summary, pool_kernel=model.pool_kernel,
         sa_pool=model.sa_pool, qkv_bias=model.qkv_bias, dtype=dtype, rngs=rngs,
-        attention_impl=model.attention_impl)
+        attention_impl=model.attention_impl, conv_impl=model.conv_impl)
     self.drop_path = drop_path(spec.drop_path, rngs)
     self.norm2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * model.mlp_ratio), spec.dim_out, dtype=dtype,
@@ -171,7 +172,8 @@ class STAT(nnx.Module):
     nt, nh, nw = arch.token_grid(config)
     dim, last = stem[-1].features, blocks[-1]
 
-    self.embed = TokenEmbedding(stem, dtype=dtype, rngs=rngs)
+    self.embed = TokenEmbedding(stem, conv_impl=model.conv_impl,
+                                dtype=dtype, rngs=rngs)
     if self.num_summary:  # one spatial class token, shared by all frames
       self.cls_token = nnx.Param(embedding_init(rngs.params(), (1, 1, 1, dim)))
     # Separate spatial (class token + nh*nw) and temporal position embeddings.

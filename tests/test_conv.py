@@ -85,3 +85,14 @@ def test_bfloat16_keeps_the_dtype():
       scale = float(jnp.abs(want.astype(jnp.float32)).max())
       np.testing.assert_allclose(np.asarray(got, np.float32),
                                  np.asarray(want, np.float32), atol=0.03 * scale)
+
+
+def test_auto_is_the_rewrite_on_cpu_only(monkeypatch):
+  assert conv.resolve_conv_impl('auto', 'cpu') == 'cpu'
+  for platform in ('gpu', 'tpu'):
+    assert conv.resolve_conv_impl('auto', platform) == 'xla'
+  assert conv.resolve_conv_impl('cpu', 'gpu') == 'cpu'
+  assert conv.resolve_conv_impl('xla', 'cpu') == 'xla'
+  assert conv.conv_function('auto') is conv.conv_general_dilated  # CPU here
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert conv.conv_function('auto') is lax.conv_general_dilated

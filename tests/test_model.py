@@ -161,6 +161,38 @@ def test_bfloat16_forward_follows_float32():
                              atol=0.05 * scale)
 
 
+def test_conv_impl_is_validated():
+  config = tiny.get_config()
+  config.model.conv_impl = 'cudnn'
+  with pytest.raises(ConfigError, match=r"model.conv_impl.*'cudnn'.*cpu, xla, auto"):
+    build_model(config, nnx.Rngs(0))
+
+
+def test_every_conv_impl_gives_the_same_logits_and_gradients():
+  """The stem and pooling convs rewritten for XLA:CPU ('cpu') against
+  lax's own ('xla'), forward and backward through the whole model."""
+  config = tiny.get_config()
+  video = jax.random.normal(jax.random.key(3), (2, 8, 32, 32, 3))
+
+  def loss(model):
+    logits = model(video)
+    return (logits * jnp.cos(logits)).sum()
+
+  results = {}
+  for impl in ('cpu', 'xla'):
+    config.model.conv_impl = impl
+    model = build_model(config, nnx.Rngs(0))
+    model.eval()
+    value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+    results[impl] = value, jax.tree.leaves(nnx.state(grads, nnx.Param))
+  (cpu_loss, cpu_grads), (xla_loss, xla_grads) = results['cpu'], results['xla']
+  np.testing.assert_allclose(cpu_loss, xla_loss, rtol=1e-5)
+  assert len(cpu_grads) == len(xla_grads) > 0
+  for got, want in zip(cpu_grads, xla_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4,
+                               atol=1e-5 * float(np.abs(want).max()) + 1e-7)
+
+
 @pytest.mark.parametrize('impl,dtype,message', [
     ('flash', 'float32', r'model.attention_impl.*xla, cudnn, auto'),
     ('cudnn', 'float32', r"cudnn needs dtype bfloat16 or float16.*'float32'"),
