@@ -46,23 +46,29 @@ def random_video(config, batch: int) -> jax.Array:
   return jax.random.normal(jax.random.key(0), shape, jnp.float32)
 
 
-def forward_program(config, batch: int) -> Program:
+def _arguments(make, shapes_only: bool):
+  """What `make` returns, computed, or only its shapes and dtypes."""
+  return jax.eval_shape(make) if shapes_only else jax.jit(make)()
+
+
+def forward_program(config, batch: int, shapes_only: bool = False) -> Program:
   """The eval step (forward pass + softmax) on a random clip batch."""
   parts = ModelParts(config)
-  params = jax.jit(parts.init_params, static_argnums=0)(config.seed)
-  return Program(jax.jit(make_eval_step(parts)),
-                 (params, random_video(config, batch)), train=False, clips=batch)
+  args = _arguments(lambda: (parts.init_params(config.seed),
+                             random_video(config, batch)), shapes_only)
+  return Program(jax.jit(make_eval_step(parts)), args, train=False, clips=batch)
 
 
-def train_program(config, batch: int) -> Program:
+def train_program(config, batch: int, shapes_only: bool = False) -> Program:
   """The full train step (mixup, forward, backward, AdamW), state donated."""
   parts = ModelParts(config)
   tx = optim.make_optimizer(config)
-  state = jax.jit(lambda: init_train_state(parts, config.seed, tx))()
-  clips = {'video': random_video(config, batch),
-           'label': jnp.zeros((batch,), jnp.int32)}
+  args = _arguments(lambda: (
+      init_train_state(parts, config.seed, tx),
+      {'video': random_video(config, batch),
+       'label': jnp.zeros((batch,), jnp.int32)}), shapes_only)
   return Program(jax.jit(make_train_step(config, parts, tx), donate_argnums=0),
-                 (state, clips), train=True, clips=batch)
+                 args, train=True, clips=batch)
 
 
 def compile_program(config: ml_collections.ConfigDict, *, batch: int,

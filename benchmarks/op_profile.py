@@ -19,9 +19,7 @@ import tempfile
 import jax
 from jax.profiler import ProfileData
 
-INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = ')
-OP_NAME = re.compile(r'op_name="([^"]*)"')
-CALLS = re.compile(r'calls=%([\w.\-]+)')
+from benchmarks import hlo_cost
 
 
 def kind_of(op_name: str) -> str:
@@ -37,22 +35,15 @@ def instruction_kinds(hlo_text: str) -> dict[str, str]:
   """HLO instruction name -> what it computes: a fusion around a dot or a
   convolution (XLA:CPU fuses softmaxes and LayerNorms into them) counts as
   that; anything else as the jax primitive of its op_name (a fusion's root's)."""
-  fused, computation = {}, None
-  for line in hlo_text.splitlines():
-    if line.startswith(('%', 'ENTRY')):
-      computation = line.split()[1 if line.startswith('ENTRY') else 0][1:]
-    elif ' dot(' in line:
-      fused[computation] = 'dot_general'
-    elif ' convolution(' in line:
-      fused.setdefault(computation, 'conv_general_dilated')
+  module = hlo_cost.Module(hlo_text)
   kinds = {}
-  for line in hlo_text.splitlines():
-    name, op_name = INSTRUCTION.match(line), OP_NAME.search(line)
-    calls = CALLS.search(line)
-    if name and calls and calls.group(1) in fused:
-      kinds[name.group(1)] = fused[calls.group(1)]
-    elif name:
-      kinds[name.group(1)] = kind_of(op_name.group(1)) if op_name else 'other'
+  for body in module.computations.values():
+    for instruction in body:
+      work, _ = module.work(instruction)
+      op_name = instruction.attribute('op_name')
+      kinds[instruction.name] = (
+          {'gemm': 'dot_general', 'convolution': 'conv_general_dilated'}.get(work)
+          or (kind_of(op_name) if op_name else 'other'))
   return kinds
 
 

@@ -1,0 +1,243 @@
+"""FLOPs and bytes of every kernel of a compiled XLA program, read from its
+optimized HLO text.
+
+A kernel is one instruction of the entry computation (or of a while loop's
+body, counted once) that does work: a fusion, a library call (cuBLAS gemm,
+cuDNN convolution or flash attention), a copy. Its bytes are what it reads and writes in
+device memory: the operands it reads (a fusion parameter that feeds only
+slices counts as those slices) and its outputs (a library call's scratch
+workspace not counted). Its FLOPs are those of the dots, convolutions and
+fused attentions it contains (a cuDNN gradient counts the forward
+convolution's FLOPs, as cuDNN computes it); element-wise arithmetic is not counted (it never bounds a kernel
+next to the bytes it moves). Layout-only instructions (bitcast, tuple,
+get-tuple-element, parameter, constant) are free.
+"""
+
+import dataclasses
+import json
+import math
+import re
+
+BYTES_PER_ELEMENT = {
+    'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 'f8e4m3fn': 1,
+    'f8e5m2': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4,
+    'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16,
+}
+ARRAY = re.compile(r'\b([a-z][a-z0-9]*)\[([\d,]*)\]')
+INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%([^\s=]+)\s*=\s*(.*)$')
+COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%([^\s(]+)\s*\(')
+FREE = {'parameter', 'constant', 'bitcast', 'tuple', 'get-tuple-element',
+        'while', 'after-all', 'partition-id', 'replica-id'}
+SLICES = {'slice', 'dynamic-slice'}
+# Library calls whose last output, if bytes, is a scratch buffer, not a result.
+WORKSPACE_TARGETS = ('__cublas', '__cudnn')
+
+
+@dataclasses.dataclass
+class Instruction:
+  name: str
+  shape: str  # 'bf16[8,196,96]{2,1,0}' or a tuple '(f32[4], s8[64])'
+  opcode: str
+  arguments: str  # the text between the opcode's parentheses
+  attributes: str  # everything after them
+
+  @property
+  def operands(self) -> list[str]:
+    return re.findall(r'%([^\s,)]+)', self.arguments)
+
+  def attribute(self, key: str) -> str | None:
+    found = re.search(rf'\b{key}=("[^"]*"|{{[^}}]*}}|%?[\w.\-$]+)',
+                      self.attributes)
+    return found.group(1).strip('"').lstrip('%') if found else None
+
+
+@dataclasses.dataclass
+class Kernel:
+  name: str
+  opcode: str  # 'fusion', 'custom-call', 'copy', ...
+  kind: str  # 'gemm', 'convolution', 'attention', or the opcode ('fusion', ...)
+  flops: float
+  bytes: float
+  op_name: str  # the jax source path of its root, from the HLO metadata
+  shape: str
+
+
+def array_shapes(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(element type, dims) of every array in a (possibly tuple) shape."""
+  return [(dtype, tuple(int(d) for d in dims.split(',') if d))
+          for dtype, dims in ARRAY.findall(shape) if dtype in BYTES_PER_ELEMENT]
+
+
+def arrays_bytes(arrays: list[tuple[str, tuple[int, ...]]]) -> float:
+  return sum(BYTES_PER_ELEMENT[dtype] * math.prod(dims) for dtype, dims in arrays)
+
+
+def shape_bytes(shape: str) -> float:
+  return arrays_bytes(array_shapes(shape))
+
+
+def _split_shape(text: str) -> tuple[str, str]:
+  """'(f32[2], s8[4]) custom-call(...' -> ('(f32[2], s8[4])', 'custom-call(...')."""
+  if not text.startswith('('):
+    shape, _, rest = text.partition(' ')
+    return shape, rest
+  depth = 0
+  for i, char in enumerate(text):
+    depth += {'(': 1, ')': -1}.get(char, 0)
+    if depth == 0:
+      return text[:i + 1], text[i + 1:].lstrip()
+  raise ValueError(f'unbalanced tuple shape in HLO: {text[:80]}')
+
+
+def parse_instruction(line: str) -> Instruction | None:
+  match = INSTRUCTION.match(line)
+  if not match:
+    return None
+  shape, rest = _split_shape(match.group(2))
+  opcode, _, rest = rest.partition('(')
+  depth, end = 1, 0
+  while depth:
+    depth += {'(': 1, ')': -1}.get(rest[end], 0)
+    end += 1
+  return Instruction(match.group(1), shape, opcode, rest[:end - 1], rest[end:])
+
+
+def parse_module(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
+  """({computation name: its instructions}, the entry computation's name)."""
+  computations, entry, current = {}, None, None
+  for line in hlo_text.splitlines():
+    header = COMPUTATION.match(line)
+    if header:
+      current = computations.setdefault(header.group(1), [])
+      if line.startswith('ENTRY'):
+        entry = header.group(1)
+    elif line.startswith('}'):
+      current = None
+    elif current is not None:
+      instruction = parse_instruction(line)
+      if instruction:
+        current.append(instruction)
+  if entry is None:
+    raise ValueError('no ENTRY computation in the HLO text')
+  return computations, entry
+
+
+def dot_flops(dot: Instruction, shapes: dict[str, str]) -> float:
+  """2 x output elements x contracted size, from a dot or a gemm call."""
+  contracting = dot.attribute('lhs_contracting_dims')
+  if contracting is not None:
+    dims = [int(d) for d in contracting.strip('{}').split(',') if d]
+  else:  # a library gemm: the dimension numbers are in its backend config
+    numbers = backend_config(dot)['gemm_backend_config']['dot_dimension_numbers']
+    dims = [int(d) for d in numbers['lhs_contracting_dimensions']]
+  lhs = array_shapes(shapes[dot.operands[0]])[0][1]
+  out = array_shapes(dot.shape)[0][1]
+  return 2 * math.prod(out) * math.prod(lhs[d] for d in dims)
+
+
+def convolution_flops(conv: Instruction, shapes: dict[str, str]) -> float:
+  """2 x output elements x (kernel elements / output features) of the forward
+  convolution: a cuDNN gradient call describes the forward it belongs to
+  (its output gradient and kernel are operands 0 and 1 for the input
+  gradient, its input and output gradient for the kernel gradient)."""
+  kernel_labels = conv.attribute('dim_labels').split('_')[1].split('->')[0]
+  target = conv.attribute('custom_call_target') or ''
+  result = conv.shape
+  out, kernel = {
+      '__cudnn$convBackwardInput': (shapes[conv.operands[0]],
+                                    shapes[conv.operands[1]]),
+      '__cudnn$convBackwardFilter': (shapes[conv.operands[1]], result),
+  }.get(target, (result, shapes[conv.operands[1]]))
+  out, kernel = array_shapes(out)[0][1], array_shapes(kernel)[0][1]
+  features = kernel[kernel_labels.index('o')]
+  return 2 * math.prod(out) * math.prod(kernel) / features
+
+
+def backend_config(instruction: Instruction) -> dict:
+  config, _ = json.JSONDecoder().raw_decode(
+      instruction.attributes.partition('backend_config=')[2])
+  return config
+
+
+def fused_attention_flops(call: Instruction, shapes: dict[str, str]) -> float:
+  """cuDNN flash attention: 2 matmuls of [Sq, D] x [D, Skv] size per head
+  forward (Q K^T, P V), 5 backward (S recomputed, dV, dP, dQ, dK)."""
+  config = backend_config(call)['cudnn_fmha_backend_config']
+  logits = [int(d) for d in config['intermediate_tensor_shape']['dimensions']]
+  head_dim = array_shapes(shapes[call.operands[0]])[0][1][-1]
+  matmuls = 5 if call.attribute('custom_call_target').endswith('Backward') else 2
+  return 2 * matmuls * math.prod(logits) * head_dim
+
+
+def own_work(instruction: Instruction,
+             shapes: dict[str, str]) -> tuple[str | None, float]:
+  """('gemm' | 'convolution' | 'attention' | None, FLOPs) of one
+  instruction itself."""
+  target = instruction.attribute('custom_call_target') or ''
+  if target.startswith('__cudnn$fmha'):
+    return 'attention', fused_attention_flops(instruction, shapes)
+  if instruction.opcode == 'dot' or 'gemm' in target or 'matmul' in target:
+    return 'gemm', dot_flops(instruction, shapes)
+  if instruction.opcode == 'convolution' or 'conv' in target:
+    return 'convolution', convolution_flops(instruction, shapes)
+  return None, 0.0
+
+
+class Module:
+  """A parsed HLO module: its computations and the shapes of their values."""
+
+  def __init__(self, hlo_text: str):
+    self.computations, self.entry = parse_module(hlo_text)
+    self.shapes = {i.name: i.shape for body in self.computations.values()
+                   for i in body}
+
+  def work(self, instruction: Instruction) -> tuple[str | None, float]:
+    """own_work of an instruction and of the computations it calls (a
+    fusion around a dot is a gemm)."""
+    kind, flops = own_work(instruction, self.shapes)
+    called = instruction.attribute('calls')
+    for inner in self.computations.get(called, []) if called else []:
+      inner_kind, inner_flops = self.work(inner)
+      kind, flops = kind or inner_kind, flops + inner_flops
+    return kind, flops
+
+  def parameter_bytes_read(self, fused: str, index: int, full: float) -> float:
+    """Bytes a fusion reads of its `index`-th operand: the slices taken of
+    it when slices are all its uses inside the fused computation, else all."""
+    body = self.computations[fused]
+    parameter = next(i.name for i in body if i.opcode == 'parameter'
+                     and i.arguments == str(index))
+    users = [i for i in body if parameter in i.operands]
+    if users and all(u.opcode in SLICES and u.operands[0] == parameter
+                     for u in users):
+      return sum(shape_bytes(u.shape) for u in users)
+    return full
+
+  def kernel(self, instruction: Instruction) -> Kernel:
+    operand_bytes = [shape_bytes(self.shapes[name])
+                     for name in instruction.operands]
+    outputs = array_shapes(instruction.shape)
+    target = instruction.attribute('custom_call_target') or ''
+    if target.startswith(WORKSPACE_TARGETS) and outputs[-1][0] in ('s8', 'u8'):
+      outputs = outputs[:-1]  # the library's scratch space
+    called = instruction.attribute('calls')
+    if instruction.opcode == 'fusion':
+      operand_bytes = [self.parameter_bytes_read(called, i, b)
+                       for i, b in enumerate(operand_bytes)]
+    kind, flops = self.work(instruction)
+    return Kernel(instruction.name, instruction.opcode,
+                  kind or instruction.opcode, flops,
+                  sum(operand_bytes) + arrays_bytes(outputs),
+                  instruction.attribute('op_name') or '', instruction.shape)
+
+  def kernels(self) -> list[Kernel]:
+    """Every kernel of the entry computation and of its while bodies."""
+    found, pending = [], [self.entry]
+    while pending:
+      for instruction in self.computations[pending.pop()]:
+        if instruction.opcode == 'while':
+          pending.append(instruction.attribute('body'))
+        if instruction.opcode not in FREE:
+          found.append(self.kernel(instruction))
+    return found
+
