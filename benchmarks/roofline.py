@@ -198,9 +198,10 @@ def main(argv):
     jax.config.update('jax_platforms', 'cpu')
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                ' --xla_gpu_enable_triton_gemm=false')
-    config.model.conv_impl = conv.resolve_conv_impl(config.model.conv_impl, 'gpu')
   elif FLAGS.peak_tflops is None or FLAGS.bandwidth_gbs is None:
     raise app.UsageError('--target attached needs --peak_tflops and --bandwidth_gbs')
+  config.model.conv_impl = conv.resolve_conv_impl(  # 'auto' for the target
+      config.model.conv_impl, 'gpu' if gpu else None)
   validate(config)
   compiled = compiled_step(config, FLAGS.batch, FLAGS.train,
                            compile_only_device(gpu) if gpu else None)
