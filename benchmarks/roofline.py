@@ -140,7 +140,7 @@ def roofline(kernels: list[hlo_cost.Kernel], *, peak_flops: float,
              bandwidth: float, clips: int, model_flops: float,
              train: bool) -> dict:
   """Roofline seconds of each kernel, summed by (kind, phase), per clip."""
-  groups = collections.defaultdict(lambda: collections.Counter())
+  groups = collections.defaultdict(collections.Counter)
   timed = []
   for kernel in kernels:
     seconds = max(kernel.flops / peak_flops, kernel.bytes / bandwidth)
@@ -148,8 +148,7 @@ def roofline(kernels: list[hlo_cost.Kernel], *, peak_flops: float,
     timed.append((seconds, bound, kernel))
     group = groups[f'{kernel.kind} {phase(kernel, train)}']
     group.update(kernels=1, flops=kernel.flops / clips,
-                 bytes=kernel.bytes / clips, seconds=seconds / clips,
-                 **{f'{bound}_bound_seconds': seconds / clips})
+                 bytes=kernel.bytes / clips, seconds=seconds / clips)
   total = sum(seconds for seconds, _, _ in timed) / clips
   return {
       'kernels': len(kernels),
