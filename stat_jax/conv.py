@@ -5,7 +5,7 @@ kernels, cuDNN on a GPU); 'auto' is 'cpu' on the CPU backend only. On a GPU
 the forms below cost memory traffic that cuDNN does not: `patches_conv`
 writes the patches out (9x-27x the input) and the gradients of
 `tap_dots_conv` go through float32 patch gradients; the train step of
-STAT-16 moves ~20 % more bytes per clip with them (benchmarks/RESULTS.md,
+STAT-16 moves ~25 % more bytes per clip with them (benchmarks/RESULTS.md,
 "What bounds the GPU").
 
 `conv_general_dilated` has lax's signature, so it plugs into
