@@ -3,14 +3,15 @@ optimized HLO text.
 
 A kernel is one instruction of the entry computation (or of a while loop's
 body, counted once) that does work: a fusion, a library call (cuBLAS gemm,
-cuDNN convolution or flash attention), a copy. Its bytes are what it reads and writes in
-device memory: the operands it reads (a fusion parameter that feeds only
-slices counts as those slices) and its outputs (a library call's scratch
-workspace not counted). Its FLOPs are those of the dots, convolutions and
-fused attentions it contains (a cuDNN gradient counts the forward
-convolution's FLOPs, as cuDNN computes it); element-wise arithmetic is not counted (it never bounds a kernel
-next to the bytes it moves). Layout-only instructions (bitcast, tuple,
-get-tuple-element, parameter, constant) are free.
+cuDNN convolution or flash attention), a copy. Its bytes are what it reads
+and writes in device memory: the operands it reads (a fusion parameter that
+feeds only slices counts as those slices) and its outputs (a library call's
+scratch workspace not counted). Its FLOPs are those of the dots,
+convolutions and fused attentions it contains (a cuDNN gradient counts the
+forward convolution's FLOPs, as cuDNN computes it); element-wise arithmetic
+is not counted (it never bounds a kernel next to the bytes it moves).
+Layout-only instructions (bitcast, tuple, get-tuple-element, parameter,
+constant) are free.
 """
 
 import dataclasses
@@ -76,30 +77,32 @@ def shape_bytes(shape: str) -> float:
   return arrays_bytes(array_shapes(shape))
 
 
-def _split_shape(text: str) -> tuple[str, str]:
-  """'(f32[2], s8[4]) custom-call(...' -> ('(f32[2], s8[4])', 'custom-call(...')."""
-  if not text.startswith('('):
-    shape, _, rest = text.partition(' ')
-    return shape, rest
+def _closing_paren(text: str, start: int) -> int:
+  """The index of the ')' that closes the '(' at text[start]."""
   depth = 0
-  for i, char in enumerate(text):
-    depth += {'(': 1, ')': -1}.get(char, 0)
+  for i in range(start, len(text)):
+    depth += {'(': 1, ')': -1}.get(text[i], 0)
     if depth == 0:
-      return text[:i + 1], text[i + 1:].lstrip()
-  raise ValueError(f'unbalanced tuple shape in HLO: {text[:80]}')
+      return i
+  raise ValueError(f'unbalanced parentheses in HLO: {text[:80]}')
 
 
 def parse_instruction(line: str) -> Instruction | None:
+  """'%name = shape opcode(arguments), attributes' -> an Instruction; the
+  shape may be a tuple '(f32[2], s8[4])'."""
   match = INSTRUCTION.match(line)
   if not match:
     return None
-  shape, rest = _split_shape(match.group(2))
-  opcode, _, rest = rest.partition('(')
-  depth, end = 1, 0
-  while depth:
-    depth += {'(': 1, ')': -1}.get(rest[end], 0)
-    end += 1
-  return Instruction(match.group(1), shape, opcode, rest[:end - 1], rest[end:])
+  text = match.group(2)
+  if text.startswith('('):
+    shape_end = _closing_paren(text, 0) + 1
+  else:
+    shape_end = text.index(' ')
+  shape, rest = text[:shape_end], text[shape_end:].lstrip()
+  opened = rest.index('(')
+  closed = _closing_paren(rest, opened)
+  return Instruction(match.group(1), shape, rest[:opened],
+                     rest[opened + 1:closed], rest[closed + 1:])
 
 
 def parse_module(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
