@@ -71,13 +71,20 @@ def train_program(config, batch: int, shapes_only: bool = False) -> Program:
                  args, train=True, clips=batch)
 
 
+def make_program(config: ml_collections.ConfigDict, *, batch: int,
+                 train: bool, shapes_only: bool = False) -> Program:
+  """The forward or train program of `config` at `batch` (not compiled)."""
+  config = ml_collections.ConfigDict(config)
+  config.batch_size = batch
+  return (train_program if train else forward_program)(config, batch,
+                                                        shapes_only)
+
+
 def compile_program(config: ml_collections.ConfigDict, *, batch: int,
                     train: bool) -> tuple[Program, float]:
   """The forward or train program of `config` at `batch`, compiled ahead of
   time, and the seconds the compile took."""
-  config = ml_collections.ConfigDict(config)
-  config.batch_size = batch
-  program = (train_program if train else forward_program)(config, batch)
+  program = make_program(config, batch=batch, train=train)
   start = time.perf_counter()
   program.step = program.step.lower(*program.args).compile()
   return program, time.perf_counter() - start

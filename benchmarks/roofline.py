@@ -114,10 +114,8 @@ def compiled_step(config: ml_collections.ConfigDict, batch: int, train: bool,
                   device: jax.Device | None) -> jax.stages.Compiled:
   """The forward or train program of `config`, compiled for `device`
   (None: the default device) from shapes alone."""
-  config = ml_collections.ConfigDict(config)
-  config.batch_size = batch
-  program = (measure.train_program if train else measure.forward_program)(
-      config, batch, shapes_only=True)
+  program = measure.make_program(config, batch=batch, train=train,
+                                 shapes_only=True)
   args = program.args
   if device is not None:
     on_device = jax.sharding.SingleDeviceSharding(device)
