@@ -33,11 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 import jax
 import ml_collections
-from ml_collections import config_flags
 
-from benchmarks import hlo_cost, measure
+from benchmarks import hlo_cost, measure, step_flags
 from stat_jax import conv
-from stat_jax.config_validation import validate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +81,6 @@ GPUS = {  # NVIDIA datasheets: SXM parts, dense (not sparse) bf16 tensor FLOP/s
                 memory_bytes=141 * 10**9, clock_ghz=1.98),
 }
 
-config_flags.DEFINE_config_file('config', None, 'Experiment config.')
-flags.DEFINE_integer('batch', 1, 'Clips per step.')
-flags.DEFINE_bool('train', False, 'The train step instead of the forward pass.')
-flags.DEFINE_string('dtype', None, 'Compute dtype (default: the config\'s).')
 flags.DEFINE_enum('target', 'h100', [*GPUS, 'attached'], 'What to compile for.')
 flags.DEFINE_float('peak_tflops', None, 'Matmul peak (default: the GPU\'s).')
 flags.DEFINE_float('bandwidth_gbs', None, 'Memory bandwidth (default: the GPU\'s).')
@@ -187,9 +181,6 @@ def format_report(report: dict, top: int) -> str:
 
 def main(argv):
   del argv
-  config = FLAGS.config
-  if FLAGS.dtype:
-    config.dtype = FLAGS.dtype
   gpu = GPUS.get(FLAGS.target)
   if gpu is not None:  # compile only: no GPU backend to start
     jax.config.update('jax_platforms', 'cpu')
@@ -197,9 +188,9 @@ def main(argv):
                                ' --xla_gpu_enable_triton_gemm=false')
   elif FLAGS.peak_tflops is None or FLAGS.bandwidth_gbs is None:
     raise app.UsageError('--target attached needs --peak_tflops and --bandwidth_gbs')
+  config = step_flags.config()
   config.model.conv_impl = conv.resolve_conv_impl(  # 'auto' for the target
       config.model.conv_impl, 'gpu' if gpu else None)
-  validate(config)
   compiled = compiled_step(config, FLAGS.batch, FLAGS.train,
                            compile_only_device(gpu) if gpu else None)
   hlo = compiled.as_text()
@@ -224,5 +215,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
   app.run(main)

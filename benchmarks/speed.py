@@ -16,15 +16,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
-from ml_collections import config_flags
 
-from benchmarks import measure, op_profile
-from stat_jax.config_validation import validate
+from benchmarks import measure, op_profile, step_flags
 
-config_flags.DEFINE_config_file('config', None, 'Experiment config.')
-flags.DEFINE_integer('batch', 1, 'Clips per step.')
-flags.DEFINE_bool('train', False, 'Time the train step instead of the forward pass.')
-flags.DEFINE_string('dtype', None, 'Compute dtype (default: the config\'s).')
 flags.DEFINE_integer('repeats', 3, 'Timed runs; the fastest counts.')
 flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
 flags.DEFINE_bool('profile', False, 'Also print the time per kind of op.')
@@ -33,13 +27,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  config = FLAGS.config
-  if FLAGS.dtype:
-    config.dtype = FLAGS.dtype
-  validate(config)
-  label = os.path.basename(config_flags.get_config_filename(FLAGS['config']))
-  row, program = measure.measure(config, batch=FLAGS.batch, train=FLAGS.train,
-                                 repeats=FLAGS.repeats, label=label)
+  row, program = measure.measure(step_flags.config(), batch=FLAGS.batch,
+                                 train=FLAGS.train, repeats=FLAGS.repeats,
+                                 label=step_flags.config_label())
   if FLAGS.profile:
     row['profile'] = op_profile.breakdown(program)
   if FLAGS.json:
@@ -51,5 +41,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
   app.run(main)
