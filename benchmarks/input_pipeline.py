@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 
-from configs import common
+from stat_jax import defaults
 from data import dmvr
 from data import pipeline
 from data import synthetic
@@ -31,7 +31,7 @@ def write_shards(folder, num_clips, num_frames, size):
 
 
 def clips_per_second(spec, num_frames, crop, batch_size, num_batches):
-  config = common.base_config(num_frames, len(synthetic.CLASSES))
+  config = defaults.base_config(num_frames, len(synthetic.CLASSES))
   config.data.train_spec = spec
   config.data.crop_size = crop
   config.data.flip = False

@@ -16,13 +16,13 @@ loss stayed at ln(12) for all 600 steps in three runs of four; at 1e-4 it
 learned but reached only 87.5 % in 600 steps.
 """
 
-from configs import common
+from stat_jax import defaults
 from data import synthetic
 
 
 def get_config(arg: str = ''):
   del arg
-  config = common.base_config(num_frames=16, num_classes=len(synthetic.CLASSES))
+  config = defaults.base_config(num_frames=16, num_classes=len(synthetic.CLASSES))
   d = config.data
   d.dataset = 'synthetic_motion'
   d.synthetic.generate = True

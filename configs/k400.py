@@ -8,15 +8,15 @@ arg: the clip length T, one of 16, 32, 64 (window to = 3, 5, 7). Test views
 follow the paper: 5 clips x 1 crop for T = 16 and 32, 3 x 3 for T = 64.
 """
 
-from configs import common
+from stat_jax import defaults
 
 NUM_CLASSES = 400
 TRAIN_VIDEOS = 240_000
 
 
 def get_config(arg: str = '16'):
-  num_frames = common.clip_length(arg, 'configs/k400.py')
-  config = common.base_config(num_frames, NUM_CLASSES)
+  num_frames = defaults.clip_length(arg, 'configs/k400.py')
+  config = defaults.base_config(num_frames, NUM_CLASSES)
   config.data.dataset = 'kinetics400'
   config.train_examples = TRAIN_VIDEOS
   if num_frames == 64:

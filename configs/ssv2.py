@@ -10,15 +10,15 @@ Kinetics-400 (Table 7, "Pre-train: K400"). Horizontal flip is off: in SSv2
 left and right are part of the label. Test views: 1 clip x 3 crops.
 """
 
-from configs import common
+from stat_jax import defaults
 
 NUM_CLASSES = 174
 TRAIN_VIDEOS = 168_913
 
 
 def get_config(arg: str = '16'):
-  num_frames = common.clip_length(arg, 'configs/ssv2.py')
-  config = common.base_config(num_frames, NUM_CLASSES)
+  num_frames = defaults.clip_length(arg, 'configs/ssv2.py')
+  config = defaults.base_config(num_frames, NUM_CLASSES)
   config.data.dataset = 'ssv2'
   config.data.flip = False
   config.data.num_clips, config.data.num_crops = 1, 3

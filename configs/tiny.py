@@ -7,12 +7,12 @@ paths exercised) at 8 frames of 32x32: the 3-layer stem gives 4 frames of
 4x4 tokens, one block per stage.
 """
 
-from configs import common
+from stat_jax import defaults
 
 
 def get_config(arg: str = ''):
   del arg
-  config = common.base_config(num_frames=8, num_classes=10)
+  config = defaults.base_config(num_frames=8, num_classes=10)
   config.data.dataset = 'synthetic_motion'
   config.data.crop_size = 32
   config.data.eval_short_side = 32

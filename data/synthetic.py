@@ -240,7 +240,7 @@ def generate(out_dir: str, num_train: int, num_val: int, num_frames: int = 32,
 
 def prepare(data) -> dict:
   """Fills data.train_spec / eval_spec / label_map from data.synthetic (the
-  config block of configs/common.py) when data.synthetic.generate is set,
+  config block of stat_jax/defaults.py) when data.synthetic.generate is set,
   generating the set into data.synthetic.dir first if it is absent.
 
   Generation writes a temporary folder and renames it into place, so

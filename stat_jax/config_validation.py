@@ -1,6 +1,6 @@
 """Refuse a bad experiment config before anything is built or compiled.
 
-Two checks: every key must exist in the reference schema (configs/common.py,
+Two checks: every key must exist in the reference schema (stat_jax/defaults.py,
 so a typo like `model.windw` is caught even in a config file), and every
 value must be one the model and pipeline can honour. Errors name the key,
 the value and what is allowed.
@@ -10,7 +10,7 @@ import difflib
 
 import ml_collections
 
-from configs import common
+from stat_jax import defaults
 from stat_jax import arch, conv
 from stat_jax.attention import (ATTENTION_IMPLS, ATTENTION_SETS, CUDNN_DTYPES,
                                 SPATIAL_SUMMARIES)
@@ -35,7 +35,7 @@ def _flat(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
 
 def check_keys(config: ml_collections.ConfigDict) -> None:
   """Every key of `config` must be a key of the reference schema."""
-  known = _flat(common.base_config(num_frames=16, num_classes=400))
+  known = _flat(defaults.base_config(num_frames=16, num_classes=400))
   for key in _flat(config):
     if key not in known:
       close = difflib.get_close_matches(key, known, n=3)

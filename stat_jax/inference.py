@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from configs import common
+from stat_jax import defaults
 from data import pipeline
 from stat_jax import checkpoint, sharding, trainer
 from stat_jax.config_validation import validate
@@ -71,7 +71,7 @@ def saved_config(ckpt: checkpoint.Checkpointer,
   """The config a run saved with checkpoint `step`, over today's defaults:
   keys added since the run was saved take them."""
   saved = ckpt.restore_config(step)
-  config = common.base_config(saved['data']['num_frames'],
+  config = defaults.base_config(saved['data']['num_frames'],
                               saved['model']['num_classes'])
   config.update(saved)  # JSON lists become the defaults' tuples
   validate(config)

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from configs import common
+from stat_jax import defaults
 from data import dmvr
 
 LEVEL_STEP = 8  # frame t of a `level_clip` has grey level LEVEL_STEP * t
@@ -45,7 +45,7 @@ def write_level_shards(folder, name, lengths, num_shards=3, bad=None):
 
 def tiny_config(train_spec='', eval_spec='', frames=4, crop=16, batch=4):
   """Full config (no model), augmentation off, small shapes."""
-  config = common.base_config(frames, 10)
+  config = defaults.base_config(frames, 10)
   del config.model  # the label range check is off without a model
   data = config.data
   data.train_spec, data.eval_spec = train_spec, eval_spec

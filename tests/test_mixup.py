@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+from stat_jax import defaults
 from stat_jax.mixup import _cutmix_box, mixup_cutmix, smooth_one_hot
 
 B, T, H, W, C, K = 4, 3, 16, 12, 2, 5
@@ -148,7 +148,7 @@ def test_odd_batch_middle_clip_meets_itself():
 
 def test_same_rng_same_output_and_jit_matches_eager():
   video = distinct_video()
-  kwargs = dict(num_classes=K, **common.base_config(16, K).mixup)
+  kwargs = dict(num_classes=K, **defaults.base_config(16, K).mixup)
   jitted = jax.jit(functools.partial(mixup_cutmix, **kwargs))
   for seed in range(4):
     rng = jax.random.key(seed)

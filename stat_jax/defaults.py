@@ -1,6 +1,7 @@
-"""Pieces shared by every experiment config: the STAT architecture, the data
-recipe and the training recipe. Each experiment file (k400.py, ssv2.py,
-tiny.py, demo.py) starts from `base_config()` and changes what differs.
+"""The reference config: every key an experiment config may set, with the
+paper's defaults (the STAT architecture, the data recipe, the training
+recipe). Each experiment file in configs/ starts from `base_config()` and
+changes what differs; config_validation refuses any key not defined here.
 
 The paper leaves some widths open; the values marked CALIBRATED below were
 chosen so that the multiply-adds per view reproduce the paper's Tables 1, 2,
