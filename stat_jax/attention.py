@@ -35,8 +35,8 @@ from stat_jax import conv
 
 ATTENTION_SETS = ('ca', 'ca+sa', 'ca+la', 'ca+sa+la')
 SPATIAL_SUMMARIES = ('cls', 'avgpool')
-# 'auto': cudnn where cuDNN flash attention runs (GPU, 16-bit, head width a
-# multiple of 8 up to 128), else xla.
+# 'auto' resolves to 'xla' (resolve_attention_impl). 'cudnn' needs a GPU, a
+# 16-bit compute dtype and a head width that is a multiple of 8 up to 128.
 ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
 CUDNN_DTYPES = ('bfloat16', 'float16')
 
@@ -101,10 +101,8 @@ def frame_attention(q, k_ca, v_ca, k_sa, v_sa, window_index, window_valid,
 def resolve_attention_impl(impl: str) -> str:
   """'xla' or 'cudnn' for ATTENTION_IMPLS `impl`.
 
-  'auto' is 'xla': the one path measured to train on a GPU
-  (benchmarks/RESULTS.md). cuDNN refused STAT's odd sequence lengths in the
-  backward pass (Q 785, KV 89); `pad_to_even` now evens them, but that path
-  has not been timed on a GPU yet, so it stays opt-in ('cudnn').
+  'auto' is 'xla': it runs on every backend and dtype. 'cudnn' is chosen
+  explicitly; what each costs on a GPU is in benchmarks/RESULTS.md.
   """
   return 'xla' if impl == 'auto' else impl
 
