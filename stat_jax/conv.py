@@ -4,9 +4,8 @@
 kernels, cuDNN on a GPU); 'auto' is 'cpu' on the CPU backend only. On a GPU
 the forms below cost memory traffic that cuDNN does not: `patches_conv`
 writes the patches out (9x-27x the input) and the gradients of
-`tap_dots_conv` go through float32 patch gradients; the train step of
-STAT-16 moves ~25 % more bytes per clip with them (benchmarks/RESULTS.md,
-"What bounds the GPU").
+`tap_dots_conv` go through float32 patch gradients (benchmarks/RESULTS.md
+has the bytes per clip of both).
 
 `conv_general_dilated` has lax's signature, so it plugs into
 `nnx.Conv(conv_general_dilated=...)`. Where it applies (explicit padding,
@@ -14,18 +13,19 @@ channels-last, no dilation) it picks one of:
 
 - `depthwise_conv` (one filter per channel: the K/V/Q pooling convs): the
   sum over the window of shifted, strided slices times the taps. XLA:CPU runs
-  grouped convs at ~1 GFLOP/s, 25x slower; this form is element-wise, so XLA
+  grouped convs on a slow generic path; this form is element-wise, so XLA
   fuses it on every backend. stat_jax.flops counts it as the convolution.
 - `patches_conv` (dense, few input channels: the RGB video into the first
   stem conv): its patches, gathered channel-major so each tap is one strided
-  copy, times the kernel matrix; 2x faster, and its dot has exactly the
-  convolution's multiply-adds.
+  copy, times the kernel matrix: with few input channels a dot uses the CPU
+  better than XLA:CPU's convolution, and it has exactly the convolution's
+  multiply-adds.
 - `_strided_conv` (other dense strided convs: stem convs 2 and 3): lax's
   forward, but the gradients of `tap_dots_conv`, the same convolution as one
   dot per tap of the first spatial axis over the patches of the others. XLA
   lowers a strided conv's input gradient to a conv with `lhs_dilation` and
   its kernel gradient to one with `rhs_dilation`, both on a slow generic
-  path on CPU (~3 s for the second stem conv of STAT-16; ~0.8 s this way).
+  path on CPU; one dot per tap avoids it.
 """
 
 import functools
