@@ -68,8 +68,8 @@ def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
   m.qkv_bias = True
   # How STA's attention is computed (same numbers, attention.py): 'xla' maps
   # the per-frame attention over frames; 'cudnn' packs the frames for cuDNN
-  # flash attention (GPU, bfloat16/float16; not yet timed there); 'auto' is
-  # 'xla', the path measured to train on a GPU (benchmarks/RESULTS.md).
+  # flash attention (GPU, bfloat16/float16); 'auto' is 'xla', which runs on
+  # every backend and dtype.
   m.attention_impl = 'auto'
   # How the convolutions are computed (same numbers, stat_jax/conv.py): 'cpu'
   # rewrites them into forms XLA:CPU runs fast, 'xla' leaves them to XLA
@@ -81,7 +81,7 @@ def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
 
 
 def data_config(num_frames: int) -> ml_collections.ConfigDict:
-  """The input pipeline (MViT recipe, DESIGN.md section 4)."""
+  """The input pipeline (MViT recipe; docs/design.md#data)."""
   d = ml_collections.ConfigDict()
   d.dataset = 'kinetics400'
   d.train_spec = ''  # shard spec: 'prefix@N', glob, or comma-separated list
