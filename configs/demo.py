@@ -9,11 +9,11 @@ evaluation also scores val clips played backwards against the reversed
 class. Horizontal flip is off: left/right and clockwise/counter-clockwise
 are labels.
 
-The recipe (2 cores, ~5 minutes: > 90 % val top-1 and > 90 % on reversed
-clips): 16-frame 32x32 clips read whole (no crop, no RandAugment, no mixup),
-1000 steps of 32 at a peak LR of 2e-4. At 5e-4 (the earlier recipe) the
-loss stayed at ln(12) for all 600 steps in three runs of four; at 1e-4 it
-learned but reached only 87.5 % in 600 steps.
+The recipe: 16-frame 32x32 clips read whole (no crop, no RandAugment, no
+mixup), 1000 steps of 32 at a peak LR of 2e-4. A higher peak LR can leave
+the loss stuck at ln(12) (chance) from the start; a lower one learns more
+slowly. The run's time and accuracy, and the learning rates tried, are in
+benchmarks/RESULTS.md ("The demo").
 """
 
 from stat_jax import defaults

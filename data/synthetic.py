@@ -6,10 +6,9 @@ each label to its pair and only temporal order separates them. Shapes, object
 colours and textures, background textures, sizes, speeds and start positions
 are random; every clip is a pure function of (seed, split, index).
 
-Backgrounds are mid-grey under a random texture. A random background colour
-(a per-clip offset of the whole input) stalls learning from scratch: the demo
-STAT stayed at chance for 600 steps with it, and a plain 3D CNN too, while
-with grey backgrounds it passes 85 % val top-1 by step 200.
+Backgrounds are mid-grey under a random texture, not a random colour: a
+per-clip offset of the whole input stalls learning from scratch (the demo
+STAT, and a plain 3D CNN, stay at chance; benchmarks/RESULTS.md, "The demo").
 
   python -m data.synthetic --out /tmp/motion --train 1000 --val 200
 
