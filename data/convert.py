@@ -1,4 +1,4 @@
-"""Videos + annotations -> DMVR TFRecord shards (DESIGN.md section 4).
+"""Videos + annotations -> DMVR TFRecord shards (docs/design.md#data).
 
   python -m data.convert --videos DIR --kinetics_csv train.csv --out OUT
   python -m data.convert --videos DIR --ssv2_json train.json \

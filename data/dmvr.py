@@ -1,6 +1,6 @@
 """DMVR-compatible SequenceExample codec, sharded-file specs and record index.
 
-Layout (DESIGN.md section 4), one `tf.train.SequenceExample` per clip:
+Layout (docs/design.md#record-format), one `tf.train.SequenceExample` per clip:
   feature_lists `image/encoded`: one JPEG per frame (the older layout with all
     frames as values of one feature, in feature_lists or context, also parses);
   context `clip/label/index` (int64), `clip/label/text` (bytes; MediaSequence's

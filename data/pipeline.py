@@ -1,4 +1,4 @@
-"""tf.data train and eval pipelines over DMVR shards (DESIGN.md section 4).
+"""tf.data train and eval pipelines over DMVR shards (docs/design.md#data).
 
 Phases: index -> order -> read -> parse -> sample -> decode -> augment -> batch.
 

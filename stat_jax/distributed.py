@@ -8,7 +8,7 @@ A process joins one when
     step (srun) or Open MPI (mpirun); jax then finds the coordinator, the
     process count and this process's id itself.
 Otherwise it runs alone and nothing is initialised. On CPU, processes talk
-through gloo collectives (DESIGN.md section 5).
+through gloo collectives (docs/scale-out.md#cpu-processes).
 
 A process that dies is noticed by the others through jax's heartbeats: they
 abort ("the JAX distributed service detected fatal errors") within
