@@ -1,5 +1,5 @@
-"""Train-pipeline throughput in clips/s per core (issue 4 target: >= 25 at
-T=16, 224², from 256-short-side JPEG shards).
+"""Train-pipeline throughput in clips/s per core, 224² crops from
+256-short-side JPEG shards (results in benchmarks/RESULTS.md).
 
   python -m benchmarks.input_pipeline [--frames 16,32,64] [--clips 32]
 
