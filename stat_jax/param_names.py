@@ -3,7 +3,7 @@
 A parameter's name is its path in the NNX model joined by dots, e.g.
 `blocks.3.attn.qkv.kernel` or `embed.convs.0.kernel` (the same names
 config.init_from matches). Every tensor keeps Flax's layout; `layouts()`
-describes each one for readers in other frameworks (README "Export").
+describes each one for readers in other frameworks (docs/export.md).
 """
 
 import jax
