@@ -10,6 +10,9 @@ nh x nw patch tokens of width nc. Per frame i:
   K_LA, V_LA = the class-token keys/values of all frames (4)-(6)
   queries [cls_i, Q̂_i] attend
   K̂_i = concat(K_CA_i, K_SA[window(i)], K_LA)            (7)
+      (Table 1's ablations drop the absent sets: under CA alone both the
+      class-token and the patch queries attend K_CA_i, the patch tokens
+      only -- a class token's key is a key only through K_LA)
   Attention = softmax(Q̂ K̂ᵀ / sqrt(d)) V̂                 (8)  (d = head width)
 
 window(i) = frames i-⌊to/2⌋ .. i-1, i+1 .. i+⌊to/2⌋: never frame i itself,
@@ -173,9 +176,10 @@ def shrinking_temporal_attention(q, k, v, k_sa, v_sa, *, attention: str,
   elif use_la:  # Table 3 "spatial avg-pooling": pooled keys as summaries
     k_la, v_la = k.mean(axis=3), v.mean(axis=3)
     k_cur, v_cur = k, v
-  else:  # CA alone keeps the frame's own class token with its patches
+  else:  # no LA: K̂_i = K_CA_i (+ K_SA), the pooled patch tokens only; a
+    # class-token key enters equation (7) only as part of K_LA
     k_la = v_la = jnp.zeros((batch, 0, heads, head_dim), k.dtype)
-    k_cur, v_cur = k, v
+    k_cur, v_cur = k[:, :, :, num_summary:], v[:, :, :, num_summary:]
   k_la = jnp.moveaxis(k_la, 1, 2)  # [B, h, nt or 0, d]
   v_la = jnp.moveaxis(v_la, 1, 2)
   if use_sa:

@@ -97,9 +97,7 @@ def naive_sta(sta, x, grid, num_summary):
             else:
               keys.append(k[n, j, h].mean(0))
               values.append(v[n, j, h].mean(0))
-        elif num_summary:
-          keys.append(k[n, i, h, 0])
-          values.append(v[n, i, h, 0])
+        # Without LA no class-token key: K̂_i = K_CA_i (+ K_SA), eq. (7).
         keys, values = np.array(keys), np.array(values)
         logits = q[n, i, h] @ keys.T / np.sqrt(head_dim)
         weights = np.exp(logits - logits.max(-1, keepdims=True))
@@ -206,3 +204,17 @@ def test_class_tokens_reach_all_frames_only_through_la():
   assert frames_changed(without_la, x, j, slice(0, 1)) == {j}
   ca_only = make_sta('ca', 3, 1, 1)
   assert frames_changed(ca_only, x, j, slice(None)) == {j}
+
+
+@pytest.mark.parametrize('attention', ['ca', 'ca+sa'])
+def test_without_la_no_query_attends_a_class_token(attention):
+  """Paper eq. (7) with K_LA left out: K̂_i = K_CA_i (+ K_SA), the pooled
+  patch tokens; the class token's key is a key only through K_LA. So the
+  patch outputs do not depend on any class token, and the class-token
+  output of frame i only on its own query."""
+  x = jax.random.normal(jax.random.key(4), (1, NT, 17, DIM))
+  sta = make_sta(attention, 3, 1, 1)
+  base, _ = sta(x, GRID)
+  moved, _ = sta(x.at[:, :, 0].add(1.0), GRID)  # every frame's class token
+  np.testing.assert_array_equal(moved[:, :, 1:], base[:, :, 1:])
+  assert (np.abs(np.asarray(moved[:, :, 0] - base[:, :, 0])).max(axis=-1) > 1e-6).all()
