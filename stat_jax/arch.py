@@ -16,12 +16,13 @@ STEM_LAYOUTS = {
     5: (((3, 3, 3), (2, 2, 2)), ((3, 3, 3), (1, 2, 2)), ((3, 3, 3), (1, 2, 2)),
         ((3, 3, 3), (2, 2, 2)), ((3, 3, 3), (1, 2, 2))),
 }
-# The MViT-B stage each stem hands its tokens to: the convs replace the
-# transformer stages before it ("we replace part of previous transformer
-# blocks with convolutional blocks", Table 5).
-FIRST_STAGE = {1: 0, 3: 1, 5: 2}
 # MViT-B's stage k works at 1/(4 * 2**k) of the input resolution.
 STAGE0_DIVISOR = 4
+# The MViT-B stage each stem hands its tokens to: the first one at the stem's
+# output resolution (1/4, 1/8, 1/32); the convs replace the transformer
+# stages before it ("we replace part of previous transformer blocks with
+# convolutional blocks", Table 5).
+FIRST_STAGE = {1: 0, 3: 1, 5: 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,14 +44,15 @@ class BlockSpec:
 
 def stem_specs(model: ml_collections.ConfigDict) -> tuple[ConvSpec, ...]:
   """Conv layers of the token embedding block for `model.stem_layers`."""
-  dims, hidden = model.stage_dims, tuple(model.stem_hidden)
-  # Output widths: the calibrated hidden widths, then those of the stages the
-  # stem replaces, ending at the width of the first transformer stage.
-  widths = {
-      1: (dims[0],),
-      3: (*hidden, dims[1]),
-      5: (*hidden, dims[1], (dims[1] + dims[2]) // 2, dims[2]),
-  }[model.stem_layers]
+  # Output widths: the calibrated hidden widths (defaults.py), then the
+  # width of the first transformer stage.
+  hidden = {1: (), 3: tuple(model.stem_hidden), 5: tuple(model.stem5_hidden)}
+  if len(hidden[model.stem_layers]) != model.stem_layers - 1:
+    key = 'stem_hidden' if model.stem_layers == 3 else 'stem5_hidden'
+    raise ValueError(f'model.{key} needs {model.stem_layers - 1} widths, '
+                     f'got {hidden[model.stem_layers]}')
+  widths = (*hidden[model.stem_layers],
+            model.stage_dims[FIRST_STAGE[model.stem_layers]])
   layout = STEM_LAYOUTS[model.stem_layers]
   return tuple(
       ConvSpec(kernel, stride, width)

@@ -18,6 +18,9 @@ MVIT_B_DEPTHS = (1, 2, 11, 2)
 MVIT_B_DIMS = (96, 192, 384, 768)
 MVIT_B_HEADS = (1, 2, 4, 8)
 
+# Widths of the first four convs of Table 5's 5-layer stem (model.stem5_hidden).
+STEM5_HIDDEN = (144, 256, 512, 512)
+
 # Paper Table 6 / section "Effect of Window Size": to = 3, 5, 7 for T = 16, 32, 64.
 WINDOW_FOR_FRAMES = {16: 3, 32: 5, 64: 7}
 
@@ -46,22 +49,41 @@ def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
   m.spatial_summary = 'cls'  # 'cls' (spatial class token) or 'avgpool'
   # Table 4: temporal aggregation layers (0 = mean of the frame summaries).
   m.lta = 1
+  # Each lta layer is pre-LN multi-head self-attention with a residual, no
+  # MLP (the paper's "light temporal aggregation block ... lta Multi-Headed
+  # Self Attention layers"). True adds a transformer MLP (hidden
+  # mlp_ratio x width) to each: +4.7 M parameters per layer at width 768.
+  m.lta_mlp = False
   # Table 5: conv layers in the token embedding block (1, 3 or 5).
   m.stem_layers = 3
   # CALIBRATED: hidden widths of the 3-layer stem (the paper gives only the
   # output width 192). 64 -> 96 -> 192 gives 58.2 GMACs for the CA row of
-  # Table 1. The 5-layer stem continues with (192, 288) before 384.
+  # Table 1.
   m.stem_hidden = (64, 96)
+  # CALIBRATED: the first four widths of the 5-layer stem of Table 5; its
+  # fifth conv outputs the width of the stage it hands its tokens to. Every
+  # stem hands over to the MViT-B stage of its output resolution (arch.py):
+  # the 1-layer stem (1/4) keeps all 16 blocks, the 3-layer (1/8) replaces
+  # the first stage (1 block), the 5-layer (1/32, T/4) the first three (14
+  # blocks) and feeds the last two (768 wide). The paper keeps "computational
+  # overhead and numbers of parameters approximately the same" across the
+  # stems: 144 -> 256 -> 512 -> 512 -> 768 puts the 5-layer stem within 1 %
+  # of the 3-layer one in both at T = 16 (benchmarks/flops_table.py, Table 5).
+  m.stem5_hidden = STEM5_HIDDEN
   m.stage_depths = MVIT_B_DEPTHS
   m.stage_dims = MVIT_B_DIMS
   m.stage_heads = MVIT_B_HEADS
   # K/V pooling (CA): depthwise conv, kernel 3x3, stride kv_stride at 1/4 of
   # the input resolution, halved at each Q pooling (MViT-B's adaptive
-  # [1, 8, 8] stride) -> K_CA, V_CA are 7x7 per frame at every stage for 224².
+  # [1, 8, 8] stride). For 224² K_CA, V_CA are 7x7 per frame in every block
+  # except the two Q-pooling transition blocks: their K/V are pooled from
+  # the block input (28x28, then 14x14) with the already halved stride, so
+  # 14x14 there (as in MViT-B).
   m.kv_stride = 8
   m.pool_kernel = 3
   # CALIBRATED: SA = 2D average pool of K_CA / V_CA with this window and
-  # stride ('SAME' padding): 7x7 -> 4x4 tokens per neighbouring frame. It
+  # stride ('SAME' padding): 7x7 -> 4x4 tokens per neighbouring frame
+  # (14x14 -> 7x7 at the two transition blocks). It
   # reproduces Table 2's slope (+1.5 GMACs per +2 in `to` at T = 32).
   m.sa_pool = 2
   m.mlp_ratio = 4.0

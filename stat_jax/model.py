@@ -16,6 +16,12 @@ from stat_jax.attention import ShrinkingTemporalAttention, dense_init
 embedding_init = nnx.initializers.truncated_normal(stddev=0.02)
 
 
+def gelu(x):
+  """The exact (erf) GELU of MViT / PySlowFast (torch.nn.GELU); jax.nn.gelu
+  defaults to the tanh approximation."""
+  return jax.nn.gelu(x, approximate=False)
+
+
 def drop_path(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
   """Stochastic depth: drops a whole residual branch per clip."""
   return nnx.Dropout(rate, broadcast_dims=(1, 2, 3), rngs=rngs)
@@ -44,7 +50,7 @@ class TokenEmbedding(nnx.Module):
   def __call__(self, video):
     x = video
     for layer, norm in zip(self.convs[:-1], self.norms):
-      x = jax.nn.gelu(norm(layer(x)))
+      x = gelu(norm(layer(x)))
     return self.convs[-1](x)
 
 
@@ -57,7 +63,7 @@ class Mlp(nnx.Module):
                           rngs=rngs)
 
   def __call__(self, x):
-    return self.fc2(jax.nn.gelu(self.fc1(x)))
+    return self.fc2(gelu(self.fc1(x)))
 
 
 class STABlock(nnx.Module):
@@ -118,18 +124,27 @@ class STABlock(nnx.Module):
 
 
 class TemporalBlock(nnx.Module):
-  """One MHSA layer of the temporal aggregation block (pre-LN + MLP)."""
+  """One layer of the light temporal aggregation block: x + MHSA(LN(x)).
+
+  The paper: "interacts with all spatial class tokens using lta Multi-Headed
+  Self Attention layers" -- attention only. `mlp_ratio` > 0 (config
+  `model.lta_mlp`) adds a transformer MLP, x + MLP(LN(x)), after it.
+  """
 
   def __init__(self, dim: int, heads: int, mlp_ratio: float, *, dtype, rngs):
     self.norm1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
     self.attn = nnx.MultiHeadAttention(
         heads, dim, dtype=dtype, kernel_init=dense_init, decode=False,
         deterministic=True, rngs=rngs)
-    self.norm2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
-    self.mlp = Mlp(dim, int(dim * mlp_ratio), dim, dtype=dtype, rngs=rngs)
+    self.norm2 = (nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+                  if mlp_ratio else None)
+    self.mlp = (Mlp(dim, int(dim * mlp_ratio), dim, dtype=dtype, rngs=rngs)
+                if mlp_ratio else None)
 
   def __call__(self, x):
     x = x + self.attn(self.norm1(x))
+    if self.mlp is None:
+      return x
     return x + self.mlp(self.norm2(x))
 
 
@@ -184,8 +199,9 @@ class STAT(nnx.Module):
         STABlock(spec, model, num_summary=self.num_summary, dtype=dtype,
                  rngs=rngs) for spec in blocks
     ])
-    self.aggregate = TemporalAggregation(last.dim_out, last.heads, model.lta,
-                                         model.mlp_ratio, dtype=dtype, rngs=rngs)
+    self.aggregate = TemporalAggregation(
+        last.dim_out, last.heads, model.lta,
+        model.mlp_ratio if model.lta_mlp else 0.0, dtype=dtype, rngs=rngs)
     self.norm = nnx.LayerNorm(last.dim_out, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(model.dropout, rngs=rngs)
     self.head = nnx.Linear(last.dim_out, model.num_classes, dtype=dtype,

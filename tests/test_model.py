@@ -79,7 +79,7 @@ def test_parameter_count_of_k400_16_by_hand():
   blocks += [(384, 384, 4, False)] * 9 + [(384, 768, 4, False)]
   blocks += [(768, 768, 8, True), (768, 768, 8, False)]
   c = 768
-  aggregation = c + 4 * c + (4 * c * c + 4 * c) + (8 * c * c + 5 * c)
+  aggregation = c + 2 * c + (4 * c * c + 4 * c)  # video cls, LN, MHSA: no MLP
   head = 2 * c + c * 400 + 400
   expected = stem + embeddings + sum(block_params(*b) for b in blocks)
   expected += aggregation + head
@@ -92,7 +92,16 @@ def test_lta_zero_has_no_temporal_layers():
   config.model.lta = 0
   c = 768
   assert with_lta - param_count(abstract_model(config)) == (
-      4 * c + (4 * c * c + 4 * c) + (8 * c * c + 5 * c))
+      2 * c + (4 * c * c + 4 * c))  # LN + MHSA (q, k, v, out)
+
+
+def test_lta_mlp_switch_adds_a_transformer_mlp():
+  config = k400.get_config('16')
+  light = param_count(abstract_model(config))
+  config.model.lta_mlp = True
+  c = 768
+  assert param_count(abstract_model(config)) - light == (
+      2 * c + (8 * c * c + 5 * c))  # LN + MLP (c -> 4c -> c)
 
 
 @pytest.mark.parametrize('stem_layers,grid', [(1, (8, 56)), (5, (4, 7))])
@@ -220,3 +229,30 @@ def test_every_attention_impl_gives_the_same_logits(monkeypatch):
     logits[impl] = forward(model, video)
   np.testing.assert_allclose(logits['cudnn'], logits['xla'], rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(logits['auto'], logits['xla'])  # CPU: xla
+
+
+def primitive_names(jaxpr) -> set:
+  """Names of every primitive in `jaxpr` and the jaxprs nested in it."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          names |= primitive_names(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          names |= primitive_names(sub)
+  return names
+
+
+def test_gelu_is_the_exact_erf_form():
+  """MViT / PySlowFast use torch.nn.GELU (erf); jax.nn.gelu's default is the
+  tanh approximation. The model (stem, MLPs, lta MLP) has no tanh."""
+  config = tiny.get_config()
+  config.model.lta_mlp = True
+  graphdef, state = nnx.split(abstract_model(config))
+  video = jax.ShapeDtypeStruct((1, 8, 32, 32, 3), jnp.float32)
+  names = primitive_names(jax.make_jaxpr(
+      lambda state, video: nnx.merge(graphdef, state)(video))(state, video).jaxpr)
+  # jax.nn.gelu(approximate=False) is 0.5 x erfc(-x / sqrt 2).
+  assert names & {'erf', 'erfc'} and 'tanh' not in names
