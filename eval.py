@@ -12,14 +12,14 @@ process; see stat_jax/distributed.py and the README's "Scale-out" (flags
 """
 
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
-from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from absl import app, flags  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
-from stat_jax import distributed, trainer
+from stat_jax import cli, trainer
+from stat_jax.startup import start_run
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory to evaluate.')
@@ -28,17 +28,13 @@ _CHECKPOINT = flags.DEFINE_string('checkpoint', 'latest',
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # orbax and clu are chatty at INFO
-  try:
-    distributed.initialize_from_flags()
-    trainer.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
-  except (ValueError, FileNotFoundError) as error:
-    print(f'eval.py: {error}', file=sys.stderr)
-    return 1
+def evaluate() -> int:
+  start_run(_CONFIG.value)
+  trainer.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
   return 0
+
+
+main = cli.script_main('eval.py', evaluate)
 
 
 if __name__ == '__main__':

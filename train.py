@@ -14,14 +14,14 @@ checkpoint, exit status 143; the same command resumes it.
 
 import os
 import signal
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
-from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from absl import app, flags  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
-from stat_jax import distributed, trainer
+from stat_jax import cli, trainer
+from stat_jax.startup import start_run
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, '
@@ -29,18 +29,14 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, '
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # orbax and clu are chatty at INFO
-  try:
-    distributed.initialize_from_flags()
-    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (trainer.NonFiniteLoss, ValueError, FileNotFoundError) as error:
-    print(f'train.py: {error}', file=sys.stderr)
-    return 1
+def train() -> int:
+  start_run(_CONFIG.value)
+  result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   # Pre-empted: saved, but not finished (the shell's code for SIGTERM).
   return 128 + signal.SIGTERM if result['preempted'] else 0
+
+
+main = cli.script_main('train.py', train, user_errors=(trainer.NonFiniteLoss,))
 
 
 if __name__ == '__main__':

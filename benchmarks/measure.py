@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from stat_jax import optim
+from stat_jax import defaults, optim
 from stat_jax.flops import model_macs
-from stat_jax.train_step import (ModelParts, init_train_state, make_eval_step,
-                                 make_train_step)
+from stat_jax.train_state import ModelParts, init_train_state
+from stat_jax.train_step import make_eval_step, make_train_step
 
 MATMUL_SIZE = 4096  # the peak: one [n, n] x [n, n] product at the config dtype
 
@@ -41,8 +41,7 @@ class Program:
 
 
 def random_video(config, batch: int) -> jax.Array:
-  data = config.data
-  shape = (batch, data.num_frames, data.crop_size, data.crop_size, 3)
+  shape = (batch, *defaults.clip_shape(config.data))
   return jax.random.normal(jax.random.key(0), shape, jnp.float32)
 
 

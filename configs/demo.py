@@ -25,6 +25,7 @@ def get_config(arg: str = ''):
   config = defaults.base_config(num_frames=16, num_classes=len(synthetic.CLASSES))
   d = config.data
   d.dataset = 'synthetic_motion'
+  d.reversed_classes = synthetic.REVERSED_CLASSES  # the time-reversal score
   d.synthetic.generate = True
   d.synthetic.dir = 'cache/synthetic_motion'
   d.synthetic.train_clips = 4800

@@ -4,16 +4,20 @@
 
 Same architecture family as the paper (all blocks, pooling and attention
 paths exercised) at 8 frames of 32x32: the 3-layer stem gives 4 frames of
-4x4 tokens, one block per stage.
+4x4 tokens, one block per stage. Its classes are those of the synthetic
+motion set (data/synthetic.py), which the tests train it on.
 """
 
+from data import synthetic
 from stat_jax import defaults
 
 
 def get_config(arg: str = ''):
   del arg
-  config = defaults.base_config(num_frames=8, num_classes=10)
+  config = defaults.base_config(num_frames=8,
+                                num_classes=len(synthetic.CLASSES))
   config.data.dataset = 'synthetic_motion'
+  config.data.reversed_classes = synthetic.REVERSED_CLASSES
   config.data.crop_size = 32
   config.data.eval_short_side = 32
   config.data.num_clips, config.data.num_crops = 2, 1

@@ -19,6 +19,8 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from stat_jax.errors import UserError
+
 IMAGE_KEY = 'image/encoded'
 LABEL_INDEX_KEY = 'clip/label/index'
 LABEL_TEXT_KEY = 'clip/label/text'
@@ -183,7 +185,7 @@ def resolve_spec(spec: str) -> list:
         raise FileNotFoundError(f'spec {part!r}: no such file')
       files.append(part)
   if not files:
-    raise ValueError(f'shard spec {spec!r} names no file')
+    raise UserError(f'shard spec {spec!r} names no file')
   return files
 
 

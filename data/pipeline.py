@@ -33,7 +33,7 @@ import tensorflow as tf
 from data import augment
 from data import dmvr
 from data import sampling
-from data import synthetic
+from stat_jax.errors import UserError
 
 _READ_PARALLELISM = 8  # records read concurrently by the interleave
 _PREFETCH_BATCHES = 2
@@ -56,7 +56,7 @@ class RecordIndex:
     rows = np.concatenate(tables)  # [n, 2]
     self.offset, self.length = rows[:, 0], rows[:, 1]
     if not len(self.file):
-      raise ValueError(f'shard spec {spec!r}: no records in {self.files}')
+      raise UserError(f'shard spec {spec!r}: no records in {self.files}')
 
   def __len__(self):
     return len(self.file)
@@ -119,7 +119,7 @@ def class_names(config) -> list[str]:
     if os.path.exists(path):
       names = dmvr.load_label_map(path)
       if len(names) != count:
-        raise ValueError(f'{path}: {len(names)} class names, but '
+        raise UserError(f'{path}: {len(names)} class names, but '
                          f'model.num_classes = {count}')
       return names
   return [str(i) for i in range(count)]
@@ -132,26 +132,30 @@ def _label(parsed, table, num_classes):
   if table is not None:
     candidates.append(table.lookup(parsed['label_text']))
   label = tf.concat(candidates + [[-1]], 0)[0]
-  checks = [tf.debugging.assert_non_negative(label, message='no label')]
-  if num_classes:
-    checks.append(tf.debugging.assert_less(label, num_classes,
-                                           message='label >= num_classes'))
+  checks = [tf.debugging.assert_non_negative(label, message='no label'),
+            tf.debugging.assert_less(label, num_classes,
+                                     message='label >= num_classes')]
   with tf.control_dependencies(checks):
     return tf.identity(label)
 
 
+def normalisation(data) -> tuple[np.ndarray, np.ndarray]:
+  """(scale, offset), float32 [3]: (x / 255 - mean) / std = x * scale +
+  offset per channel, for x in [0, 255]. The model's input; exports apply
+  it inside the model (stat_jax/deploy/inference.py)."""
+  std = np.asarray(data.std, np.float64)
+  scale = 1 / (255 * std)
+  offset = -np.asarray(data.mean, np.float64) / std
+  return scale.astype(np.float32), offset.astype(np.float32)
+
+
 def _normalise(video, data):
-  """[0, 255] -> (x / 255 - mean) / std, per channel (scalars when all
-  channels agree: broadcasting a [3] vector is ~4x slower on CPU)."""
-  scale = [1. / (255. * s) for s in data.std]
-  offset = [-m / s for m, s in zip(data.mean, data.std)]
-  if len(set(scale)) == 1 and len(set(offset)) == 1:
+  """normalisation() of a [0, 255] video (scalars when all channels agree:
+  broadcasting a [3] vector is ~4x slower on CPU)."""
+  scale, offset = normalisation(data)
+  if (scale == scale[0]).all() and (offset == offset[0]).all():
     return video * scale[0] + offset[0]
-  return video * tf.constant(scale) + tf.constant(offset)
-
-
-def _num_classes(config):
-  return config.model.num_classes if 'model' in config else 0
+  return video * scale + offset
 
 
 # ------------------------------------------------------------------- train ---
@@ -191,21 +195,20 @@ class TrainIterator:
   int32 [b]} numpy batches, b = batch_size // process_count; exact resume via
   get_state() / set_state()."""
 
-  def __init__(self, config, process_index, process_count, seed):
+  def __init__(self, config, process_index, process_count):
     if config.batch_size % process_count:
-      raise ValueError(f'batch_size {config.batch_size} is not divisible by '
+      raise UserError(f'batch_size {config.batch_size} is not divisible by '
                        f'process_count {process_count}')
     self._data = config.data
-    synthetic.prepare(self._data)
-    self._num_classes = _num_classes(config)
+    self._num_classes = config.model.num_classes
     self._batch = config.batch_size // process_count
     self._process = (process_index, process_count)
     self._index = RecordIndex(self._data.train_spec)
     self.records_per_epoch = len(self._index) // process_count
     if not self.records_per_epoch:
-      raise ValueError(f'{self._data.train_spec}: {len(self._index)} records '
+      raise UserError(f'{self._data.train_spec}: {len(self._index)} records '
                        f'for {process_count} processes')
-    self._seed = int(config.seed if seed is None else seed)
+    self._seed = int(config.seed)
     self._table = _label_table(self._data, self._data.train_spec)
     self._epoch, self._position, self.num_skipped = 0, 0, 0
     self._batches = None
@@ -266,21 +269,20 @@ class TrainIterator:
     expected = self.get_state()
     for key in ('seed', 'process_index', 'process_count'):
       if int(state[key]) != expected[key]:
-        raise ValueError(f'iterator state {key}: expected {expected[key]}, '
+        raise UserError(f'iterator state {key}: expected {expected[key]}, '
                          f'got {state[key]}')
     if not 0 <= int(state['position']) < self.records_per_epoch:
-      raise ValueError(f'iterator state position: expected 0..'
+      raise UserError(f'iterator state position: expected 0..'
                        f'{self.records_per_epoch - 1}, got {state["position"]}')
     self._epoch, self._position = int(state['epoch']), int(state['position'])
     self.num_skipped = int(state['num_skipped'])
     self._batches = None
 
 
-def make_train_iterator(config, *, process_index=0, process_count=1,
-                        seed=None) -> TrainIterator:
-  """Train batches for this process (see TrainIterator); seed defaults to
-  config.seed."""
-  return TrainIterator(config, process_index, process_count, seed)
+def make_train_iterator(config, *, process_index=0,
+                        process_count=1) -> TrainIterator:
+  """Train batches for this process (see TrainIterator)."""
+  return TrainIterator(config, process_index, process_count)
 
 
 # -------------------------------------------------------------------- eval ---
@@ -314,14 +316,13 @@ class EvalIterator:
 
   def __init__(self, config, process_index, process_count):
     data = self._data = config.data
-    synthetic.prepare(data)
     if data.eval_short_side < data.crop_size:
-      raise ValueError(f'data.eval_short_side {data.eval_short_side} < '
+      raise UserError(f'data.eval_short_side {data.eval_short_side} < '
                        f'data.crop_size {data.crop_size}')
     self.num_views = data.num_clips * data.num_crops
     global_views = data.eval_batch_size * self.num_views
     if global_views % process_count:
-      raise ValueError(f'eval_batch_size * views = {global_views} is not '
+      raise UserError(f'eval_batch_size * views = {global_views} is not '
                        f'divisible by process_count {process_count}')
     self._batch = global_views // process_count
     self._index = RecordIndex(data.eval_spec)
@@ -331,7 +332,7 @@ class EvalIterator:
     self.num_batches = math.ceil(
         math.ceil(total / process_count) * self.num_views / self._batch)
     self._table = _label_table(data, data.eval_spec)
-    self._num_classes = _num_classes(config)
+    self._num_classes = config.model.num_classes
     self._seen, self._done = set(), False
     self._batches = iter(self._dataset().as_numpy_iterator())
 

@@ -16,7 +16,6 @@ writes `train.tfrecord-0000X-of-0000N`, `val.tfrecord-...` (DMVR layout) and
 label_map.txt. Train with flip off: left/right and cw/ccw are labels.
 """
 
-import argparse
 import json
 import math
 import os
@@ -24,8 +23,11 @@ import shutil
 import time
 
 import numpy as np
+from absl import flags
 
 from data import dmvr
+from stat_jax import cli
+from stat_jax.errors import UserError
 
 CLASSES = (
     'move_left', 'move_right',
@@ -49,14 +51,9 @@ def reverse_class(label: int) -> int:
   return label ^ 1
 
 
-def time_reversed(batch: dict) -> dict:
-  """An eval batch (data/pipeline.py) played backwards: 'video' [b, T, ...]
-  reversed along T and each real row's label mapped through reverse_class;
-  padding rows (label -1) keep theirs."""
-  labels = [reverse_class(label) if label >= 0 else label
-            for label in batch['label'].tolist()]
-  return dict(batch, video=batch['video'][:, ::-1],
-              label=np.array(labels, batch['label'].dtype))
+# config.data.reversed_classes of a config that trains on this set: the
+# time-reversal score of every evaluation.
+REVERSED_CLASSES = tuple(reverse_class(label) for label in range(len(CLASSES)))
 
 
 # --------------------------------------------------------------- rendering ---
@@ -268,7 +265,7 @@ def prepare(data) -> dict:
   with open(params_path) as f:
     found = json.load(f)
   if found != params:
-    raise ValueError(f'{spec.dir} holds a synthetic set made with {found}, '
+    raise UserError(f'{spec.dir} holds a synthetic set made with {found}, '
                      f'config data.synthetic asks for {params}')
   specs = {'train': _split_spec(spec.dir, 'train', spec.train_clips),
            'val': _split_spec(spec.dir, 'val', spec.val_clips),
@@ -278,23 +275,36 @@ def prepare(data) -> dict:
   return specs
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--out', required=True)
-  parser.add_argument('--train', type=int, required=True)
-  parser.add_argument('--val', type=int, required=True)
-  parser.add_argument('--frames', type=int, default=32)
-  parser.add_argument('--size', type=int, default=64)
-  parser.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args(argv)
+FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
+flags.DEFINE_string('out', None, 'Folder to write.', flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_integer('train', None, 'Train clips.', flag_values=FLAGS,
+                     required=True)
+flags.DEFINE_integer('val', None, 'Val clips.', flag_values=FLAGS,
+                     required=True)
+flags.DEFINE_integer('frames', 32, 'Frames per clip.', flag_values=FLAGS)
+flags.DEFINE_integer('size', 64, 'Frame height and width.', flag_values=FLAGS)
+flags.DEFINE_integer('seed', 0, 'Random seed.', flag_values=FLAGS)
+
+
+def run(args: list[str]) -> int:
+  """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
+  cli.no_positional(args)
   start = time.time()
-  specs = generate(args.out, args.train, args.val, args.frames, args.size,
-                   args.seed)
-  print(f'wrote {args.train} train + {args.val} val clips of {args.frames}x'
-        f'{args.size}x{args.size} in {time.time() - start:.1f}s')
+  specs = generate(FLAGS.out, FLAGS.train, FLAGS.val, FLAGS.frames,
+                   FLAGS.size, FLAGS.seed)
+  print(f'wrote {FLAGS.train} train + {FLAGS.val} val clips of '
+        f'{FLAGS.frames}x{FLAGS.size}x{FLAGS.size} in '
+        f'{time.time() - start:.1f}s')
   for name, spec in specs.items():
     print(f'  {name}: {spec}')
+  return 0
+
+
+def main(argv: list[str]) -> int:
+  """The command line after the program name, run in this process."""
+  return run(cli.parse(FLAGS, argv))
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(run, FLAGS)

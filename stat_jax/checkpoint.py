@@ -27,7 +27,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from stat_jax.errors import UserError
+
 BEST_METRIC = 'val_top1'
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Where the checkpoints of the run directory `workdir` are."""
+  return os.path.join(workdir, 'checkpoints')
 
 
 def _best_metric(metrics) -> float:
@@ -83,10 +90,9 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
-    # Checkpoints from before multi-process runs hold one process's dict.
-    data_states = restored['data'].get('processes', [restored['data']])
+    data_states = restored['data']['processes']
     if len(data_states) != jax.process_count():
-      raise ValueError(
+      raise UserError(
           f'checkpoint step {step} in {self.directory} was written by '
           f'{len(data_states)} process(es); resume it with '
           f'{len(data_states)} (eval.py restores it on any number)')

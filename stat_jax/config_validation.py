@@ -3,15 +3,17 @@
 Two checks: every key must exist in the reference schema (stat_jax/defaults.py,
 so a typo like `model.windw` is caught even in a config file), and every
 value must be one the model and pipeline can honour. Errors name the key,
-the value and what is allowed.
+the value and what is allowed. `validate_model` checks only what the model
+reads (model.build_model calls it); `validate` checks everything (training
+and evaluation call it).
 """
 
 import difflib
 
 import ml_collections
 
-from stat_jax import defaults
-from stat_jax import arch, conv
+from stat_jax import arch, conv, defaults
+from stat_jax.errors import UserError
 from stat_jax.attention import (ATTENTION_IMPLS, ATTENTION_SETS, CUDNN_DTYPES,
                                 SPATIAL_SUMMARIES)
 
@@ -19,7 +21,7 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 SAMPLINGS = ('segment', 'dense')
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
   """A config key or value that cannot be used."""
 
 
@@ -50,6 +52,8 @@ def _require(ok: bool, key: str, value, allowed: str) -> None:
 
 def check_model(config: ml_collections.ConfigDict) -> None:
   m = config.model
+  _require(config.dtype in DTYPES, 'dtype', config.dtype,
+           f'must be one of {", ".join(DTYPES)}')
   _require(m.attention in ATTENTION_SETS, 'model.attention', m.attention,
            f'must be one of {", ".join(ATTENTION_SETS)}')
   _require(isinstance(m.window, int) and m.window >= 3 and m.window % 2 == 1,
@@ -106,13 +110,24 @@ def check_input(config: ml_collections.ConfigDict) -> None:
                f'gives a {size}x{size} token grid at block {i}, not divisible '
                f'by the Q pooling stride {block.q_stride}')
       size //= block.q_stride
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+  d = config.data
   _require(d.sampling in SAMPLINGS, 'data.sampling', d.sampling,
            f'must be one of {", ".join(SAMPLINGS)}')
+  reverse = tuple(d.reversed_classes)
+  if reverse:
+    count = config.model.num_classes
+    _require(len(reverse) == count and set(reverse) <= set(range(count))
+             and all(reverse[r] == c for c, r in enumerate(reverse)),
+             'data.reversed_classes', d.reversed_classes,
+             f'must be empty (off) or give each of the {count} classes the '
+             'class it becomes played backwards (reversing twice gives the '
+             'class back)')
 
 
 def check_training(config: ml_collections.ConfigDict) -> None:
-  _require(config.dtype in DTYPES, 'dtype', config.dtype,
-           f'must be one of {", ".join(DTYPES)}')
   _require(config.batch_size >= 1, 'batch_size', config.batch_size, 'must be >= 1')
   _require(config.grad_accum_steps >= 1
            and config.batch_size % config.grad_accum_steps == 0,
@@ -120,9 +135,16 @@ def check_training(config: ml_collections.ConfigDict) -> None:
            f'must be >= 1 and divide batch_size ({config.batch_size})')
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raise ConfigError naming the first bad key; return None if all is well."""
+def validate_model(config: ml_collections.ConfigDict) -> None:
+  """validate() for what the model reads: keys, config.model, dtype and the
+  clip shape; training fields may be absent."""
   check_keys(config)
   check_model(config)
   check_input(config)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raise ConfigError naming the first bad key; return None if all is well."""
+  validate_model(config)
+  check_data(config)
   check_training(config)

@@ -127,6 +127,11 @@ def data_config(num_frames: int) -> ml_collections.ConfigDict:
   d.num_crops = 1
   d.eval_batch_size = 8  # global, in videos
   d.num_parallel_calls = -1  # tf.data.AUTOTUNE
+  # Evaluation of temporal order, for datasets whose classes come in
+  # time-reversed pairs: entry c is the class a clip of class c becomes when
+  # played backwards. Set, every eval also scores the val clips played
+  # backwards against it ('time_reversed_top1'). () = off.
+  d.reversed_classes = ()
   # The synthetic motion dataset (data/synthetic.py): with generate=True the
   # specs above are filled in, and the set generated into `dir` if absent.
   d.synthetic = ml_collections.ConfigDict()
@@ -138,6 +143,11 @@ def data_config(num_frames: int) -> ml_collections.ConfigDict:
   d.synthetic.size = 64
   d.synthetic.seed = 0
   return d
+
+
+def clip_shape(data: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
+  """(T, H, W, 3) of one clip of the data config, as the model takes it."""
+  return (data.num_frames, data.crop_size, data.crop_size, 3)
 
 
 def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:

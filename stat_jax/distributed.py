@@ -21,6 +21,8 @@ import os
 import jax
 from absl import flags
 
+from stat_jax.errors import UserError
+
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None,
     'host:port of process 0 in a multi-process run (env JAX_COORDINATOR_ADDRESS).')
@@ -74,7 +76,7 @@ def initialize(coordinator_address: str | None = None,
   missing = [f'--{name} (or {ENV_VARS[name]})' for name in ENV_VARS
              if name not in settings]
   if cluster is None and missing:
-    raise ValueError(f'a multi-process run needs {", ".join(missing)} as '
+    raise UserError(f'a multi-process run needs {", ".join(missing)} as '
                      f'well; got {settings}')
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(**settings)

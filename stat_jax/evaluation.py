@@ -4,8 +4,7 @@ JSON report.
 
 Eval batches (data/pipeline.py, EvalIterator) hold one view per row; rows
 with mask False are padding. The accumulator keeps per-video sums (softmax
-sums, view counts), so partial accumulators, e.g. one per process, combine
-exactly with `merge` or `add_sums`.
+sums, view counts); trainer.evaluate gathers every process's rows into it.
 """
 
 import json
@@ -39,30 +38,21 @@ class ViewAccumulator:
                        f'{self.num_classes}]')
     if (probs[mask] < 0).any():
       raise ValueError('probs must be softmax probabilities, not logits')
-    self.add_sums(video_id=np.asarray(video_id)[mask],
-                  label=np.asarray(label)[mask], views=np.ones(mask.sum(), int),
-                  prob_sum=probs[mask])
-
-  def add_sums(self, video_id, label, views, prob_sum) -> None:
-    """Adds partial sums: video_id, label, views [n], prob_sum [n, K]; a
-    video id may repeat. Raises ValueError on a label out of range or one
-    video id seen with two labels."""
-    for vid, lab, count, probs in zip(np.asarray(video_id).tolist(),
-                                      np.asarray(label).tolist(),
-                                      np.asarray(views).tolist(),
-                                      np.asarray(prob_sum, np.float64)):
+    for vid, lab, view_probs in zip(np.asarray(video_id)[mask].tolist(),
+                                    np.asarray(label)[mask].tolist(),
+                                    probs[mask]):
       if not 0 <= lab < self.num_classes:
         raise ValueError(f'video {vid}: label {lab} not in '
                          f'[0, {self.num_classes})')
       if self._labels.setdefault(vid, lab) != lab:
         raise ValueError(f'video {vid} has labels {self._labels[vid]} and '
                          f'{lab}')
-      self._views[vid] = self._views.get(vid, 0) + count
-      self._prob_sums[vid] = self._prob_sums.get(vid, 0.0) + probs
+      self._views[vid] = self._views.get(vid, 0) + 1
+      self._prob_sums[vid] = self._prob_sums.get(vid, 0.0) + view_probs
 
-  def sums(self) -> dict[str, np.ndarray]:
-    """The per-video sums, by increasing video id, as add_sums takes them:
-    video_id, label, views int64 [n], prob_sum float64 [n, K]."""
+  def _sums(self) -> dict[str, np.ndarray]:
+    """The per-video sums, by increasing video id: video_id, label, views
+    int64 [n], prob_sum float64 [n, K]."""
     ids = sorted(self._labels)
     return {
         'video_id': np.array(ids, np.int64),
@@ -72,18 +62,12 @@ class ViewAccumulator:
                              np.float64).reshape(len(ids), self.num_classes),
     }
 
-  def merge(self, other: 'ViewAccumulator') -> None:
-    """Adds the sums of another accumulator (e.g. another process's)."""
-    if other.num_classes != self.num_classes:
-      raise ValueError(f'{other.num_classes} classes != {self.num_classes}')
-    self.add_sums(**other.sums())
-
   def result(self) -> dict:
     """Accuracy of the view-averaged softmax: top1, top5 (fractions),
     per_class {class: top-1 over its videos} and per_class_videos {class:
     videos} for the classes present, num_videos, num_views, and predictions
     (one dict per video). Ties rank the lower class index first."""
-    sums = self.sums()
+    sums = self._sums()
     if not sums['video_id'].size:
       raise ValueError('no videos were added')
     labels = sums['label']
@@ -102,6 +86,17 @@ class ViewAccumulator:
         'num_views': int(sums['views'].sum()),
         'predictions': _predictions(sums, top, mean_probs),
     }
+
+
+def time_reversed(batch: dict, reversed_classes) -> dict:
+  """An eval batch played backwards: 'video' [b, T, ...] reversed along T,
+  each real row's label c replaced by reversed_classes[c] (the class its
+  clip becomes backwards; config.data.reversed_classes); padding rows
+  (label -1) keep theirs."""
+  labels = batch['label']
+  mapped = np.asarray(reversed_classes, labels.dtype)[np.maximum(labels, 0)]
+  return dict(batch, video=batch['video'][:, ::-1],
+              label=np.where(labels >= 0, mapped, labels))
 
 
 def _predictions(sums, top, mean_probs) -> list[dict]:
@@ -162,7 +157,7 @@ def write_report(result: dict, path: str, class_names=None) -> str:
 
 def format_accuracy(result: dict) -> str:
   """One line: top-1 / top-5 with the counts, and the time-reversal score
-  when the result has one (trainer.evaluate on the synthetic set)."""
+  when the result has one (config.data.reversed_classes set)."""
   text = (f'top-1 {100 * result["top1"]:.2f}%  '
           f'top-5 {100 * result["top5"]:.2f}%  '
           f'({result["num_videos"]} videos, {result["num_views"]} views)')

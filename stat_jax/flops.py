@@ -18,8 +18,8 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from stat_jax import conv
-from stat_jax.model import build_model
+from stat_jax import conv, defaults
+from stat_jax.model import abstract_model
 
 
 def dot_general_macs(eqn) -> int:
@@ -86,17 +86,11 @@ def xla_flops(fn, *args) -> float:
   return float(analysis['flops'])
 
 
-def abstract_model(config) -> nnx.Module:
-  """The configured model with shapes only (no memory, no compute)."""
-  return nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
-
-
 def model_forward(model: nnx.Module, config):
   """(forward function of the model state, that state, one view at batch 1)."""
   graphdef, state = nnx.split(model)
-  data = config.data
-  view = jax.ShapeDtypeStruct(
-      (1, data.num_frames, data.crop_size, data.crop_size, 3), jnp.float32)
+  view = jax.ShapeDtypeStruct((1, *defaults.clip_shape(config.data)),
+                              jnp.float32)
 
   def forward(state, video):
     model = nnx.merge(graphdef, state)

@@ -10,7 +10,7 @@ import ml_collections
 from flax import nnx
 
 from stat_jax import arch, conv
-from stat_jax.config_validation import validate
+from stat_jax.config_validation import validate_model
 from stat_jax.attention import ShrinkingTemporalAttention, dense_init
 
 embedding_init = nnx.initializers.truncated_normal(stddev=0.02)
@@ -238,6 +238,13 @@ class STAT(nnx.Module):
 
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> STAT:
-  """The STAT of `config` (validated first); `model.eval()` for inference."""
-  validate(config)
+  """The STAT of `config`; `model.eval()` for inference. Only what the model
+  reads is validated first (config.model, the clip shape, dtype): training
+  fields may be absent."""
+  validate_model(config)
   return STAT(config, rngs=rngs)
+
+
+def abstract_model(config: ml_collections.ConfigDict) -> STAT:
+  """The STAT of `config` with shapes only (no memory, no compute)."""
+  return nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))

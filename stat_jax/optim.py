@@ -8,6 +8,8 @@ import jax
 import ml_collections
 import optax
 
+from stat_jax import param_names
+
 REFERENCE_BATCH = 512
 NO_DECAY_NAMES = ('pos_spatial', 'pos_temporal', 'cls_token', 'video_cls')
 
@@ -30,15 +32,11 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
       decay_steps=steps, end_value=opt.min_lr * scale)
 
 
-def _path_name(path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
-
-
 def decay_mask(params):
   """True for the weights that get weight decay: matrices and conv kernels,
   but not position embeddings or class tokens."""
   def decays(path, leaf):
-    name = _path_name(path)
+    name = param_names.name_of(path)
     return leaf.ndim >= 2 and not any(n in name for n in NO_DECAY_NAMES)
   return jax.tree_util.tree_map_with_path(decays, params)
 

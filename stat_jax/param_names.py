@@ -12,7 +12,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from stat_jax.model import build_model
+from stat_jax.model import abstract_model
 
 _LINEAR = '[in, out]: y = x @ kernel + bias (torch nn.Linear.weight = kernel.T)'
 _QKV = ('[C, 3 C]: output columns ordered (q | k | v, head, head_dim) '
@@ -29,7 +29,16 @@ _TOKENS = {'cls_token': '[1, 1, 1, C]: the spatial class token of every frame',
 
 
 def name_of(path) -> str:
-  return '.'.join(str(key) for key in path)
+  """The dotted name of a parameter path: the keys of an NNX flat state, or
+  the entries of a jax.tree_util path (DictKey, GetAttrKey, SequenceKey)."""
+  return '.'.join(str(_key(entry)) for entry in path)
+
+
+def _key(entry):
+  for attribute in ('key', 'name', 'idx'):
+    if hasattr(entry, attribute):
+      return getattr(entry, attribute)
+  return entry
 
 
 def named_arrays(params: nnx.State) -> dict[str, np.ndarray]:
@@ -93,7 +102,7 @@ def _layout(module, path) -> str:
 
 def layouts(config: ml_collections.ConfigDict) -> dict[str, str]:
   """{dotted name: layout} of every parameter of the model of `config`."""
-  model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
+  model = abstract_model(config)
   modules = {path: module for path, module in nnx.iter_graph(model)
              if isinstance(module, nnx.Module)}
   return {name_of(path): _layout(modules[path[:-1]], path)

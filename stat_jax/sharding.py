@@ -13,6 +13,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from stat_jax.errors import UserError
+
 BATCH_AXES = ('data', 'fsdp')
 
 
@@ -21,7 +23,7 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
   fsdp = config.mesh.fsdp
   data = config.mesh.data if config.mesh.data != -1 else len(devices) // fsdp
   if data * fsdp != len(devices):
-    raise ValueError(f'config.mesh data={config.mesh.data} x fsdp={fsdp} '
+    raise UserError(f'config.mesh data={config.mesh.data} x fsdp={fsdp} '
                      f'does not match the {len(devices)} devices')
   grid = mesh_utils.create_device_mesh((data, fsdp), devices)
   return Mesh(grid, BATCH_AXES)

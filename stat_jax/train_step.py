@@ -1,15 +1,13 @@
-"""The train state and the jitted train / eval steps (pure functions).
+"""The jitted train / eval steps (pure functions of the train state and
+model parts of stat_jax/train_state.py).
 
-The NNX model is split once into a graph definition and its parameters; the
-steps merge them back inside `jax.jit`, so everything that crosses the jit
-boundary is a plain pytree. Randomness depends only on (seed, step): the
-dropout / drop-path streams are reseeded from it every step, and so is
-mixup, which makes a resumed run replay the same random numbers.
+Randomness depends only on (seed, step): the dropout / drop-path streams
+are reseeded from it every step, and so is mixup, which makes a resumed run
+replay the same random numbers.
 """
 
 import zlib
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,57 +15,13 @@ import optax
 from flax import nnx
 
 from stat_jax import mixup
-from stat_jax.model import build_model
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # int32 scalar: optimizer updates done
-  params: nnx.State
-  opt_state: optax.OptState
-
-
-def _placeholder(leaf):
-  """A concrete stand-in for an RNG variable (reseeded before every use)."""
-  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-    return jax.random.key(0)
-  return jnp.zeros(leaf.shape, leaf.dtype)
-
-
-class ModelParts:
-  """The model as pure parts, built abstractly (no parameter memory):
-  graph definitions for train and eval mode, parameter shapes, RNG state."""
-
-  def __init__(self, config: ml_collections.ConfigDict):
-    self.config = config
-    model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
-    model.train()
-    self.train_graph, self.abstract_params, rngs = nnx.split(
-        model, nnx.Param, ...)
-    model.eval()
-    self.eval_graph = nnx.split(model, nnx.Param, ...)[0]
-    self._rngs = rngs
-
-  def fresh_rngs(self) -> nnx.State:
-    """RNG variables for one trace; the train step reseeds them."""
-    return jax.tree.map(_placeholder, self._rngs)
-
-  def init_params(self, seed: int) -> nnx.State:
-    """Freshly initialised parameters (call under jit to place them)."""
-    return nnx.state(build_model(self.config, nnx.Rngs(seed)), nnx.Param)
+from stat_jax.train_state import ModelParts, TrainState
 
 
 def _stream_key(path, key, shape):
   """A distinct dropout key for every module, derived from the step key."""
   del shape
   return jax.random.fold_in(key, zlib.crc32(str(path).encode()) & 0x7FFFFFFF)
-
-
-def init_train_state(parts: ModelParts, seed: int,
-                     tx: optax.GradientTransformation) -> TrainState:
-  params = parts.init_params(seed)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=tx.init(params))
 
 
 def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,

@@ -16,40 +16,23 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from data import pipeline, synthetic
-from stat_jax import checkpoint, metrics, optim, sharding
+from data import pipeline
+from stat_jax import checkpoint, defaults, metrics, optim, sharding
 from stat_jax.config_validation import validate
+from stat_jax.errors import UserError
 from stat_jax.evaluation import (EVAL_SCALARS, ViewAccumulator, format_accuracy,
-                                 format_summary, write_report)
+                                 format_summary, time_reversed, write_report)
 from stat_jax.flops import model_macs
 from stat_jax.preemption import watch as watch_preemption
-from stat_jax.train_step import (ModelParts, init_train_state, make_eval_step,
-                                 make_train_step)
+from stat_jax.train_state import (abstract_train_state, init_train_state,
+                                  with_shardings)
+from stat_jax.train_step import make_eval_step, make_train_step
 from stat_jax.transfer import load_pretrained
 
 
 def log(message: str) -> None:
   if jax.process_index() == 0:
     print(message, flush=True)
-
-
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, 'checkpoints')
-
-
-def with_shardings(abstract, shardings):
-  return jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract, shardings)
-
-
-def abstract_train_state(config, mesh):
-  """(model parts, optimizer, abstract train state, its shardings)."""
-  parts = ModelParts(config)
-  tx = optim.make_optimizer(config)
-  abstract = jax.eval_shape(lambda: init_train_state(parts, config.seed, tx))
-  shardings = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-  return parts, tx, abstract, shardings
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -69,14 +52,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ------------------------------------------------------------- setup ---
   validate(config)
   os.makedirs(workdir, exist_ok=True)
-  if synthetic.prepare(config.data):  # generated now if absent
-    spec = config.data.synthetic
-    log(f'Synthetic motion data: {spec.dir} ({spec.train_clips} train, '
-        f'{spec.val_clips} val clips of {spec.frames}x{spec.size}x{spec.size}).')
   mesh = sharding.make_mesh(config)
   total_steps = optim.total_steps(config)
   if config.batch_size % mesh.size:
-    raise ValueError(f'config.batch_size={config.batch_size} is not divisible '
+    raise UserError(f'config.batch_size={config.batch_size} is not divisible '
                      f'by the {mesh.size} devices of the mesh')
   train_data = pipeline.make_train_iterator(
       config, process_index=jax.process_index(),
@@ -85,7 +64,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ------------------------------------------ model, optimizer, state ---
   parts, tx, abstract_state, state_shardings = abstract_train_state(config, mesh)
   schedule = optim.learning_rate(config)
-  ckpt = checkpoint.Checkpointer(checkpoint_dir(workdir), config.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir),
+                                 config.keep_checkpoints)
   start = ckpt.latest_step()
   if start is not None:
     state, data_state, _ = ckpt.restore(
@@ -106,11 +86,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_step = jax.jit(make_train_step(config, parts, tx),
                        in_shardings=(state_shardings, batch_shardings),
                        out_shardings=(state_shardings, None), donate_argnums=0)
-  data = config.data
   abstract_batch = {
-      'video': jax.ShapeDtypeStruct((config.batch_size, data.num_frames,
-                                     data.crop_size, data.crop_size, 3),
-                                    jnp.float32),
+      'video': jax.ShapeDtypeStruct(
+          (config.batch_size, *defaults.clip_shape(config.data)), jnp.float32),
       'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
   compile_start = time.perf_counter()
   train_step = train_step.lower(abstract_state, abstract_batch).compile()
@@ -149,7 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             'grad_norm': float(step_metrics['grad_norm']),
             'clips_per_s': rates['clips_per_s']})
         log(progress.line(step, flushed[step], lr, rates))
-      if evaluate_now and data.eval_spec:
+      if evaluate_now and config.data.eval_spec:
         last_eval = evaluate(config, eval_step, state.params, mesh)
         writer.write_scalars(step, {f'val_{key}': value
                                     for key, value in last_eval.items()
@@ -211,11 +189,11 @@ def report_memory(compiled, seconds: float) -> None:
 # -------------------------------------------------------------- evaluate ---
 
 def evaluate(config, eval_step, params, mesh) -> dict:
-  """Multi-view evaluation of every eval video exactly once. On the
-  synthetic motion set each batch is also played backwards in the same pass
-  (synthetic.time_reversed), and the result holds 'time_reversed_top1': how
-  often a val clip played backwards gets the reversed class (temporal order
-  used).
+  """Multi-view evaluation of every eval video exactly once. With
+  config.data.reversed_classes set, each batch is also played backwards in
+  the same pass (evaluation.time_reversed), and the result holds
+  'time_reversed_top1': how often a val clip played backwards gets the
+  reversed class (temporal order used).
 
   Each process reads its part of the videos; every batch row (probabilities
   with its video id, label and mask) is gathered to every process, so each
@@ -225,13 +203,14 @@ def evaluate(config, eval_step, params, mesh) -> dict:
       config, process_index=jax.process_index(),
       process_count=jax.process_count())
   forward = ViewAccumulator(config.model.num_classes)
+  reversed_classes = tuple(config.data.reversed_classes)
   backward = (ViewAccumulator(config.model.num_classes)
-              if config.data.dataset == 'synthetic_motion' else None)
+              if reversed_classes else None)
   for batch in views:
     add_views(forward, batch, eval_step, params, mesh)
     if backward is not None:
-      add_views(backward, synthetic.time_reversed(batch), eval_step, params,
-                mesh)
+      add_views(backward, time_reversed(batch, reversed_classes), eval_step,
+                params, mesh)
   result = forward.result()
   if backward is not None:
     result['time_reversed_top1'] = backward.result()['top1']
@@ -254,9 +233,9 @@ def add_views(accumulator, batch, eval_step, params, mesh) -> None:
 def evaluate_checkpoint(config, workdir: str, which: str = 'latest') -> dict:
   """eval.py: restore a checkpoint of workdir, evaluate, write the report."""
   validate(config)
-  synthetic.prepare(config.data)
   mesh = sharding.make_mesh(config)
-  ckpt = checkpoint.Checkpointer(checkpoint_dir(workdir), 1, read_only=True)
+  ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), 1,
+                                 read_only=True)
   step = ckpt.resolve(which)
   parts, _, abstract_state, state_shardings = abstract_train_state(config, mesh)
   state = ckpt.restore_state(step, with_shardings(abstract_state, state_shardings))

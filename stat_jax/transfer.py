@@ -12,14 +12,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from stat_jax import param_names
+
 
 def _flatten(tree) -> dict:
-  flat = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    name = '.'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
-                    for k in path)
-    flat[name.removesuffix('.value')] = leaf
-  return flat
+  """{dotted name: array}; the NNX variables of `params` and the nested
+  dicts a checkpoint restores to get the same names."""
+  return {param_names.name_of(path).removesuffix('.value'): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _latest_state_dir(source: str) -> str:

@@ -9,8 +9,8 @@ import numpy as np
 from flax import nnx
 
 from configs import tiny
-from stat_jax import checkpoint, optim, param_names, trainer
-from stat_jax.train_step import ModelParts, TrainState
+from stat_jax import checkpoint, optim, param_names
+from stat_jax.train_state import ModelParts, TrainState
 
 STEP = 5
 STDDEV = {'kernel': 0.15, 'bias': 0.05}  # embeddings and tokens: 0.05
@@ -35,7 +35,7 @@ def save_tiny_run(workdir: str, **data_overrides):
   params = random_params(parts, config.seed)
   state = TrainState(step=jnp.asarray(STEP, jnp.int32), params=params,
                      opt_state=tx.init(params))
-  ckpt = checkpoint.Checkpointer(trainer.checkpoint_dir(workdir), 1)
+  ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), 1)
   ckpt.save(STEP, state, {'epoch': 0, 'position': 0}, config)
   ckpt.wait()
   ckpt.close()

@@ -6,6 +6,7 @@ from ml_collections import config_flags
 
 from configs import k400, ssv2, tiny
 from stat_jax.config_validation import ConfigError, validate
+from stat_jax.model import abstract_model
 
 
 @pytest.mark.parametrize('module,classes', [(k400, 400), (ssv2, 174)])
@@ -77,6 +78,33 @@ def test_invalid_values_are_refused_with_key_and_allowed(key, value, message):
   (config[section] if section else config)[name] = value
   with pytest.raises(ConfigError, match=message):
     validate(config)
+
+
+def test_reversed_classes_must_pair_every_class():
+  config = tiny.get_config()  # the synthetic motion set's 12 classes
+  validate(config)
+  config.data.reversed_classes = (1, 0)
+  with pytest.raises(ConfigError, match=r'data.reversed_classes = \(1, 0\): '
+                     r'must be empty \(off\) or give each of the 12 classes'):
+    validate(config)
+  config.data.reversed_classes = (1, 2, 0, *range(3, 12))  # not a pairing
+  with pytest.raises(ConfigError, match='reversing twice gives the class back'):
+    validate(config)
+  config.data.reversed_classes = ()
+  validate(config)
+
+
+def test_build_model_checks_only_what_the_model_reads():
+  config = tiny.get_config()
+  for training_only in ('optimizer', 'mixup', 'mesh'):
+    del config[training_only]
+  config.grad_accum_steps = 3  # does not divide batch_size 4
+  assert abstract_model(config).head.out_features == 12
+  with pytest.raises(ConfigError, match='grad_accum_steps = 3'):
+    validate(config)  # what training and evaluation check
+  config.model.window = 4
+  with pytest.raises(ConfigError, match='model.window = 4'):
+    abstract_model(config)
 
 
 def test_q_pooling_stride_must_divide_the_grid():

@@ -30,18 +30,6 @@ def test_reversed_class_is_the_clip_played_backwards():
     np.testing.assert_array_equal(forward[::-1], backward)
 
 
-def test_time_reversed_batch_flips_frames_and_maps_real_labels():
-  video = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # [b, T, .]
-  batch = {'video': video, 'label': np.array([4, -1], np.int32),
-           'mask': np.array([True, False])}
-  reversed_batch = synthetic.time_reversed(batch)
-  np.testing.assert_array_equal(reversed_batch['video'][0, 0], video[0, 2])
-  np.testing.assert_array_equal(reversed_batch['video'][1, 2], video[1, 0])
-  assert reversed_batch['label'].tolist() == [5, -1]
-  assert reversed_batch['label'].dtype == np.int32
-  assert batch['label'].tolist() == [4, -1]  # the input is left alone
-
-
 def test_clips_are_deterministic_per_seed():
   first = synthetic.render_clip(4, 0, 'val', 1, 8, 32)
   assert first.shape == (8, 32, 32, 3) and first.dtype == np.uint8

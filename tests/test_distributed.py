@@ -37,21 +37,22 @@ KILL_DEADLINE_S = 30  # a killed process's partner is stopped within this
 # not what the tests are about.
 FAST_COMPILE = ('--xla_backend_optimization_level=0 '
                 '--xla_llvm_disable_expensive_passes=true')
-ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_COMPILE)
+# PYTHONPATH: RUN_SCRIPT, written to a temporary folder, imports the repo.
+ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_COMPILE,
+           PYTHONPATH=ROOT)
 
 RUN_SCRIPT = r'''
-"""argv: root, mode (train | restore), overrides (JSON), workdir, out prefix.
+"""argv: mode (train | restore), overrides (JSON), workdir, out prefix.
 Writes <out>.json (losses, eval) and <out>.npz (the parameters) on process 0."""
 import json, sys
-sys.path.insert(0, sys.argv[1])
 from stat_jax import distributed
 distributed.initialize()
 import jax, numpy as np
 from jax.experimental import multihost_utils
 from configs import tiny
-from stat_jax import checkpoint, sharding, trainer
+from stat_jax import checkpoint, sharding, train_state, trainer
 
-mode, overrides, workdir, out = sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], sys.argv[5]
+mode, overrides, workdir, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 config = tiny.get_config()
 for key, value in overrides.items():
   section, _, name = key.rpartition('.')
@@ -62,9 +63,9 @@ if mode == 'train':
 else:
   report = {'eval': trainer.evaluate_checkpoint(config, workdir)}
   mesh = sharding.make_mesh(config)
-  _, _, abstract, shardings = trainer.abstract_train_state(config, mesh)
-  ckpt = checkpoint.Checkpointer(trainer.checkpoint_dir(workdir), 1, read_only=True)
-  state = ckpt.restore_state(ckpt.latest_step(), trainer.with_shardings(abstract, shardings))
+  _, _, abstract, shardings = train_state.abstract_train_state(config, mesh)
+  ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), 1, read_only=True)
+  state = ckpt.restore_state(ckpt.latest_step(), train_state.with_shardings(abstract, shardings))
 params = multihost_utils.process_allgather(state.params, tiled=True)
 if jax.process_index() == 0:
   np.savez(out + '.npz', *jax.tree.leaves(params))
@@ -84,7 +85,7 @@ def motion(tmp_path_factory):
 def overrides(motion) -> dict:
   """Config fields of every run here, over configs/tiny.py."""
   return {'total_steps': STEPS, 'checkpoint_every': 2, 'eval_every': 1000,
-          'log_every': 1, 'model.num_classes': len(synthetic.CLASSES),
+          'log_every': 1,
           'model.drop_path': 0.0, 'mixup.mixup_alpha': 0.0,
           'mixup.cutmix_alpha': 0.0, 'data.train_spec': motion['train'],
           'data.eval_spec': motion['val'], 'data.label_map': motion['label_map'],
@@ -112,7 +113,7 @@ def run_script(tmp_path, overrides, mode, workdir, *, processes=1,
   'output': stdout}."""
   script, out = tmp_path / 'run.py', str(tmp_path / mode)
   script.write_text(RUN_SCRIPT)
-  args = [str(script), ROOT, mode, json.dumps(overrides), str(workdir), out]
+  args = [str(script), mode, json.dumps(overrides), str(workdir), out]
   if processes == 1:
     env = dict(ENV, XLA_FLAGS=f'{FAST_COMPILE} '
                f'--xla_force_host_platform_device_count={devices}')

@@ -1,5 +1,5 @@
 """Multi-view evaluation: a hand-worked case, padding, uneven batches against
-a numpy reference, merging partial sums, and the report files."""
+a numpy reference, time-reversed batches, and the report files."""
 
 import json
 import os
@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from stat_jax.evaluation import ViewAccumulator, format_summary, write_report
+from stat_jax.evaluation import (ViewAccumulator, format_summary,
+                                 time_reversed, write_report)
 
 # 3 videos x 2 views, 6 classes. Averaging the views changes the top-1 of
 # videos 10 and 11 compared with view 0 alone.
@@ -148,21 +149,6 @@ def test_uneven_views_and_batches_match_reference(num_videos, num_classes,
     assert result['top5'] == 1.0  # top-K of K classes always hits
 
 
-def test_merge_equals_one_accumulator():
-  probs, video_id, label = random_views(20, 7, 4, seed=3)
-  whole, first, second = (ViewAccumulator(7) for _ in range(3))
-  for i, part in enumerate(padded_batches(probs, video_id, label, 5)):
-    whole.add(*part)
-    (first if i % 2 else second).add(*part)  # views of a video get split
-  first.merge(second)
-  merged, expected = first.result(), whole.result()
-  for key in ('top1', 'top5', 'per_class', 'num_videos', 'num_views'):
-    assert merged[key] == expected[key]
-  for a, b in zip(merged['predictions'], expected['predictions']):
-    assert a['top5'] == b['top5']
-    np.testing.assert_allclose(a['top5_probs'], b['top5_probs'], rtol=1e-12)
-
-
 def test_conflicting_labels_raise():
   accumulator = hand_accumulator()
   with pytest.raises(ValueError, match='video 10 has labels 2 and 3'):
@@ -170,10 +156,19 @@ def test_conflicting_labels_raise():
   with pytest.raises(ValueError, match='video 7 has labels'):
     ViewAccumulator(6).add(*batch([(PAD_PROBS, 7, 1, True),
                                    (PAD_PROBS, 7, 2, True)]))
-  other = ViewAccumulator(6)
-  other.add(*batch([(PAD_PROBS, 11, 4, True)]))
-  with pytest.raises(ValueError, match='video 11 has labels 0 and 4'):
-    hand_accumulator().merge(other)
+
+
+def test_time_reversed_batch_flips_frames_and_maps_real_labels():
+  video = np.arange(3 * 3 * 4, dtype=np.float32).reshape(3, 3, 4)  # [b, T, .]
+  batch = {'video': video, 'label': np.array([4, 0, -1], np.int32),
+           'mask': np.array([True, True, False])}
+  reversed_classes = (2, 1, 0, 4, 3)  # 0 <-> 2, 3 <-> 4, 1 reads both ways
+  reversed_batch = time_reversed(batch, reversed_classes)
+  np.testing.assert_array_equal(reversed_batch['video'][0, 0], video[0, 2])
+  np.testing.assert_array_equal(reversed_batch['video'][2, 2], video[2, 0])
+  assert reversed_batch['label'].tolist() == [3, 2, -1]
+  assert reversed_batch['label'].dtype == np.int32
+  assert batch['label'].tolist() == [4, 0, -1]  # the input is left alone
 
 
 def test_bad_inputs_raise():

@@ -1,4 +1,4 @@
-"""stat_jax.export: every format reproduces the JAX model of a checkpoint."""
+"""stat_jax.deploy.export: every format reproduces the JAX model of a checkpoint."""
 
 import json
 import os
@@ -14,7 +14,8 @@ import safetensors.numpy
 from flax import nnx
 
 import export_testlib
-from stat_jax import export, inference, param_names
+from stat_jax import param_names
+from stat_jax.deploy import export, inference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-4  # float32 logits, absolute
@@ -56,7 +57,7 @@ def test_manifest_examples_and_a_single_complete_folder(exported, restored):
     manifest = json.load(f)
   assert list(manifest['formats']) == list(export.FORMATS)
   assert manifest['checkpoint']['step'] == export_testlib.STEP
-  assert manifest['classes'] == [str(i) for i in range(10)]
+  assert manifest['classes'] == [str(i) for i in range(12)]
   assert manifest['input']['shape'] == ['batch', 8, 32, 32, 3]
   assert manifest['formats']['onnx']['opset'] == export.ONNX_OPSET
   assert manifest['versions']['jax'] == jax.__version__
@@ -149,7 +150,7 @@ def test_safetensors_round_trip_names_shapes_and_logits(exported, restored,
   assert {n: tuple(t['shape']) for n, t in index['tensors'].items()} == {
       n: v.shape for n, v in tensors.items()}
   assert index['tensors']['head.kernel']['layout'].startswith('[in, out]')
-  assert index['config']['model']['num_classes'] == 10
+  assert index['config']['model']['num_classes'] == 12
 
   abstract = restored.parts.abstract_params
   loaded = param_names.load_safetensors(path, abstract)

@@ -6,6 +6,7 @@ import pytest
 
 from configs import tiny
 from stat_jax import flops
+from stat_jax.model import abstract_model
 
 
 def test_dense_and_conv_hand_count():
@@ -45,7 +46,7 @@ def test_nested_jit_and_scan_are_walked():
 def test_tiny_model_agrees_with_xla_cost_analysis():
   config = tiny.get_config()
   config.model.stage_dims = (32, 64, 128, 256)  # wide enough that dots dominate
-  model = flops.abstract_model(config)
+  model = abstract_model(config)
   forward, state, view = flops.model_forward(model, config)
   macs = flops.count_macs(forward, state, view)
   concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state)

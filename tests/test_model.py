@@ -10,8 +10,9 @@ from flax import nnx
 
 from configs import k400, ssv2, tiny
 from stat_jax.config_validation import ConfigError
-from stat_jax.flops import abstract_model, param_count
-from stat_jax.model import STAT, build_model
+from stat_jax import defaults
+from stat_jax.flops import param_count
+from stat_jax.model import STAT, abstract_model, build_model
 
 
 forward = nnx.jit(lambda model, video: model(video))
@@ -21,9 +22,8 @@ def token_shapes(config):
   """Shape of the tokens after the stem and after every block (abstractly)."""
   model = abstract_model(config)
   graphdef, state = nnx.split(model)
-  data = config.data
-  video = jax.ShapeDtypeStruct(
-      (1, data.num_frames, data.crop_size, data.crop_size, 3), jnp.float32)
+  video = jax.ShapeDtypeStruct((1, *defaults.clip_shape(config.data)),
+                               jnp.float32)
 
   def trace(state, video):
     model = nnx.merge(graphdef, state)
@@ -122,7 +122,7 @@ def test_tiny_forward_train_and_eval_modes():
   video = jax.random.normal(jax.random.key(0), (3, 8, 32, 32, 3))
   model.eval()
   first, second = forward(model, video), forward(model, video)
-  assert first.shape == (3, 10) and np.all(np.isfinite(first))
+  assert first.shape == (3, 12) and np.all(np.isfinite(first))
   np.testing.assert_array_equal(first, second)  # deterministic in eval
   model.train()
   assert not np.allclose(forward(model, video), forward(model, video))

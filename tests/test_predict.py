@@ -1,4 +1,4 @@
-"""stat_jax.predict on video files encoded here with PyAV."""
+"""stat_jax.deploy.predict on video files encoded here with PyAV."""
 
 import json
 
@@ -8,9 +8,10 @@ import pytest
 
 import export_testlib
 from data import convert, dmvr, pipeline
-from stat_jax import export, predict, trainer
+from stat_jax import trainer
+from stat_jax.deploy import export, predict
 
-CLASSES = [f'action {i}' for i in range(10)]
+CLASSES = [f'action {i}' for i in range(12)]  # configs/tiny.py's 12
 
 
 def write_video(path, num_frames=20, height=48, width=64):
@@ -52,7 +53,7 @@ def files(tmp_path_factory):
 
 
 def run_predict(capsys, *args):
-  """(exit code, JSON results, stderr) of `python -m stat_jax.predict`."""
+  """(exit code, JSON results, stderr) of `python -m stat_jax.deploy.predict`."""
   code = predict.main(['--json', *args])
   out, err = capsys.readouterr()
   return code, json.loads(out), err
@@ -65,8 +66,8 @@ def classifier(files):
 
 @pytest.fixture(scope='module')
 def from_run(files, classifier):
-  """The prediction of the checkpoint for the clip, all 10 classes ranked."""
-  return predict.predict_video(classifier, files['video'], top_k=10)
+  """The prediction of the checkpoint for the clip, all 12 classes ranked."""
+  return predict.predict_video(classifier, files['video'], top_k=12)
 
 
 def test_top1_matches_evaluation_of_the_same_clip(files, from_run):
@@ -133,4 +134,4 @@ def test_an_export_predicts_like_the_checkpoint(files, from_run, capsys):
   assert 'holds no onnx export; it holds stablehlo' in capsys.readouterr().err
   assert predict.main([f'--export_dir={files["folder"]}', files['video']]) == 1
   err = capsys.readouterr().err
-  assert 'must be a folder written by stat_jax.export' in err
+  assert 'must be a folder written by stat_jax.deploy.export' in err

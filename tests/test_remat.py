@@ -12,7 +12,8 @@ from flax import nnx
 
 from configs import tiny
 from stat_jax import flops, optim
-from stat_jax.train_step import (ModelParts, init_train_state, make_train_step)
+from stat_jax.train_state import ModelParts, init_train_state
+from stat_jax.train_step import make_train_step
 
 
 def tiny_config(remat=False, dtype='float32'):

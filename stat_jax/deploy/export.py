@@ -1,9 +1,9 @@
 """Export a trained checkpoint to other frameworks.
 
-  python -m stat_jax.export --workdir=runs/k400_16 [--checkpoint=best] \
+  python -m stat_jax.deploy.export --workdir=runs/k400_16 [--checkpoint=best] \
       --out=exports/k400_16 [--formats=savedmodel,onnx,safetensors,stablehlo]
 
-Every format serves stat_jax.inference.serving_fn: uint8 RGB video
+Every format serves stat_jax.deploy.inference.serving_fn: uint8 RGB video
 [batch, T, H, W, 3] (batch dynamic, T/H/W those of the run's config) ->
 logits and probabilities float32 [batch, classes], normalisation inside.
 
@@ -23,24 +23,25 @@ The export is written into a hidden temporary folder beside --out and
 renamed to --out when complete: a folder at --out is always a whole export.
 """
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
 import flax  # pylint: disable=g-import-not-at-top
 import jax
+from absl import flags
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 from jax.experimental import jax2tf
 from jax2onnx import to_onnx
 
-from stat_jax import inference, param_names
+from stat_jax import cli, defaults, param_names
+from stat_jax.deploy import inference
+from stat_jax.errors import UserError
 
 ONNX_OPSET = 21  # runs in ONNX Runtime 1.18 and later
 # StableHLO and SavedModel carry one lowering per platform.
@@ -50,7 +51,7 @@ EXAMPLE_BATCH = 2
 
 def _batch_spec(data, batch):
   """uint8 [batch, T, H, W, 3]; batch an int or a symbolic dimension."""
-  return jax.ShapeDtypeStruct((batch, *inference.input_shape(data)), jnp.uint8)
+  return jax.ShapeDtypeStruct((batch, *defaults.clip_shape(data)), jnp.uint8)
 
 
 # ------------------------------------------------------------- formats ---
@@ -59,7 +60,7 @@ def write_savedmodel(restored, folder) -> dict:
   """Parameters as TF variables, the model as one XlaCallModule op."""
   leaves, treedef = jax.tree.flatten(restored.params)
   apply = inference.serving_fn(restored.parts, restored.config.data)
-  shape = inference.input_shape(restored.config.data)
+  shape = defaults.clip_shape(restored.config.data)
   tf_apply = jax2tf.convert(
       lambda flat, video: apply(jax.tree.unflatten(treedef, flat), video),
       polymorphic_shapes=[None, f'(b, {", ".join(map(str, shape))})'],
@@ -127,7 +128,7 @@ def check_formats(formats) -> list[str]:
   unknown = [name for name in formats if name not in FORMATS]
   if unknown or not formats:
     named = ', '.join(map(repr, unknown)) or '(none given)'
-    raise ValueError(f'unknown export format(s) {named}; choose from '
+    raise UserError(f'unknown export format(s) {named}; choose from '
                      f'{", ".join(FORMATS)}')
   return list(dict.fromkeys(formats))
 
@@ -147,7 +148,7 @@ def _write_json(path, value):
 
 def _manifest(restored, workdir, formats: dict) -> dict:
   data = restored.config.data
-  clip = inference.input_shape(data)
+  clip = defaults.clip_shape(data)
   return {
       'checkpoint': {'workdir': os.path.abspath(workdir),
                      'step': restored.step},
@@ -181,7 +182,7 @@ def export_checkpoint(workdir: str, out: str, formats: list[str],
                              dir=os.path.dirname(out))
   try:
     example = np.random.default_rng(0).integers(
-        0, 256, (EXAMPLE_BATCH, *inference.input_shape(restored.config.data)),
+        0, 256, (EXAMPLE_BATCH, *defaults.clip_shape(restored.config.data)),
         dtype=np.uint8)
     np.save(os.path.join(staging, 'example_input.npy'), example)
     np.save(os.path.join(staging, 'example_logits.npy'),
@@ -198,30 +199,38 @@ def export_checkpoint(workdir: str, out: str, formats: list[str],
   return manifest
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n')[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  parser.add_argument('--workdir', required=True, help='training run directory')
-  parser.add_argument('--checkpoint', default='latest',
-                      help="'latest', 'best' or a step number")
-  parser.add_argument('--out', required=True, help='export directory to create')
-  parser.add_argument('--formats', default=','.join(FORMATS),
-                      help=f'comma-separated subset of {",".join(FORMATS)}')
-  args = parser.parse_args(argv)
-  formats = [name.strip() for name in args.formats.split(',') if name.strip()]
-  try:
-    manifest = export_checkpoint(args.workdir, args.out, formats,
-                                 args.checkpoint)
-  except (ValueError, FileNotFoundError, FileExistsError,
-          RuntimeError) as error:
-    print(f'stat_jax.export: {error}', file=sys.stderr)
-    return 1
-  files = sorted(os.listdir(args.out))
-  print(f'Exported step {manifest["checkpoint"]["step"]} of {args.workdir} to '
-        f'{args.out}: {", ".join(files)}')
+FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
+flags.DEFINE_string('workdir', None, 'Training run directory.',
+                    flag_values=FLAGS, required=True)
+flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' or a step number.",
+                    flag_values=FLAGS)
+flags.DEFINE_string('out', None, 'Export directory to create.',
+                    flag_values=FLAGS, required=True)
+flags.DEFINE_list('formats', list(FORMATS),
+                  f'Comma-separated subset of {",".join(FORMATS)}.',
+                  flag_values=FLAGS)
+
+
+def _export() -> int:
+  manifest = export_checkpoint(FLAGS.workdir, FLAGS.out, FLAGS.formats,
+                               FLAGS.checkpoint)
+  files = sorted(os.listdir(FLAGS.out))
+  print(f'Exported step {manifest["checkpoint"]["step"]} of {FLAGS.workdir} '
+        f'to {FLAGS.out}: {", ".join(files)}')
   return 0
 
 
+def run(args: list[str]) -> int:
+  """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
+  cli.no_positional(args)
+  return cli.report_user_errors('stat_jax.deploy.export', _export,
+                                user_errors=(FileExistsError,))
+
+
+def main(argv: list[str]) -> int:
+  """The command line after the program name, run in this process."""
+  return run(cli.parse(FLAGS, argv))
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(run, FLAGS)

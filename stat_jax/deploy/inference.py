@@ -18,14 +18,12 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
-from stat_jax import defaults
 from data import pipeline
-from stat_jax import checkpoint, sharding, trainer
+from stat_jax import checkpoint, defaults, sharding
 from stat_jax.config_validation import validate
-from stat_jax.train_step import ModelParts
+from stat_jax.train_state import ModelParts, abstract_train_state, with_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,16 +44,9 @@ class Restored:
     return self.apply(self.params, video)
 
 
-def input_shape(data) -> tuple[int, int, int, int]:
-  """(T, H, W, 3) of one clip; the batch dimension is free."""
-  return (data.num_frames, data.crop_size, data.crop_size, 3)
-
-
 def serving_fn(parts: ModelParts, data):
   """apply(params, video uint8 [B, T, H, W, 3]) -> (logits, probabilities)."""
-  std = np.asarray(data.std, np.float32)
-  scale = 1.0 / (255.0 * std)  # data.pipeline._normalise: x / 255 - mean, / std
-  offset = -np.asarray(data.mean, np.float32) / std
+  scale, offset = pipeline.normalisation(data)
 
   def apply(params, video):
     model = nnx.merge(parts.eval_graph, params, parts.fresh_rngs())
@@ -81,7 +72,7 @@ def saved_config(ckpt: checkpoint.Checkpointer,
 def restore(workdir: str, which: str = 'latest') -> Restored:
   """The parameters of checkpoint `which` ('latest', 'best' or a step) of a
   training run directory, on one device, with the run's config."""
-  directory = trainer.checkpoint_dir(workdir)
+  directory = checkpoint.checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'no checkpoints in {directory}: --workdir must be '
                             'the directory of a training run')
@@ -93,8 +84,8 @@ def restore(workdir: str, which: str = 'latest') -> Restored:
   config.model.attention_impl = 'xla'  # no cuDNN custom call: runs anywhere
   config.mesh.data, config.mesh.fsdp = 1, 1
   mesh = sharding.make_mesh(config, jax.local_devices()[:1])
-  parts, _, abstract, shardings = trainer.abstract_train_state(config, mesh)
-  state = ckpt.restore_state(step, trainer.with_shardings(abstract, shardings))
+  parts, _, abstract, shardings = abstract_train_state(config, mesh)
+  state = ckpt.restore_state(step, with_shardings(abstract, shardings))
   ckpt.close()
   params = jax.device_put(state.params, jax.local_devices()[0])  # mesh-free
   return Restored(config, parts, params, step, pipeline.class_names(config))

@@ -1,9 +1,9 @@
 """Classify video files with a trained run or with an export of one.
 
-  python -m stat_jax.predict --workdir=runs/k400_16 [--checkpoint=best] \
-      a.mp4 b.webm
-  python -m stat_jax.predict --export_dir=exports/k400_16 [--format=onnx] \
-      a.avi --json
+  python -m stat_jax.deploy.predict --workdir=runs/k400_16 \
+      [--checkpoint=best] a.mp4 b.webm
+  python -m stat_jax.deploy.predict --export_dir=exports/k400_16 \
+      [--format=onnx] a.avi --json
 
 Each video is decoded with PyAV (any container and codec FFmpeg reads),
 its short side resized to data.eval_short_side, and cut into the eval views
@@ -13,7 +13,6 @@ does. Prints the top-k classes of each video, or with --json one JSON list.
 A file that cannot be read is reported and skipped; the exit code is then 1.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -27,9 +26,12 @@ import ml_collections
 import numpy as np
 import onnxruntime
 import tensorflow as tf
+from absl import app, flags
 
 from data import convert, sampling
-from stat_jax import inference
+from stat_jax import cli
+from stat_jax.deploy import inference
+from stat_jax.errors import UserError
 
 # Export formats predict can run, in the order --format defaults to them.
 EXPORT_FORMATS = ('stablehlo', 'onnx', 'savedmodel')
@@ -76,21 +78,21 @@ _RUNNERS = {'stablehlo': _stablehlo_runner, 'onnx': _onnx_runner,
 
 
 def from_export(export_dir: str, fmt: str | None = None) -> Classifier:
-  """The classifier of an export folder (stat_jax/export.py), run from
+  """The classifier of an export folder (stat_jax/deploy/export.py), run from
   format `fmt`, by default the first of EXPORT_FORMATS it holds."""
   manifest_path = os.path.join(export_dir, 'manifest.json')
   if not os.path.exists(manifest_path):
     raise FileNotFoundError(f'{manifest_path}: no such file; --export_dir must '
-                            'be a folder written by stat_jax.export')
+                            'be a folder written by stat_jax.deploy.export')
   with open(manifest_path) as f:
     manifest = json.load(f)
   held = [name for name in EXPORT_FORMATS if name in manifest['formats']]
   if not held:
-    raise ValueError(f'{export_dir} holds none of the formats predict runs '
+    raise UserError(f'{export_dir} holds none of the formats predict runs '
                      f'({", ".join(EXPORT_FORMATS)})')
   fmt = fmt or held[0]
   if fmt not in held:
-    raise ValueError(f'{export_dir} holds no {fmt} export; it holds '
+    raise UserError(f'{export_dir} holds no {fmt} export; it holds '
                      f'{", ".join(held)}')
   path = os.path.join(export_dir, manifest['formats'][fmt]['path'])
   config = ml_collections.ConfigDict(manifest['config'])
@@ -127,40 +129,58 @@ def format_result(result: dict) -> str:
   return '\n'.join(lines)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n')[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  parser.add_argument('videos', nargs='+', help='video files')
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument('--workdir', help='training run directory')
-  source.add_argument('--export_dir', help='folder written by stat_jax.export')
-  parser.add_argument('--checkpoint', default='latest',
-                      help="with --workdir: 'latest', 'best' or a step number")
-  parser.add_argument('--format', choices=EXPORT_FORMATS,
-                      help='with --export_dir: the format to run')
-  parser.add_argument('--top_k', type=int, default=5)
-  parser.add_argument('--json', action='store_true',
-                      help='print one JSON list of per-video results')
-  args = parser.parse_args(argv)
-  try:
-    classifier = (from_export(args.export_dir, args.format) if args.export_dir
-                  else from_workdir(args.workdir, args.checkpoint))
-  except (ValueError, FileNotFoundError) as error:
-    print(f'stat_jax.predict: {error}', file=sys.stderr)
-    return 1
+FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
+flags.DEFINE_string('workdir', None, 'Training run directory.',
+                    flag_values=FLAGS)
+flags.DEFINE_string('export_dir', None,
+                    'Folder written by stat_jax.deploy.export.',
+                    flag_values=FLAGS)
+flags.mark_flags_as_mutual_exclusive(['workdir', 'export_dir'], required=True,
+                                     flag_values=FLAGS)
+flags.DEFINE_string('checkpoint', 'latest',
+                    "With --workdir: 'latest', 'best' or a step number.",
+                    flag_values=FLAGS)
+flags.DEFINE_enum('format', None, EXPORT_FORMATS,
+                  'With --export_dir: the format to run.', flag_values=FLAGS)
+flags.DEFINE_integer('top_k', 5, 'Classes listed per video.', flag_values=FLAGS)
+flags.DEFINE_bool('json', False, 'Print one JSON list of per-video results.',
+                  flag_values=FLAGS)
+
+_PROGRAM = 'stat_jax.deploy.predict'
+
+
+def _classifier() -> Classifier:
+  if FLAGS.export_dir:
+    return from_export(FLAGS.export_dir, FLAGS.format)
+  return from_workdir(FLAGS.workdir, FLAGS.checkpoint)
+
+
+def _predict(videos: list[str]) -> int:
+  classifier = _classifier()
   results = []
-  for path in args.videos:
-    result = predict_video(classifier, path, args.top_k)
+  for path in videos:
+    result = predict_video(classifier, path, FLAGS.top_k)
     results.append(result)
     if 'error' in result:
-      print(f'stat_jax.predict: {path}: {result["error"]}', file=sys.stderr)
-    elif not args.json:
+      print(f'{_PROGRAM}: {path}: {result["error"]}', file=sys.stderr)
+    elif not FLAGS.json:
       print(format_result(result), flush=True)
-  if args.json:
+  if FLAGS.json:
     print(json.dumps(results, indent=1))
   return 1 if any('error' in r for r in results) else 0
 
 
+def run(videos: list[str]) -> int:
+  """The tool, FLAGS parsed; `videos`: the arguments that are not flags."""
+  if not videos:
+    raise app.UsageError('give one or more video files')
+  return cli.report_user_errors(_PROGRAM, lambda: _predict(videos))
+
+
+def main(argv: list[str]) -> int:
+  """The command line after the program name, run in this process."""
+  return run(cli.parse(FLAGS, argv))
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(run, FLAGS)

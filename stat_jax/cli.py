@@ -1,0 +1,85 @@
+"""What the command-line tools share.
+
+Errors: one line for an error meant for the user (USER_ERRORS: a bad
+config or data set, a missing file), exit status 1; any other exception is
+a bug and propagates with its traceback.
+
+Flags: each tool defines its flags on its own `flags.FlagValues`, so tools
+imported together (as in the tests) cannot clash in absl's global FLAGS.
+A tool has `run(args)`, its body once the flags are parsed (args: the
+arguments that are not flags), `main(argv)`, which parses the arguments
+after the program name in this process (as tests call it), and runs
+`cli.run(run, FLAGS)` as `python -m`, which adds absl's own flags (--help,
+--helpfull).
+"""
+
+import sys
+from collections.abc import Callable
+
+from absl import app, flags
+
+from stat_jax.errors import UserError
+
+USER_ERRORS = (UserError, FileNotFoundError)
+
+
+def report_user_errors(program: str, action: Callable[[], int],
+                       user_errors: tuple = ()) -> int:
+  """action()'s exit status; an error of USER_ERRORS or `user_errors`
+  printed as '<program>: <message>', exit status 1."""
+  try:
+    return action()
+  except (*USER_ERRORS, *user_errors) as error:
+    print(f'{program}: {error}', file=sys.stderr)
+    return 1
+
+
+def script_main(program: str, action: Callable[[], int],
+                user_errors: tuple = ()) -> Callable[[list[str]], int]:
+  """The absl main of train.py / eval.py: no arguments besides flags;
+  action()'s exit status, user errors reported (report_user_errors)."""
+
+  def main(argv):
+    no_arguments(argv)
+    return report_user_errors(program, action, user_errors)
+
+  return main
+
+
+def no_arguments(argv: list[str]) -> None:
+  """Refuses arguments other than flags after the program name."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+
+
+def no_positional(args: list[str]) -> None:
+  """Refuses arguments other than flags (`args`: those left by parse)."""
+  no_arguments(['', *args])
+
+
+def parse(flag_values: flags.FlagValues, args: list[str]) -> list[str]:
+  """The command-line arguments `args` (no program name) parsed afresh by a
+  tool's `flag_values` (flags left out take their defaults, whatever an
+  earlier call set); the arguments that are not flags. absl stops reading
+  flags at '--'."""
+  flag_values.unparse_flags()
+  try:
+    return flag_values(['', *args])[1:]
+  except flags.Error as error:
+    raise app.UsageError(str(error)) from error
+
+
+def run(action: Callable[[list[str]], int],
+        flag_values: flags.FlagValues) -> None:
+  """`python -m <tool>`: absl's app.run over the tool's flags and absl's;
+  `action` gets the arguments that are not flags and returns the exit
+  status."""
+  flags.FLAGS.append_flag_values(flag_values)  # the same Flag objects
+  for flag in flag_values:  # listed by --help, as the main module's
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag_values[flag])
+
+  def main(argv):
+    flag_values.mark_as_parsed()  # parsed through absl's FLAGS
+    return action(argv[1:])
+
+  app.run(main)
