@@ -8,15 +8,25 @@ times the full train recipe (segment sampling, random resized crop, RandAugment
 m7-n4-mstd0.5, random erasing 0.25, normalisation) after a warm-up batch.
 """
 
-import argparse
 import os
 import tempfile
 import time
 
-from stat_jax import defaults
+from absl import app, flags
+
 from data import dmvr
 from data import pipeline
 from data import synthetic
+from stat_jax import defaults
+
+flags.DEFINE_string('spec', '', 'Existing shards to read.')
+flags.DEFINE_list('frames', ['16', '32', '64'], 'Clip lengths T to time.')
+flags.DEFINE_integer('crop', 224, 'Crop size.')
+flags.DEFINE_integer('clips', 32, 'Synthetic clips to write.')
+flags.DEFINE_integer('video_frames', 64, 'Frames of each synthetic video.')
+flags.DEFINE_integer('batch_size', 8, 'Clips per batch.')
+flags.DEFINE_integer('batches', 6, 'Batches timed.')
+FLAGS = flags.FLAGS
 
 
 def write_shards(folder, num_clips, num_frames, size):
@@ -44,26 +54,18 @@ def clips_per_second(spec, num_frames, crop, batch_size, num_batches):
   return num_batches * batch_size / (time.perf_counter() - start)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--spec', default='', help='existing shards to read')
-  parser.add_argument('--frames', default='16,32,64')
-  parser.add_argument('--crop', type=int, default=224)
-  parser.add_argument('--clips', type=int, default=32,
-                      help='synthetic clips to write')
-  parser.add_argument('--video_frames', type=int, default=64)
-  parser.add_argument('--batch_size', type=int, default=8)
-  parser.add_argument('--batches', type=int, default=6)
-  args = parser.parse_args(argv)
+def main(argv):
+  del argv
   cores = len(os.sched_getaffinity(0))
   with tempfile.TemporaryDirectory() as folder:
-    spec = args.spec or write_shards(folder, args.clips, args.video_frames, 256)
-    for frames in (int(f) for f in args.frames.split(',')):
-      rate = clips_per_second(spec, frames, args.crop, args.batch_size,
-                              args.batches)
-      print(f'T={frames:3d} {args.crop}x{args.crop}: {rate:7.1f} clips/s, '
+    spec = FLAGS.spec or write_shards(folder, FLAGS.clips, FLAGS.video_frames,
+                                      256)
+    for frames in map(int, FLAGS.frames):
+      rate = clips_per_second(spec, frames, FLAGS.crop, FLAGS.batch_size,
+                              FLAGS.batches)
+      print(f'T={frames:3d} {FLAGS.crop}x{FLAGS.crop}: {rate:7.1f} clips/s, '
             f'{rate / cores:6.1f} clips/s per core ({cores} cores)', flush=True)
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -20,7 +20,6 @@ frames are listed with the reason in OUT/<name>-skipped.txt; the run
 finishes. The label map is written to OUT/label_map.txt.
 """
 
-import argparse
 import concurrent.futures
 import csv
 import dataclasses
@@ -31,8 +30,10 @@ import os
 import av
 import numpy as np
 import tqdm
+from absl import flags
 
 from data import dmvr
+from stat_jax import cli
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,40 +184,60 @@ def _run(jobs, workers):
     yield from pool.map(_convert_star, jobs, chunksize=4)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n')[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--videos', required=True, help='folder of the videos')
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument('--kinetics_csv')
-  source.add_argument('--ssv2_json')
-  source.add_argument('--csv', help='plain path,label CSV')
-  parser.add_argument('--ssv2_labels', help='SSv2 label JSON {name: index}')
-  parser.add_argument('--out', required=True)
-  parser.add_argument('--name', default='train', help='shard file prefix')
-  parser.add_argument('--num_shards', type=int, default=16)
-  parser.add_argument('--short_side', type=int, default=256,
-                      help='256 (default) or e.g. 320')
-  parser.add_argument('--quality', type=int, default=90, help='JPEG quality')
-  parser.add_argument('--fps', type=float, default=0.0, help='0 keeps all')
-  parser.add_argument('--workers', type=int, default=os.cpu_count())
-  args = parser.parse_args(argv)
-  if args.kinetics_csv:
-    videos, names = read_kinetics_csv(args.kinetics_csv, args.videos)
-  elif args.ssv2_json:
-    if not args.ssv2_labels:
-      parser.error('--ssv2_json needs --ssv2_labels')
-    videos, names = read_ssv2_json(args.ssv2_json, args.ssv2_labels,
-                                   args.videos)
-  else:
-    videos, names = read_plain_csv(args.csv, args.videos)
-  summary = convert(videos, names, args.out, args.name, args.num_shards,
-                    args.short_side, args.quality, args.fps, args.workers)
+FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
+flags.DEFINE_string('videos', None, 'Folder of the videos.', flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_string('kinetics_csv', None, 'Kinetics annotation CSV.',
+                    flag_values=FLAGS)
+flags.DEFINE_string('ssv2_json', None, 'SSv2 annotation JSON.',
+                    flag_values=FLAGS)
+flags.DEFINE_string('csv', None, 'Plain path,label CSV.', flag_values=FLAGS)
+flags.mark_flags_as_mutual_exclusive(['kinetics_csv', 'ssv2_json', 'csv'],
+                                     required=True, flag_values=FLAGS)
+flags.DEFINE_string('ssv2_labels', None, 'SSv2 label JSON {name: index}.',
+                    flag_values=FLAGS)
+flags.register_multi_flags_validator(
+    ['ssv2_json', 'ssv2_labels'],
+    lambda given: not given['ssv2_json'] or given['ssv2_labels'],
+    '--ssv2_json needs --ssv2_labels', flag_values=FLAGS)
+flags.DEFINE_string('out', None, 'Output folder.', flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_string('name', 'train', 'Shard file prefix.', flag_values=FLAGS)
+flags.DEFINE_integer('num_shards', 16, 'Shards to write.', flag_values=FLAGS)
+flags.DEFINE_integer('short_side', 256, '256 (default) or e.g. 320.',
+                     flag_values=FLAGS)
+flags.DEFINE_integer('quality', 90, 'JPEG quality.', flag_values=FLAGS)
+flags.DEFINE_float('fps', 0.0, 'Frame rate to resample to; 0 keeps all.',
+                   flag_values=FLAGS)
+flags.DEFINE_integer('workers', os.cpu_count(), 'Decoding processes.',
+                     flag_values=FLAGS)
+
+
+def _annotations():
+  """(videos, class names) of the annotation flag given."""
+  if FLAGS.kinetics_csv:
+    return read_kinetics_csv(FLAGS.kinetics_csv, FLAGS.videos)
+  if FLAGS.ssv2_json:
+    return read_ssv2_json(FLAGS.ssv2_json, FLAGS.ssv2_labels, FLAGS.videos)
+  return read_plain_csv(FLAGS.csv, FLAGS.videos)
+
+
+def run(args: list[str]) -> int:
+  """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
+  cli.no_positional(args)
+  videos, names = _annotations()
+  summary = convert(videos, names, FLAGS.out, FLAGS.name, FLAGS.num_shards,
+                    FLAGS.short_side, FLAGS.quality, FLAGS.fps, FLAGS.workers)
   print(f"converted {summary['converted']} videos, skipped "
         f"{summary['skipped']} (see {summary['skipped_list']}) -> "
         f"{summary['spec']}")
+  return 0
+
+
+def main(argv: list[str]) -> int:
+  """The command line after the program name, run in this process."""
+  return run(cli.parse(FLAGS, argv))
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(run, FLAGS)

@@ -8,14 +8,15 @@ the checked frames fails to decode (first, middle, last; --full: all). With
 resolutions and the first errors.
 """
 
-import argparse
 import collections
 import json
 
 import numpy as np
 import tensorflow as tf
+from absl import app, flags
 
 from data import dmvr
+from stat_jax import cli
 
 _MAX_ERRORS_LISTED = 20
 
@@ -76,19 +77,29 @@ def _print_summary(stats):
     print(f'  skipped {error}')
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('spec', help="'prefix@N', a glob, or a comma list")
-  parser.add_argument('--json', action='store_true',
-                      help='end with one JSON line of the statistics')
-  parser.add_argument('--full', action='store_true',
-                      help='decode every frame, not first/middle/last')
-  args = parser.parse_args(argv)
-  stats = inspect_spec(args.spec, args.full)
+FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
+flags.DEFINE_bool('json', False, 'End with one JSON line of the statistics.',
+                  flag_values=FLAGS)
+flags.DEFINE_bool('full', False, 'Decode every frame, not first/middle/last.',
+                  flag_values=FLAGS)
+
+
+def run(args: list[str]) -> int:
+  """The tool, FLAGS parsed; `args`: the shard spec ('prefix@N', a glob,
+  or a comma list)."""
+  if len(args) != 1:
+    raise app.UsageError(f'give one shard spec, not {args}')
+  stats = inspect_spec(args[0], FLAGS.full)
   _print_summary(stats)
-  if args.json:
+  if FLAGS.json:
     print(json.dumps(stats))
+  return 0
+
+
+def main(argv: list[str]) -> int:
+  """The command line after the program name, run in this process."""
+  return run(cli.parse(FLAGS, argv))
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(run, FLAGS)

@@ -14,7 +14,6 @@ SIGTERM as a pre-emption notice) and the launcher exits non-zero; it exits
 0 when all of them do. Stopping the launcher (Ctrl-C, SIGTERM) kills them too.
 """
 
-import argparse
 import os
 import signal
 import socket
@@ -22,6 +21,10 @@ import subprocess
 import sys
 import threading
 import time
+
+from absl import app, flags
+
+from stat_jax import cli
 
 _POLL_S = 0.1
 
@@ -120,34 +123,30 @@ def launch(command, num_processes: int, devices_per_process: int) -> int:
   return returncode
 
 
-def parse_args(argv):
-  if '--' not in argv:
-    raise SystemExit('usage: python -m stat_jax.launch --num_processes N '
-                     '[--devices_per_process D] -- script.py [args ...]')
-  split = argv.index('--')
-  parser = argparse.ArgumentParser(
-      prog='python -m stat_jax.launch',
-      description='Run a multi-process job as local CPU processes.')
-  parser.add_argument('--num_processes', type=int, required=True)
-  parser.add_argument('--devices_per_process', type=int, default=1,
-                      help='CPU devices of each process (default 1).')
-  args = parser.parse_args(argv[:split])
-  command = argv[split + 1:]
+FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
+flags.DEFINE_integer('num_processes', None, 'Processes to start.',
+                     lower_bound=1, flag_values=FLAGS, required=True)
+flags.DEFINE_integer('devices_per_process', 1, 'CPU devices of each process.',
+                     lower_bound=1, flag_values=FLAGS)
+
+
+def run(command: list[str]) -> int:
+  """The tool, FLAGS parsed; `command`: what follows '--' (absl stops
+  reading flags there)."""
   if not command:
-    parser.error('give the command after "--", e.g. -- train.py --config=...')
-  if args.num_processes < 1 or args.devices_per_process < 1:
-    parser.error('--num_processes and --devices_per_process must be >= 1')
-  return args, command
-
-
-def main():
-  args, command = parse_args(sys.argv[1:])
+    raise app.UsageError('give the command after "--", e.g. -- train.py '
+                         '--config=...')
   try:
-    sys.exit(launch(command, args.num_processes, args.devices_per_process))
+    return launch(command, FLAGS.num_processes, FLAGS.devices_per_process)
   except KeyboardInterrupt:  # the processes are killed by now
     log('interrupted')
-    sys.exit(128 + signal.SIGINT)
+    return 128 + signal.SIGINT
+
+
+def main(argv: list[str]) -> int:
+  """The command line after the program name, run in this process."""
+  return run(cli.parse(FLAGS, argv))
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(run, FLAGS)
