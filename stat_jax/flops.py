@@ -110,6 +110,12 @@ def model_macs(config) -> int:
   return count_macs(*model_forward(abstract_model(config), config))
 
 
+def model_cost(config) -> tuple[int, int]:
+  """(multiply-adds of one view, trainable parameters), one abstract build."""
+  model = abstract_model(config)
+  return count_macs(*model_forward(model, config)), param_count(model)
+
+
 def main(argv):
   del argv
   config = flags.FLAGS.config

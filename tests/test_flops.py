@@ -6,6 +6,7 @@ import pytest
 
 from configs import tiny
 from stat_jax import flops
+from stat_jax import model as model_lib
 from stat_jax.model import abstract_model
 
 
@@ -43,7 +44,11 @@ def test_nested_jit_and_scan_are_walked():
   assert flops.count_macs(fn, jnp.ones((2, 4))) == 32 + 160
 
 
-def test_tiny_model_agrees_with_xla_cost_analysis():
+def test_tiny_model_agrees_with_xla_cost_analysis(monkeypatch):
+  # XLA also counts element-wise flops; the exact GELU's erfc is a long
+  # polynomial there (+5 % on this model), the tanh form two flops. The
+  # multiply-adds counted are the same either way.
+  monkeypatch.setattr(model_lib, 'gelu', jax.nn.gelu)
   config = tiny.get_config()
   config.model.stage_dims = (32, 64, 128, 256)  # wide enough that dots dominate
   model = abstract_model(config)
