@@ -1,6 +1,6 @@
 """What bounds a config's step on a GPU, read off the compiled program.
 
-  python benchmarks/roofline.py --config=configs/k400.py:16 --train \
+  python -m benchmarks.roofline --config=configs/k400.py:16 --train \
       --batch 64 --dtype bfloat16 --target h100 [--top 15] [--json] \
       [--hlo_out step.hlo] [--config.model.conv_impl=xla]
 
@@ -26,16 +26,13 @@ import collections
 import dataclasses
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # pylint: disable=g-import-not-at-top
+from absl import app, flags
 import jax
 import ml_collections
 
 from benchmarks import hlo_cost, measure, step_flags
-from stat_jax import conv
+from stat_jax import conv, metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +71,12 @@ device_description_str: "{self.name}"
 '''
 
 
-GPUS = {  # NVIDIA datasheets: SXM parts, dense (not sparse) bf16 tensor FLOP/s
-    'h100': Gpu('NVIDIA H100 80GB HBM3', bf16_tflops=989, bandwidth_gbs=3350,
-                memory_bytes=80 * 2**30, clock_ghz=1.98),
-    'h200': Gpu('NVIDIA H200', bf16_tflops=989, bandwidth_gbs=4800,
-                memory_bytes=141 * 10**9, clock_ghz=1.98),
+GPUS = {  # NVIDIA datasheets: SXM parts; the FLOP/s peak of metrics.py
+    'h100': Gpu('NVIDIA H100 80GB HBM3',
+                bf16_tflops=metrics.PEAK_FLOPS['H100'] / 1e12,
+                bandwidth_gbs=3350, memory_bytes=80 * 2**30, clock_ghz=1.98),
+    'h200': Gpu('NVIDIA H200', bf16_tflops=metrics.PEAK_FLOPS['H200'] / 1e12,
+                bandwidth_gbs=4800, memory_bytes=141 * 10**9, clock_ghz=1.98),
 }
 
 flags.DEFINE_enum('target', 'h100', [*GPUS, 'attached'], 'What to compile for.')

@@ -1,7 +1,7 @@
 """How time and memory per clip grow with the clip length T: STAT against a
 joint space-time attention baseline of the same width.
 
-  python benchmarks/scaling.py [--frames 16,32,64] [--joint_frames 16,32] \
+  python -m benchmarks.scaling [--frames 16,32,64] [--joint_frames 16,32] \
       [--joint_memory_frames 64] [--train] [--dtype bfloat16] [--json]
 
 STAT rows are the paper's configs (configs/k400.py:T, window 3 / 5 / 7). The
@@ -16,12 +16,8 @@ Timing and memory: benchmarks/measure.py.
 """
 
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # pylint: disable=g-import-not-at-top
+from absl import app, flags
 
 from benchmarks import measure
 from configs import k400

@@ -1,6 +1,6 @@
 """Speed of one config: time per clip, compile time, memory, FLOP/s, MFU.
 
-  python benchmarks/speed.py --config=configs/k400.py:16 [--batch 1] \
+  python -m benchmarks.speed --config=configs/k400.py:16 [--batch 1] \
       [--train] [--dtype bfloat16] [--json] [--profile] [--config.model.window=5]
 
 Times the jitted forward pass (the eval step), or the whole train step with
@@ -10,12 +10,8 @@ of one forward/train step goes, by kind of op (XLA:CPU only).
 """
 
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # pylint: disable=g-import-not-at-top
+from absl import app, flags
 
 from benchmarks import measure, op_profile, step_flags
 
