@@ -65,7 +65,7 @@ def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
     loss, grads = accumulated_grads(state.params, video, targets, dropout_key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
     return TrainState(step=state.step + 1, params=params,
                       opt_state=opt_state), metrics
 
