@@ -61,6 +61,54 @@ def window_table(nt: int, window: int) -> tuple[np.ndarray, np.ndarray]:
   return np.clip(frames, 0, nt - 1).astype(np.int32), valid
 
 
+def gather_window(x, window_index):
+  """[nt, h, n_sa, d] -> [h, (to-1) * n_sa, d]: the window's SA tokens."""
+  x = x[window_index]  # [to-1, h, n_sa, d]
+  return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, x.shape[3])
+
+
+def frame_logits(q, k_ca, k_sa, window_index, window_valid, k_la):
+  """Scaled logits of frame i's queries over K̂_i = [K_CA_i, K_SA of the
+  window, K_LA] (equation (7)), -inf on neighbours outside the clip.
+  Shapes as in `frame_attention`; returns float32 [h, nq, n_ca +
+  (to-1) * n_sa + n_la]."""
+  head_dim = q.shape[2]
+  k = jnp.concatenate([k_ca, gather_window(k_sa, window_index), k_la],
+                      axis=1)  # K̂_i
+  valid = jnp.concatenate([
+      jnp.ones(k_ca.shape[1], bool),
+      jnp.repeat(window_valid, k_sa.shape[2]),
+      jnp.ones(k_la.shape[1], bool),
+  ])
+  logits = jnp.einsum('hqd,hkd->hqk', q, k, preferred_element_type=jnp.float32)
+  logits = logits / np.sqrt(head_dim).astype(np.float32)
+  # valid at the rank of logits: jax2onnx mis-batches a lower-rank mask.
+  return jnp.where(valid[None, None], logits, -jnp.inf)
+
+
+def frame_masses(q, k_ca, k_sa, window_index, window_valid, k_la):
+  """Where the softmax of frame i's queries puts its mass (explain only).
+
+  Shapes as in `frame_attention`. Returns {'ca': [h, nq] on K_CA_i,
+  'sa': [h, nq, nt] on each frame's K_SA (0 outside the window and on i),
+  'la': [h, nq, nt] on each frame's K_LA token (0 without LA), 'ca_keys':
+  [h, nq, n_ca] the weights on each K_CA_i token}; ca + sa + la = 1.
+  """
+  nt, n_ca, n_sa = k_sa.shape[0], k_ca.shape[1], k_sa.shape[2]
+  weights = jax.nn.softmax(
+      frame_logits(q, k_ca, k_sa, window_index, window_valid, k_la), axis=-1)
+  ca_keys = weights[..., :n_ca]
+  sa_slots = weights[..., n_ca:n_ca + window_index.size * n_sa]
+  sa_slots = sa_slots.reshape(*weights.shape[:2], window_index.shape[0],
+                              n_sa).sum(-1)  # [h, nq, to-1]
+  to_frame = jax.nn.one_hot(window_index, nt) * window_valid[:, None]  # [to-1, nt]
+  la = weights[..., n_ca + window_index.size * n_sa:]  # [h, nq, nt or 0]
+  if la.shape[-1] != nt:
+    la = jnp.zeros((*weights.shape[:2], nt), weights.dtype)
+  return {'ca': ca_keys.sum(-1), 'sa': sa_slots @ to_frame, 'la': la,
+          'ca_keys': ca_keys}
+
+
 def frame_attention(q, k_ca, v_ca, k_sa, v_sa, window_index, window_valid,
                     k_la, v_la):
   """Attention of one frame i, equations (7) and (8).
@@ -74,24 +122,9 @@ def frame_attention(q, k_ca, v_ca, k_sa, v_sa, window_index, window_valid,
   Returns:
     [h, nq, d]
   """
-  heads, _, head_dim = q.shape
-  n_sa = k_sa.shape[2]
-
-  def gather_window(x):  # [nt, h, n_sa, d] -> [h, (to-1) * n_sa, d]
-    x = x[window_index]  # [to-1, h, n_sa, d]
-    return jnp.moveaxis(x, 0, 1).reshape(heads, -1, head_dim)
-
-  k = jnp.concatenate([k_ca, gather_window(k_sa), k_la], axis=1)  # K̂_i
-  v = jnp.concatenate([v_ca, gather_window(v_sa), v_la], axis=1)  # V̂_i
-  valid = jnp.concatenate([
-      jnp.ones(k_ca.shape[1], bool),
-      jnp.repeat(window_valid, n_sa),
-      jnp.ones(k_la.shape[1], bool),
-  ])
-  logits = jnp.einsum('hqd,hkd->hqk', q, k, preferred_element_type=jnp.float32)
-  logits = logits / np.sqrt(head_dim).astype(np.float32)
-  # valid at the rank of logits: jax2onnx mis-batches a lower-rank mask.
-  logits = jnp.where(valid[None, None], logits, -jnp.inf)
+  logits = frame_logits(q, k_ca, k_sa, window_index, window_valid, k_la)
+  v = jnp.concatenate([v_ca, gather_window(v_sa, window_index), v_la],
+                      axis=1)  # V̂_i
   # Softmax in float32, normalised after the product with V: one division
   # per output value instead of one per key.
   peak = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
@@ -168,6 +201,27 @@ def shrinking_temporal_attention(q, k, v, k_sa, v_sa, *, attention: str,
   Returns:
     [B, nt, h, nq, d]
   """
+  k_cur, v_cur, k_sa, v_sa, index, valid, k_la, v_la = attention_sets(
+      k, v, k_sa, v_sa, attention=attention, window=window,
+      num_summary=num_summary)
+  if impl == 'cudnn':
+    return packed_attention(q, k_cur, v_cur, k_sa, v_sa, index, valid, k_la,
+                            v_la, implementation='cudnn')
+
+  per_frame = jax.vmap(frame_attention,  # over frames: SA and LA shared
+                       in_axes=(0, 0, 0, None, None, 0, 0, None, None))
+  per_clip = jax.vmap(per_frame,  # over clips: the window table shared
+                      in_axes=(0, 0, 0, 0, 0, None, None, 0, 0))
+  return per_clip(q, k_cur, v_cur, k_sa, v_sa, index, valid, k_la, v_la)
+
+
+def attention_sets(k, v, k_sa, v_sa, *, attention: str, window: int,
+                   num_summary: int):
+  """The key / value sets of equation (7) for `attention`, as
+  `frame_attention` takes them (arguments as in
+  shrinking_temporal_attention): (k_cur, v_cur [B, nt, h, n_ca, d], k_sa,
+  v_sa [B, nt, h, n_sa or 0, d], window index, valid [nt, to-1 or 0],
+  k_la, v_la [B, h, nt or 0, d])."""
   batch, nt, heads, _, head_dim = k.shape
   use_sa, use_la = 'sa' in attention, 'la' in attention
   if use_la and num_summary:  # K_LA: the class-token keys of all frames
@@ -187,15 +241,20 @@ def shrinking_temporal_attention(q, k, v, k_sa, v_sa, *, attention: str,
   else:
     index, valid = np.zeros((nt, 0), np.int32), np.zeros((nt, 0), bool)
     k_sa = v_sa = jnp.zeros((batch, nt, heads, 0, head_dim), k.dtype)
-  if impl == 'cudnn':
-    return packed_attention(q, k_cur, v_cur, k_sa, v_sa, index, valid, k_la,
-                            v_la, implementation='cudnn')
+  return k_cur, v_cur, k_sa, v_sa, index, valid, k_la, v_la
 
-  per_frame = jax.vmap(frame_attention,  # over frames: SA and LA shared
-                       in_axes=(0, 0, 0, None, None, 0, 0, None, None))
-  per_clip = jax.vmap(per_frame,  # over clips: the window table shared
-                      in_axes=(0, 0, 0, 0, 0, None, None, 0, 0))
-  return per_clip(q, k_cur, v_cur, k_sa, v_sa, index, valid, k_la, v_la)
+
+def attention_masses(q, k, k_sa, *, attention: str, window: int,
+                     num_summary: int) -> dict:
+  """`frame_masses` of every clip and frame (arguments as in
+  shrinking_temporal_attention): {'ca': [B, nt, h, nq], 'sa', 'la': [B,
+  nt, h, nq, nt], 'ca_keys': [B, nt, h, nq, n_ca]}."""
+  k_cur, _, k_sa, _, index, valid, k_la, _ = attention_sets(
+      k, k, k_sa, k_sa, attention=attention, window=window,
+      num_summary=num_summary)
+  per_frame = jax.vmap(frame_masses, in_axes=(0, 0, None, 0, 0, None))
+  per_clip = jax.vmap(per_frame, in_axes=(0, 0, 0, None, None, 0))
+  return per_clip(q, k_cur, k_sa, index, valid, k_la)
 
 
 class Pool(nnx.Module):
@@ -257,6 +316,7 @@ class ShrinkingTemporalAttention(nnx.Module):
     self.heads, self.attention, self.window = heads, attention, window
     self.impl = resolve_attention_impl(attention_impl)
     self.num_summary, self.sa_pool = num_summary, sa_pool
+    self.capture = False  # True: sow the attention masses (explain only)
     # Fq, Fk, Fv of equation (1), fused into one C -> 3C projection.
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype,
                           kernel_init=dense_init, rngs=rngs)
@@ -271,6 +331,16 @@ class ShrinkingTemporalAttention(nnx.Module):
   def output_grid(self, grid):
     """The token grid of the output: Q's, pooled at a stage transition."""
     return grid if self.pool_q is None else self.pool_q.output_grid(grid)
+
+  def masses(self, q, k, k_sa, kv_grid) -> dict:
+    """attention_masses, with 'ca_keys' replaced by 'cls_ca': [B, nt, h,
+    kh, kw] the class token's weights on the K_CA grid (the mean query's
+    with avg-pooled summaries)."""
+    masses = attention_masses(q, k, k_sa, attention=self.attention,
+                              window=self.window, num_summary=self.num_summary)
+    ca_keys = masses.pop('ca_keys')  # [B, nt, h, nq, n_ca]
+    cls = ca_keys[:, :, :, 0] if self.num_summary else ca_keys.mean(axis=3)
+    return dict(masses, cls_ca=cls.reshape(*cls.shape[:3], *kv_grid))
 
   def __call__(self, x, grid):
     """x: [B, nt, num_summary + nh*nw, C] -> ([B, nt, num_summary + ñh*ñw, C], (ñh, ñw))."""
@@ -287,6 +357,8 @@ class ShrinkingTemporalAttention(nnx.Module):
     if 'sa' in self.attention:  # K_SA = P_SA(K_CA), V_SA = P_SA(V_CA)
       k_sa = short_term_pool(k[:, :, :, self.num_summary:], kv_grid, self.sa_pool)
       v_sa = short_term_pool(v[:, :, :, self.num_summary:], kv_grid, self.sa_pool)
+    if self.capture:  # explain only (stat_jax/attention_maps.py)
+      self.sow(nnx.Intermediate, 'masses', self.masses(q, k, k_sa, kv_grid))
     out = shrinking_temporal_attention(
         q, k, v, k_sa, v_sa, attention=self.attention, window=self.window,
         num_summary=self.num_summary, impl=self.impl)  # [B, nt, h, nq, d]

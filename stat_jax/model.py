@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from flax.nnx.nn.attention import dot_product_attention_weights
 
 from stat_jax import arch, conv
 from stat_jax.config_validation import validate_model
@@ -132,6 +133,7 @@ class TemporalBlock(nnx.Module):
   """
 
   def __init__(self, dim: int, heads: int, mlp_ratio: float, *, dtype, rngs):
+    self.capture = False  # True: sow the attention weights (explain only)
     self.norm1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
     self.attn = nnx.MultiHeadAttention(
         heads, dim, dtype=dtype, kernel_init=dense_init, decode=False,
@@ -141,8 +143,15 @@ class TemporalBlock(nnx.Module):
     self.mlp = (Mlp(dim, int(dim * mlp_ratio), dim, dtype=dtype, rngs=rngs)
                 if mlp_ratio else None)
 
+  def attention_weights(self, x):
+    """x: [B, L, C] (normalised) -> the softmax weights [B, heads, L, L]."""
+    return dot_product_attention_weights(self.attn.query(x), self.attn.key(x))
+
   def __call__(self, x):
-    x = x + self.attn(self.norm1(x))
+    normed = self.norm1(x)
+    if self.capture:  # explain only; sow_weights would change the kernel
+      self.sow(nnx.Intermediate, 'weights', self.attention_weights(normed))
+    x = x + self.attn(normed)
     if self.mlp is None:
       return x
     return x + self.mlp(self.norm2(x))
