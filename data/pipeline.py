@@ -13,8 +13,15 @@ resuming skips index entries, never data. Per-clip randomness comes from the
 stateless seed fold_in(fold_in((seed, 0), epoch), global position).
 
 A record that fails to parse, lacks a label, or has a JPEG that fails to
-decode is dropped and counted in `num_skipped` (from the gaps it leaves in
-the positions), never turned into a zero clip.
+decode is dropped and counted in `num_skipped` (and by reason, SKIP_REASONS),
+never turned into a zero clip. Train: every index entry yields exactly one
+stream element, the clip or a marker with the reason it was skipped, so the
+Python side sees every record: data.max_consecutive_skips records in a row
+without a clip (or a whole epoch of them) stop the run naming the shards,
+and a stop request (SIGTERM) is honoured between chunks of records instead
+of waiting forever inside tf.data. Frames are checked for the JPEG start
+and end markers before libjpeg sees them (libjpeg prints a line to stderr
+for every bad frame).
 
 Eval: process k reads the contiguous slice [k n / P, (k+1) n / P) of the
 index sorted by (file, offset); each video yields num_clips x num_crops views.
@@ -23,9 +30,11 @@ batches, eval_batch_size * views / P elements each, padded at the end with
 mask False (label and video_id -1).
 """
 
+import collections
 import concurrent.futures
 import math
 import os
+import zlib
 
 import numpy as np
 import tensorflow as tf
@@ -33,10 +42,25 @@ import tensorflow as tf
 from data import augment
 from data import dmvr
 from data import sampling
+from stat_jax import defaults
 from stat_jax.errors import UserError
+
+# The config key that lets a run resume on train data other than its
+# checkpoint's (TrainIterator.set_state).
+DATA_CHANGE_KEY = 'data.allow_data_change'
 
 _READ_PARALLELISM = 8  # records read concurrently by the interleave
 _PREFETCH_BATCHES = 2
+# Why a train record was skipped: reason code -> what the logs call it.
+SKIP_REASONS = {1: 'unreadable or not a clip', 2: 'no label or label out of '
+                'range', 3: 'frames that do not decode as JPEG'}
+_SKIP_KEYS = {1: 'skipped_unreadable', 2: 'skipped_label', 3: 'skipped_jpeg'}
+_LABEL_SAMPLE = 64  # records whose labels check_label_space reads per spec
+
+
+class Interrupted(Exception):
+  """A stop request (SIGTERM) arrived while the train iterator waited for
+  valid clips; its state is still that after the last batch it returned."""
 
 
 # -------------------------------------------------------------------- index ---
@@ -61,14 +85,22 @@ class RecordIndex:
   def __len__(self):
     return len(self.file)
 
+  def fingerprint(self) -> int:
+    """A 31-bit hash of the shard names, sizes and record counts (fits the
+    int32 of a checkpoint's data state)."""
+    counts = np.bincount(self.file, minlength=len(self.files))
+    text = '\n'.join(f'{os.path.basename(f)} {size} {count}' for f, size, count
+                     in zip(self.files, self.sizes, counts))
+    return zlib.crc32(text.encode()) & 0x7fffffff
+
   def entries(self, records: np.ndarray) -> dict:
     """The read arguments of the given record numbers."""
     return {'file': self.file[records], 'offset': self.offset[records],
             'length': self.length[records]}
 
 
-def _read(entries: tf.data.Dataset, index: RecordIndex) -> tf.data.Dataset:
-  """Adds 'record' (bytes) to each element holding file/offset/length."""
+def _record_reader(index: RecordIndex):
+  """entry -> a dataset of one element: the entry plus 'record' (bytes)."""
   files = tf.constant(index.files)
   sizes = tf.constant(index.sizes)
 
@@ -79,7 +111,13 @@ def _read(entries: tf.data.Dataset, index: RecordIndex) -> tf.data.Dataset:
         header_bytes=entry['offset'], footer_bytes=footer)
     return records.map(lambda record: dict(entry, record=record))
 
-  return entries.interleave(read_one, cycle_length=_READ_PARALLELISM,
+  return read_one
+
+
+def _read(entries: tf.data.Dataset, index: RecordIndex) -> tf.data.Dataset:
+  """Adds 'record' (bytes) to each element holding file/offset/length."""
+  return entries.interleave(_record_reader(index),
+                            cycle_length=_READ_PARALLELISM,
                             num_parallel_calls=tf.data.AUTOTUNE,
                             deterministic=True)
 
@@ -125,6 +163,66 @@ def class_names(config) -> list[str]:
   return [str(i) for i in range(count)]
 
 
+def _sample_labels(index: RecordIndex, names: list | None, count: int):
+  """(labels, unknown label texts, records read) of up to `count` records
+  spread over the index; records that do not parse are left to the stream."""
+  labels, unknown, read = [], set(), 0
+  lookup = {name: i for i, name in enumerate(names or [])}
+  for record in np.unique(np.linspace(0, len(index) - 1, count).astype(int)):
+    with tf.io.gfile.GFile(index.files[index.file[record]], 'rb') as f:
+      f.seek(int(index.offset[record]))
+      serialized = f.read(int(index.length[record]))
+    try:
+      clip = dmvr.parse_example(serialized)
+    except ValueError:
+      continue
+    read += 1
+    if clip.label_indices:
+      labels.append(clip.label_indices[0])
+    elif clip.label_texts and clip.label_texts[0] in lookup:
+      labels.append(lookup[clip.label_texts[0]])
+    elif clip.label_texts and names is not None:
+      unknown.add(clip.label_texts[0])
+  return labels, unknown, read
+
+
+def check_label_space(config, train_index: RecordIndex | None = None) -> None:
+  """Before the first step: the label map (class_names' search order) has
+  model.num_classes names, and the labels of a sample of train and eval
+  records are in 0 .. num_classes - 1 (the stream would skip the others
+  silently, and the end-of-run report fail). UserError naming what differs."""
+  data, count = config.data, config.model.num_classes
+  for path in _label_map_paths(data):
+    if tf.io.gfile.exists(path):
+      names = dmvr.load_label_map(path)
+      if len(names) != count:
+        raise UserError(f'{path}: {len(names)} class names, but '
+                         f'model.num_classes = {count}; give the label map of '
+                         'this data set, or set model.num_classes')
+      break
+  for key, index in (('train_spec', train_index), ('eval_spec', None)):
+    spec = data[key]
+    if not spec:
+      continue
+    index = index or RecordIndex(spec)
+    path = data.label_map or os.path.join(dmvr.spec_directory(spec),
+                                          'label_map.txt')
+    names = (dmvr.load_label_map(path) if tf.io.gfile.exists(path) else None)
+    labels, unknown, read = _sample_labels(index, names, _LABEL_SAMPLE)
+    outside = sorted({label for label in labels if not 0 <= label < count})
+    if outside:
+      bad = sum(not 0 <= label < count for label in labels)
+      raise UserError(
+          f'data.{key} {spec!r}: {bad} of {read} sampled records have labels '
+          f'outside 0..{count - 1} (model.num_classes = {count}): '
+          f'{", ".join(map(str, outside[:10]))}; set model.num_classes to '
+          'the class count of the data set')
+    if unknown:
+      raise UserError(f'data.{key} {spec!r}: label(s) '
+                       f'{", ".join(map(repr, sorted(unknown)[:10]))} of sampled '
+                       f'records are not in the label map {path}')
+
+
 def _label(parsed, table, num_classes):
   """int32 label: the first clip/label/index, else the label map entry of the
   first text label; a record with neither (or out of range) fails."""
@@ -137,6 +235,17 @@ def _label(parsed, table, num_classes):
                                      message='label >= num_classes')]
   with tf.control_dependencies(checks):
     return tf.identity(label)
+
+
+def _checked_jpegs(jpegs):
+  """`jpegs` once each starts with the JPEG SOI and ends with the EOI marker
+  (else InvalidArgumentError): libjpeg prints to stderr for every frame it
+  rejects, which floods the log when a whole shard is bad."""
+  ok = tf.reduce_all(
+      (tf.strings.substr(jpegs, 0, 3) == b'\xff\xd8\xff')
+      & (tf.strings.substr(jpegs, -2, 2) == b'\xff\xd9'))
+  with tf.control_dependencies([tf.debugging.Assert(ok, ['not a JPEG'])]):
+    return tf.identity(jpegs)
 
 
 def normalisation(data) -> tuple[np.ndarray, np.ndarray]:
@@ -171,7 +280,7 @@ def _train_clip(element, data, seed, table, num_classes):
   parsed = dmvr.parse_tf(element['record'])
   label = _label(parsed, table, num_classes)
   indices = sampling.train_indices(tf.size(parsed['frames']), data, time_key)
-  jpegs = tf.gather(parsed['frames'], indices)  # [T]
+  jpegs = _checked_jpegs(tf.gather(parsed['frames'], indices))  # [T]
   window = augment.random_crop_window(tf.io.extract_jpeg_shape(jpegs[0]),
                                       crop_key, data.area_range,
                                       data.aspect_range)
@@ -187,7 +296,39 @@ def _train_clip(element, data, seed, table, num_classes):
   if data.random_erasing:
     video = augment.random_erasing(video, erase_key, data.random_erasing)
   return {'video': video, 'label': label, 'epoch': element['epoch'],
-          'position': element['position']}
+          'position': element['position'], 'file': element['file'],
+          'reason': tf.constant(0, tf.int32)}
+
+
+def _skipped(element, data, reason):
+  """The stream element of a skipped record: a zero video, never yielded."""
+  return {'video': tf.zeros(defaults.clip_shape(data), tf.float32),
+          'label': tf.constant(-1, tf.int32), 'epoch': element['epoch'],
+          'position': element['position'], 'file': element['file'],
+          'reason': tf.constant(reason, tf.int32)}
+
+
+def _train_element(entry, read_one, data, seed, table, num_classes):
+  """Exactly one element for one index entry, never an error: the clip, or
+  _skipped with the first reason of SKIP_REASONS that explains the failure
+  (the checks after the first attempt run only for bad records)."""
+  record = read_one(entry)
+
+  def parses(element):
+    dmvr.parse_tf(element['record'])
+    return _skipped(element, data, 2)
+
+  def labelled(element):
+    _label(dmvr.parse_tf(element['record']), table, num_classes)
+    return _skipped(element, data, 3)
+
+  attempts = [
+      record.map(lambda e: _train_clip(e, data, seed, table, num_classes)),
+      record.map(labelled), record.map(parses)]
+  elements = tf.data.Dataset.from_tensors(_skipped(entry, data, 1))
+  for attempt in reversed(attempts):
+    elements = attempt.ignore_errors().concatenate(elements)
+  return elements.take(1)
 
 
 class TrainIterator:
@@ -211,7 +352,16 @@ class TrainIterator:
     self._seed = int(config.seed)
     self._table = _label_table(self._data, self._data.train_spec)
     self._epoch, self._position, self.num_skipped = 0, 0, 0
-    self._batches = None
+    self.skipped = dict.fromkeys(SKIP_REASONS, 0)  # reason -> records
+    self._batches, self._chunk, self._offset = None, None, 0
+    self._max_run = min(int(self._data.max_consecutive_skips),
+                        self.records_per_epoch)
+    self._data_ids = {
+        'num_records': len(self._index), 'num_shards': len(self._index.files),
+        'data_fingerprint': self._index.fingerprint()}
+    # Set by the trainer: called while waiting for valid clips; True raises
+    # Interrupted (a SIGTERM must stop a run whose data is all bad).
+    self.should_stop = None
 
   def _entries(self):
     """Index entries from the saved (epoch, position) on, forever."""
@@ -235,48 +385,131 @@ class TrainIterator:
     return tf.data.Dataset.counter(start).map(entry)
 
   def _dataset(self):
-    entries = self._entries()
-    clips = _read(entries, self._index).map(
-        lambda e: _train_clip(e, self._data, self._seed, self._table,
-                              self._num_classes),
-        num_parallel_calls=self._data.num_parallel_calls, deterministic=True)
-    return (clips.ignore_errors().batch(self._batch, drop_remainder=True)
+    """Chunks of `batch` stream elements, clips and skipped markers."""
+    read_one = _record_reader(self._index)
+    parallel = self._data.num_parallel_calls
+    elements = self._entries().interleave(
+        lambda e: _train_element(e, read_one, self._data, self._seed,
+                                 self._table, self._num_classes),
+        cycle_length=parallel if parallel > 0 else max(_READ_PARALLELISM,
+                                                       os.cpu_count() or 1),
+        num_parallel_calls=parallel, deterministic=True)
+    return (elements.batch(self._batch, drop_remainder=True)
             .prefetch(_PREFETCH_BATCHES))
 
   def __iter__(self):
     return self
 
-  def __next__(self) -> dict:
+  @property
+  def stream_position(self) -> int:
+    """Records consumed since epoch 0 (clips yielded plus skipped)."""
+    return self._epoch * self.records_per_epoch + self._position
+
+  def _next_chunk(self):
+    if self.should_stop is not None and self.should_stop():
+      raise Interrupted(f'stopped while reading {self._data.train_spec}')
     if self._batches is None:
       self._batches = self._dataset().as_numpy_iterator()
-    batch = next(self._batches)
-    # Stream position of the batch's last clip; gaps are skipped records.
+    return next(self._batches)
+
+  def __next__(self) -> dict:
+    """The next `batch` clips; skipped records are counted on the way. The
+    state changes only when a batch is returned."""
+    chunk, offset, parts, need = self._chunk, self._offset, [], self._batch
+    skipped, run, run_files = collections.Counter(), 0, collections.Counter()
+    try:
+      while need:
+        if chunk is None or offset == len(chunk['reason']):
+          chunk, offset = self._next_chunk(), 0
+        reasons = chunk['reason'][offset:]
+        good = np.flatnonzero(reasons == 0)[:need]
+        end = good[-1] + 1 if len(good) == need else len(reasons)
+        for row in range(end):  # consecutive skips, by reason and shard
+          if reasons[row]:
+            skipped[int(reasons[row])] += 1
+            run += 1
+            run_files[int(chunk['file'][offset + row])] += 1
+            if run >= self._max_run:
+              raise self._too_many_skips(run, run_files, skipped)
+          else:
+            run, run_files = 0, collections.Counter()
+        parts.append({key: chunk[key][offset + good]
+                      for key in ('video', 'label', 'epoch', 'position')})
+        offset += end
+        need -= len(good)
+    except BaseException:
+      self._batches, self._chunk = None, None  # restart at the saved state
+      raise
+    self._chunk, self._offset = chunk, offset
+    batch = parts[0] if len(parts) == 1 else {
+        key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     last = int(batch['epoch'][-1]) * self.records_per_epoch + int(
         batch['position'][-1])
-    first = self._epoch * self.records_per_epoch + self._position
-    self.num_skipped += last + 1 - first - self._batch
     self._epoch, self._position = divmod(last + 1, self.records_per_epoch)
+    for reason, count in skipped.items():
+      self.skipped[reason] += count
+    self.num_skipped += sum(skipped.values())
     return {'video': batch['video'], 'label': batch['label']}
+
+  def _too_many_skips(self, run, run_files, skipped) -> UserError:
+    files = ', '.join(f'{self._index.files[f]} ({n})'
+                      for f, n in run_files.most_common(5))
+    more = len(run_files) - 5
+    reasons = ', '.join(f'{SKIP_REASONS[r]}: {n}'
+                        for r, n in skipped.most_common())
+    limit = (f'data.max_consecutive_skips = '
+             f'{self._data.max_consecutive_skips}'
+             if self._max_run < self.records_per_epoch else
+             f'all {self.records_per_epoch} records of an epoch')
+    return UserError(
+        f'train data: {run} records in a row gave no clip ({limit}); '
+        f'{reasons}; from {files}{f" and {more} more shards" if more > 0 else ""}'
+        f'. Check them with python -m data.inspect')
+
+  def skipped_summary(self) -> str:
+    """'N (reason: n, ...)' of the records skipped so far, or ''."""
+    if not self.num_skipped:
+      return ''
+    return f'{self.num_skipped} (' + ', '.join(
+        f'{SKIP_REASONS[r]}: {n}' for r, n in self.skipped.items() if n) + ')'
 
   def get_state(self) -> dict:
     """Small ints: where the next batch starts, plus what must match."""
     process_index, process_count = self._process
     return {'epoch': self._epoch, 'position': self._position,
             'num_skipped': self.num_skipped, 'seed': self._seed,
-            'process_index': process_index, 'process_count': process_count}
+            'process_index': process_index, 'process_count': process_count,
+            **self._data_ids,
+            **{_SKIP_KEYS[r]: n for r, n in self.skipped.items()}}
 
-  def set_state(self, state: dict):
+  def set_state(self, state: dict, *, allow_data_change: bool = False):
+    """Resume at `state`. A state of other train data (shards added or
+    removed: other record count or index fingerprint) is refused unless
+    `allow_data_change` (then the position is kept where it fits)."""
     expected = self.get_state()
     for key in ('seed', 'process_index', 'process_count'):
       if int(state[key]) != expected[key]:
         raise UserError(f'iterator state {key}: expected {expected[key]}, '
                          f'got {state[key]}')
+    changed = [key for key in self._data_ids
+               if key in state and int(state[key]) != expected[key]]
+    if changed and not allow_data_change:
+      raise UserError(
+          f'data.train_spec {self._data.train_spec!r} now gives '
+          f'{expected["num_records"]} records in {expected["num_shards"]} '
+          f'shard(s); the checkpoint was written reading '
+          f'{state.get("num_records")} records in {state.get("num_shards")} '
+          f'shard(s) (differs: {", ".join(changed)}). Restore the shards, or set '
+          f'{DATA_CHANGE_KEY}=True to resume on the new data on purpose')
+    if changed and int(state['position']) >= self.records_per_epoch:
+      state = dict(state, position=0, epoch=int(state['epoch']) + 1)
     if not 0 <= int(state['position']) < self.records_per_epoch:
       raise UserError(f'iterator state position: expected 0..'
                        f'{self.records_per_epoch - 1}, got {state["position"]}')
     self._epoch, self._position = int(state['epoch']), int(state['position'])
     self.num_skipped = int(state['num_skipped'])
-    self._batches = None
+    self.skipped = {r: int(state.get(key, 0)) for r, key in _SKIP_KEYS.items()}
+    self._batches, self._chunk, self._offset = None, None, 0
 
 
 def make_train_iterator(config, *, process_index=0,
@@ -294,7 +527,8 @@ def _eval_views(element, data, table, num_classes):
   label = _label(parsed, table, num_classes)
   clip_frames = data.num_clips * data.num_frames
   indices = sampling.eval_indices(tf.size(parsed['frames']), data)  # [C, T]
-  jpegs = tf.gather(parsed['frames'], tf.reshape(indices, [-1]))  # [C*T]
+  jpegs = _checked_jpegs(
+      tf.gather(parsed['frames'], tf.reshape(indices, [-1])))  # [C*T]
   frames = sampling.resize_short_side(
       sampling.decode_frames(jpegs, clip_frames), data.eval_short_side)
   clips = tf.reshape(frames, tf.concat(

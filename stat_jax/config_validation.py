@@ -116,6 +116,11 @@ def check_data(config: ml_collections.ConfigDict) -> None:
   d = config.data
   _require(d.sampling in SAMPLINGS, 'data.sampling', d.sampling,
            f'must be one of {", ".join(SAMPLINGS)}')
+  _require(isinstance(d.max_consecutive_skips, int)
+           and d.max_consecutive_skips >= 1, 'data.max_consecutive_skips',
+           d.max_consecutive_skips, 'must be an integer >= 1')
+  _require(0 <= d.skip_warning_fraction <= 1, 'data.skip_warning_fraction',
+           d.skip_warning_fraction, 'must be in [0, 1]')
   reverse = tuple(d.reversed_classes)
   if reverse:
     count = config.model.num_classes
@@ -127,8 +132,49 @@ def check_data(config: ml_collections.ConfigDict) -> None:
              'class back)')
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_training(config: ml_collections.ConfigDict) -> None:
+  """Run control and the training recipe: what would otherwise fail after
+  compiling (a zero frequency), do nothing (negative steps) or train on
+  nonsense (a negative learning rate)."""
   _require(config.batch_size >= 1, 'batch_size', config.batch_size, 'must be >= 1')
+  _require(_is_int(config.total_steps) and config.total_steps >= 0,
+           'total_steps', config.total_steps,
+           'must be an integer >= 0 (0 = derive from num_epochs)')
+  if not config.total_steps:
+    _require(config.num_epochs > 0, 'num_epochs', config.num_epochs,
+             'must be > 0 when total_steps = 0 (it derives the step count)')
+    _require(_is_int(config.train_examples) and config.train_examples >= 1,
+             'train_examples', config.train_examples, 'must be an integer >= 1')
+  for key in ('log_every', 'eval_every', 'checkpoint_every'):
+    _require(_is_int(config[key]) and config[key] >= 1, key, config[key],
+             'must be an integer >= 1 (a step count)')
+  _require(_is_int(config.keep_checkpoints) and config.keep_checkpoints >= 1,
+           'keep_checkpoints', config.keep_checkpoints,
+           'must be an integer >= 1 (0 would delete each checkpoint as soon '
+           'as it is written)')
+  opt = config.optimizer
+  _require(opt.base_lr > 0, 'optimizer.base_lr', opt.base_lr, 'must be > 0')
+  _require(0 <= opt.min_lr <= opt.base_lr, 'optimizer.min_lr', opt.min_lr,
+           f'must be in [0, optimizer.base_lr = {opt.base_lr}]')
+  _require(opt.warmup_epochs >= 0, 'optimizer.warmup_epochs',
+           opt.warmup_epochs, 'must be >= 0')
+  _require(opt.weight_decay >= 0, 'optimizer.weight_decay', opt.weight_decay,
+           'must be >= 0')
+  for key in ('b1', 'b2'):
+    _require(0 <= opt[key] < 1, f'optimizer.{key}', opt[key], 'must be in [0, 1)')
+  _require(opt.grad_clip > 0, 'optimizer.grad_clip', opt.grad_clip,
+           'must be > 0 (the global gradient norm is clipped to it)')
+  mix = config.mixup
+  for key in ('mixup_alpha', 'cutmix_alpha'):
+    _require(mix[key] >= 0, f'mixup.{key}', mix[key], 'must be >= 0 (0 = off)')
+  for key in ('prob', 'switch_prob'):
+    _require(0 <= mix[key] <= 1, f'mixup.{key}', mix[key], 'must be in [0, 1]')
+  _require(0 <= mix.label_smoothing < 1, 'mixup.label_smoothing',
+           mix.label_smoothing, 'must be in [0, 1)')
   _require(config.grad_accum_steps >= 1
            and config.batch_size % config.grad_accum_steps == 0,
            'grad_accum_steps', config.grad_accum_steps,

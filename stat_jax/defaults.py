@@ -127,6 +127,16 @@ def data_config(num_frames: int) -> ml_collections.ConfigDict:
   d.num_crops = 1
   d.eval_batch_size = 8  # global, in videos
   d.num_parallel_calls = -1  # tf.data.AUTOTUNE
+  # Train records in a row that give no clip (unreadable, unlabelled, or
+  # frames that do not decode) before the run stops naming the shards; a
+  # whole epoch of them stops it in any case.
+  d.max_consecutive_skips = 1000
+  # Warn when more than this fraction of the train records read since the
+  # previous progress line were skipped.
+  d.skip_warning_fraction = 0.05
+  # Resume even though the train shards differ from the checkpoint's
+  # (records added or removed: the data order changes).
+  d.allow_data_change = False
   # Evaluation of temporal order, for datasets whose classes come in
   # time-reversed pairs: entry c is the class a clip of class c becomes when
   # played backwards. Set, every eval also scores the val clips played
