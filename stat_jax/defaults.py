@@ -200,5 +200,8 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   c.eval_every = 5000
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
+  # Val clips whose frame-to-frame attention maps TensorBoard shows at each
+  # evaluation (stat_jax/eval_images.py); 0: none.
+  c.attention_images = 4
   c.init_from = ''  # workdir or checkpoint dir of another run
   return c
