@@ -35,4 +35,5 @@ def get_config(arg: str = ''):
   config.batch_size = 4
   config.total_steps = 10
   config.log_every = 1
+  config.attention_images = 0  # no capture program to compile in tests
   return config

@@ -13,6 +13,8 @@ import tempfile
 
 import numpy as np
 
+from stat_jax.confusion import format_confused
+
 TOP_K = 5  # top-5 accuracy; top-min(5, K) when there are fewer classes
 NUM_WORST = 5  # classes listed by format_summary
 # Result keys written to TensorBoard as val_<key>.
@@ -134,8 +136,9 @@ def _named_prediction(prediction: dict, class_names) -> dict:
 
 def write_report(result: dict, path: str, class_names=None) -> str:
   """Writes `path` (JSON: accuracies, counts, per-class accuracy, and any
-  other key a caller put in `result`, e.g. the step) and, beside it, <path
-  without extension>.predictions.jsonl (one line per video). Each file
+  other key a caller put in `result`, e.g. the step or the
+  confusion_matrix) and, beside it, <path without extension>.predictions.jsonl
+  (one line per video) and, with a confusion matrix, .confusion.png. Each file
   appears complete or not at all. Returns the predictions path."""
   predictions_path = os.path.splitext(path)[0] + '.predictions.jsonl'
   lines = [json.dumps(_named_prediction(p, class_names)) + '\n'
@@ -152,6 +155,10 @@ def write_report(result: dict, path: str, class_names=None) -> str:
   report.update(per_class=per_class,
                 predictions=os.path.basename(predictions_path))
   _write_atomic(path, json.dumps(report, indent=2) + '\n')
+  if 'confusion_matrix' in result:  # beside it: <path>.confusion.png
+    from stat_jax import plots  # pylint: disable=g-import-not-at-top
+    plots.save(plots.confusion_figure(result['confusion_matrix'], class_names),
+               os.path.splitext(path)[0] + '.confusion.png')
   return predictions_path
 
 
@@ -169,7 +176,8 @@ def format_accuracy(result: dict) -> str:
 
 def format_summary(result: dict, class_names=None) -> str:
   """Two lines: format_accuracy, then the NUM_WORST classes of lowest
-  top-1 (ties: lower class index first)."""
+  top-1 (ties: lower class index first); a third with the most confused
+  class pairs when the result has a confusion matrix."""
   worst = sorted(result['per_class'].items(),
                  key=lambda item: (item[1], item[0]))[:NUM_WORST]
   names = [str(c) if class_names is None else f'{c} {class_names[c]}'
@@ -177,4 +185,7 @@ def format_summary(result: dict, class_names=None) -> str:
   worst_text = ', '.join(
       f'{name} {100 * acc:.1f}% of {result["per_class_videos"][c]}'
       for name, (c, acc) in zip(names, worst))
-  return f'{format_accuracy(result)}\nworst classes: {worst_text}'
+  text = f'{format_accuracy(result)}\nworst classes: {worst_text}'
+  if 'confusion_matrix' in result:
+    text += '\n' + format_confused(result['confusion_matrix'], class_names)
+  return text

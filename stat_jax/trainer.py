@@ -17,9 +17,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from data import pipeline
-from stat_jax import checkpoint, defaults, metrics, optim, sharding
+from stat_jax import checkpoint, confusion, defaults, metrics, optim, sharding
+from stat_jax import config_compare, preflight
 from stat_jax.config_validation import validate
 from stat_jax.errors import UserError
+from stat_jax.eval_images import EvalImages
 from stat_jax.evaluation import (EVAL_SCALARS, ViewAccumulator, format_accuracy,
                                  format_summary, time_reversed, write_report)
 from stat_jax.flops import model_macs
@@ -35,8 +37,9 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-class NonFiniteLoss(FloatingPointError):
-  """The training loss became NaN or infinite."""
+# The training loss or the train state became NaN or infinite (raised here
+# for the loss, by Checkpointer.save for the state).
+NonFiniteLoss = checkpoint.NonFiniteState
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -51,6 +54,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   # ------------------------------------------------------------- setup ---
   validate(config)
+  preflight.check_before_training(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config)
   total_steps = optim.total_steps(config)
@@ -60,6 +64,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_data = pipeline.make_train_iterator(
       config, process_index=jax.process_index(),
       process_count=jax.process_count())
+  pipeline.check_label_space(config, train_data.index)
 
   # ------------------------------------------ model, optimizer, state ---
   parts, tx, abstract_state, state_shardings = abstract_train_state(config, mesh)
@@ -68,9 +73,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                  config.keep_checkpoints)
   start = ckpt.latest_step()
   if start is not None:
-    state, data_state, _ = ckpt.restore(
-        start, with_shardings(abstract_state, state_shardings))
-    train_data.set_state(data_state)
+    start, state, data_state = resume(
+        config, ckpt, with_shardings(abstract_state, state_shardings))
+    train_data.set_state(data_state,
+                         allow_data_change=config.data.allow_data_change)
     log(f'Resuming from step {start} ({ckpt.directory}).')
   else:
     state = jax.jit(lambda: init_train_state(parts, config.seed, tx),
@@ -94,6 +100,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_step = train_step.lower(abstract_state, abstract_batch).compile()
   report_memory(train_step, time.perf_counter() - compile_start)
   eval_step = jax.jit(make_eval_step(parts))
+  eval_images = EvalImages(config, parts, mesh) if config.data.eval_spec else None
 
   # -------------------------------------------------------------- loop ---
   writer = metrics.make_writer(workdir)
@@ -101,14 +108,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                               train_flops_per_clip=6 * model_macs(config))
   losses, pending, last_eval = {}, [], None
   loss_log = os.path.join(workdir, 'train_log.jsonl')
+  truncate_loss_log(loss_log, start)  # a resumed run replays what follows
   log(f'Training {total_steps} steps of {config.batch_size} clips on '
       f'{mesh.size} device(s) in {jax.process_count()} process(es) '
       f'(mesh {dict(mesh.shape)}).')
   last_step = min(total_steps, stop_after or total_steps)
-  step = start
-  with watch_preemption() as preemption:
+  step = saved_step = start
+  with watch_preemption() as preemption, ckpt.saves_kept_on_error():
+    train_data.should_stop = lambda: preemption.signalled
     for step in range(start + 1, last_step + 1):
-      batch = sharding.global_batch(next(train_data), mesh)
+      try:
+        batch = sharding.global_batch(next(train_data), mesh)
+      except pipeline.Interrupted:  # SIGTERM while waiting for clips
+        step -= 1
+        losses.update(flush_losses(pending, ckpt, loss_log))
+        if step > saved_step:
+          ckpt.save(step, state, train_data.get_state(), config)
+        break
       state, step_metrics = train_step(state, batch)
       pending.append((step, step_metrics))
       is_last = step == total_steps
@@ -125,18 +141,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.write_scalars(step, {
             'train_loss': np.mean(list(flushed.values())), 'learning_rate': lr,
             'grad_norm': float(step_metrics['grad_norm']),
-            'clips_per_s': rates['clips_per_s']})
-        log(progress.line(step, flushed[step], lr, rates))
+            'clips_per_s': rates['clips_per_s'],
+            'train_skipped_records': train_data.num_skipped})
+        skipped, skip_warning = train_data.skip_report()
+        log(progress.line(step, flushed[step], lr, rates) + skipped)
+        if skip_warning:
+          log(skip_warning)
       if evaluate_now and config.data.eval_spec:
         last_eval = evaluate(config, eval_step, state.params, mesh)
         writer.write_scalars(step, {f'val_{key}': value
                                     for key, value in last_eval.items()
                                     if key in EVAL_SCALARS})
+        eval_images.write(writer, step, state.params, last_eval)
         log(f'step {step} | val {format_accuracy(last_eval)}')
       if save_now:
         ckpt.save(step, state, train_data.get_state(), config,
                   metrics=({checkpoint.BEST_METRIC: last_eval['top1']}
                            if evaluate_now and last_eval else None))
+        saved_step = step
       if stopping:
         break
 
@@ -155,6 +177,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   log(f'Checkpoints: {ckpt.directory} (latest step {step})')
   return {'losses': losses, 'eval': last_eval, 'state': state,
           'preempted': preempted}
+
+
+def resume(config, ckpt, abstract_state):
+  """(step, state, this process's data state) of the newest whole checkpoint
+  of `ckpt` (a corrupt or non-finite one is moved aside with a warning),
+  after its saved config was compared with `config` (config_compare)."""
+
+  def attempt(step):
+    changed = config_compare.check_resume(ckpt.restore_config(step), config,
+                                          step, ckpt.directory)
+    if changed:
+      log(f'Resuming step {step} under a changed config '
+          f'(resume_with_changed_config): {", ".join(changed)}')
+    state, data_state, _ = ckpt.restore(step, abstract_state)
+    return state, data_state
+
+  step, (state, data_state) = ckpt.newest_whole('latest', attempt,
+                                                move_aside=True)
+  return step, state, data_state
+
+
+def truncate_loss_log(path: str, step: int) -> None:
+  """Drop the entries of train_log.jsonl after `step` (and a line cut short
+  by a kill): the run continues from there, so each step is logged once."""
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+
+  def kept(line):
+    try:
+      return line.endswith('\n') and json.loads(line)['step'] <= step
+    except (ValueError, KeyError, TypeError):
+      return False
+
+  keep = [line for line in lines if kept(line)]
+  if len(keep) != len(lines):
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(keep)
+    os.replace(path + '.tmp', path)
 
 
 def flush_losses(pending, ckpt, path) -> dict:
@@ -212,6 +274,8 @@ def evaluate(config, eval_step, params, mesh) -> dict:
       add_views(backward, time_reversed(batch, reversed_classes), eval_step,
                 params, mesh)
   result = forward.result()
+  result['confusion_matrix'] = confusion.gathered(
+      result['predictions'], config.model.num_classes).tolist()
   if backward is not None:
     result['time_reversed_top1'] = backward.result()['top1']
   result['skipped'] = int(
@@ -236,9 +300,9 @@ def evaluate_checkpoint(config, workdir: str, which: str = 'latest') -> dict:
   mesh = sharding.make_mesh(config)
   ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), 1,
                                  read_only=True)
-  step = ckpt.resolve(which)
   parts, _, abstract_state, state_shardings = abstract_train_state(config, mesh)
-  state = ckpt.restore_state(step, with_shardings(abstract_state, state_shardings))
+  step, state = ckpt.newest_whole(which, lambda step: ckpt.restore_state(
+      step, with_shardings(abstract_state, state_shardings)))
   result = evaluate(config, jax.jit(make_eval_step(parts)), state.params, mesh)
   result['checkpoint_step'] = step
   if jax.process_index() == 0:
