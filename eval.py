@@ -38,4 +38,4 @@ main = cli.script_main('eval.py', evaluate)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('eval.py'))

@@ -40,4 +40,4 @@ main = cli.script_main('train.py', train, user_errors=(trainer.NonFiniteLoss,))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('train.py'))

@@ -16,12 +16,24 @@ restores onto any mesh (it is resharded to the shardings asked for), e.g. a
 2-process checkpoint onto 1 process for eval.py; resuming training needs the
 process count that wrote it, since each process continues its own part of
 the data.
+
+A checkpoint that cannot be read whole (a truncated or deleted array file,
+an empty step folder, a missing `state/_METADATA`) raises CorruptCheckpoint,
+one line naming the step and what is wrong, with orbax / tensorstore logging
+silenced for the attempt. `newest_whole('latest', ...)` then falls back to
+the step before it with a one-line warning (train, eval, export and predict
+all restore through it); training moves the bad steps aside as
+`<step>.corrupt` so that it can save those steps again.
 """
 
+import contextlib
 import json
+import logging
 import os
+import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -30,6 +42,55 @@ from jax.experimental import multihost_utils
 from stat_jax.errors import UserError
 
 BEST_METRIC = 'val_top1'
+
+# The file of each item that must exist for the item to be read at all.
+_ITEM_FILES = {'state': os.path.join('state', '_METADATA'),
+               'data': os.path.join('data', 'metadata'),
+               'config': os.path.join('config', 'metadata')}
+CORRUPT_SUFFIX = '.corrupt'
+
+
+class CorruptCheckpoint(UserError):
+  """A checkpoint step that cannot be read whole."""
+
+
+class NonFiniteState(FloatingPointError):
+  """The training loss or the train state became NaN or infinite."""
+
+
+@jax.jit
+def _all_finite(tree):
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
+
+
+def all_finite(tree) -> bool:
+  """Whether every float of `tree` (arrays, any sharding) is finite: one
+  jitted reduction on device, one bool fetched."""
+  return bool(_all_finite(tree))
+
+
+@contextlib.contextmanager
+def _quiet():
+  """No orbax / tensorstore / absl log lines (a failed read logs per array)."""
+  loggers = [logging.getLogger(name) for name in ('absl', 'orbax', 'jax')]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.CRITICAL + 1)
+  try:
+    yield
+  finally:
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
+
+
+def _reason(error: BaseException) -> str:
+  """The first line of the innermost error (tensorstore's says which file)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  lines = str(error).strip().splitlines() or [type(error).__name__]
+  return lines[0][:300]
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -60,6 +121,68 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _read(self, step: int, **items):
+    """The `items` (name -> orbax restore args) of checkpoint `step`;
+    CorruptCheckpoint if any cannot be read whole."""
+    for name in items:
+      path = os.path.join(self.step_dir(step), _ITEM_FILES[name])
+      if not os.path.exists(path):
+        raise CorruptCheckpoint(f'checkpoint step {step} is incomplete: '
+                                f'{path} is missing')
+    try:
+      with _quiet():
+        return self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as error:  # tensorstore / orbax raise many types
+      raise CorruptCheckpoint(
+          f'checkpoint step {step} ({self.step_dir(step)}) cannot be read: '
+          f'{_reason(error)}') from error
+
+  def newest_whole(self, which: str | int, attempt, *, move_aside=False):
+    """(step, attempt(step)) for the checkpoint `which` names ('latest',
+    'best' or a step). With 'latest', a step that attempt() finds corrupt
+    (CorruptCheckpoint) gives a one-line warning and the step before it is
+    tried; with `move_aside` (training), once an older step restores, the
+    bad ones are renamed `<step>.corrupt`. If no step restores, the error
+    names every step's fault and nothing is moved."""
+    if which != 'latest':
+      step = self.resolve(which)
+      return step, attempt(step)
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      self.resolve(which)  # the 'no checkpoint' error
+    bad = []
+    for step in steps:
+      try:
+        result = attempt(step)
+      except CorruptCheckpoint as error:
+        bad.append((step, error))
+        if jax.process_index() == 0:
+          print(f'warning: {error}; trying the checkpoint before it',
+                file=sys.stderr, flush=True)
+        continue
+      if bad and move_aside:
+        self._move_aside([s for s, _ in bad])
+      return step, result
+    raise CorruptCheckpoint(f'no checkpoint in {self.directory} can be read '
+                            'whole: ' + '; '.join(str(e) for _, e in bad))
+
+  def _move_aside(self, steps) -> None:
+    if jax.process_index() == 0:
+      for step in steps:
+        target = self.step_dir(step) + CORRUPT_SUFFIX
+        suffix = 1
+        while os.path.exists(target):
+          target, suffix = f'{self.step_dir(step)}{CORRUPT_SUFFIX}{suffix}', suffix + 1
+        os.rename(self.step_dir(step), target)
+        print(f'warning: moved the unreadable checkpoint step {step} to '
+              f'{target}', file=sys.stderr, flush=True)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('stat_jax: corrupt checkpoints moved')
+    self._manager.reload()
+
   def resolve(self, which: str | int) -> int:
     """'latest', 'best' or a step number -> an existing step, else an error."""
     steps = self._manager.all_steps()
@@ -77,7 +200,15 @@ class Checkpointer:
   def save(self, step: int, state, data_state: dict,
            config: ml_collections.ConfigDict, metrics: dict | None = None):
     """Start an asynchronous save; `wait()` blocks until it is on disk.
-    `data_state` is this process's iterator state (a dict of ints)."""
+    `data_state` is this process's iterator state (a dict of ints). A state
+    holding NaN/inf is never saved: NonFiniteState names the newest
+    checkpoint (all of them are finite)."""
+    if not all_finite(state):
+      self.wait()
+      raise NonFiniteState(
+          f'the train state after step {step} holds NaN/inf values; not '
+          f'saved, stopping. Last good checkpoint: step {self.latest_step()} '
+          f'in {self.directory}')
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave({'processes': gather_int_dicts(data_state)}),
@@ -87,9 +218,10 @@ class Checkpointer:
   def restore(self, step: int, abstract_state):
     """(state laid out like `abstract_state`, this process's data state,
     config dict)."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+    restored = self._read(
+        step, state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
+    self._check_finite(step, restored['state'])
     data_states = restored['data']['processes']
     if len(data_states) != jax.process_count():
       raise UserError(
@@ -100,12 +232,39 @@ class Checkpointer:
             restored['config'])
 
   def restore_config(self, step: int) -> dict:
-    return self._manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))['config']
+    return self._read(step, config=ocp.args.JsonRestore())['config']
 
   def restore_state(self, step: int, abstract_state):
-    return self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))['state']
+    state = self._read(
+        step, state=ocp.args.StandardRestore(abstract_state))['state']
+    self._check_finite(step, state)
+    return state
+
+  def _check_finite(self, step: int, state) -> None:
+    if not all_finite(state):
+      raise CorruptCheckpoint(f'checkpoint step {step} ({self.step_dir(step)})'
+                              ' holds NaN/inf values')
+
+  @contextlib.contextmanager
+  def saves_kept_on_error(self):
+    """On any exception in the block (Ctrl-C included), the saves in flight
+    are finished and kept before it propagates: a crash after step N loses
+    the steps since the last save, never the checkpoint being written."""
+    try:
+      yield
+    except BaseException:
+      try:
+        self.wait()
+      except Exception as error:  # the save itself failed: say so, go on
+        print(f'warning: finishing the checkpoint in flight failed: '
+              f'{_reason(error)}', file=sys.stderr, flush=True)
+      else:
+        if (jax.process_index() == 0 and self.latest_step() is not None
+            and not isinstance(sys.exc_info()[1], NonFiniteState)):
+          print(f'Stopped by an error; checkpoint step {self.latest_step()} '
+                f'in {self.directory} is whole: run the same command again '
+                'to resume from it.', file=sys.stderr, flush=True)
+      raise
 
   def wait(self):
     self._manager.wait_until_finished()

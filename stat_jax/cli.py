@@ -13,6 +13,7 @@ after the program name in this process (as tests call it), and runs
 --helpfull).
 """
 
+import ast
 import sys
 from collections.abc import Callable
 
@@ -44,6 +45,33 @@ def script_main(program: str, action: Callable[[], int],
     return report_user_errors(program, action, user_errors)
 
   return main
+
+
+def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
+  """absl's app.run flags_parser for train.py / eval.py: a bad flag or
+  `--config.x=y` override (an unknown config key, a value of the wrong
+  type) is one line '<program>: <message>', exit status 1 (absl prints a
+  traceback for an unknown config key)."""
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as error:
+      message = str(error)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+      text = str(error.args[0]) if error.args else str(error)
+      if text[:1] in ('"', "'"):  # ml_collections gives a repr
+        try:
+          text = str(ast.literal_eval(text))
+        except (SyntaxError, ValueError):
+          pass
+      kind = ('unknown config key ' if isinstance(error, AttributeError)
+              else 'bad --config override: ')
+      message = kind + ' '.join(text.split())
+    print(f'{program}: {message}', file=sys.stderr)
+    sys.exit(1)
+
+  return parse
 
 
 def no_arguments(argv: list[str]) -> None:

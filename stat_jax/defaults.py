@@ -204,4 +204,8 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   # evaluation (stat_jax/eval_images.py); 0: none.
   c.attention_images = 4
   c.init_from = ''  # workdir or checkpoint dir of another run
+  # Resume even though the model / data / recipe keys differ from the
+  # checkpoint's config (stat_jax/config_compare.py lists the keys that may
+  # always differ); False refuses, naming the keys.
+  c.resume_with_changed_config = False
   return c

@@ -77,15 +77,19 @@ def restore(workdir: str, which: str = 'latest') -> Restored:
     raise FileNotFoundError(f'no checkpoints in {directory}: --workdir must be '
                             'the directory of a training run')
   ckpt = checkpoint.Checkpointer(directory, 1, read_only=True)
-  step = ckpt.resolve(which)
-  config = saved_config(ckpt, step)
-  config.dtype = 'float32'
-  config.remat = False
-  config.model.attention_impl = 'xla'  # no cuDNN custom call: runs anywhere
-  config.mesh.data, config.mesh.fsdp = 1, 1
-  mesh = sharding.make_mesh(config, jax.local_devices()[:1])
-  parts, _, abstract, shardings = abstract_train_state(config, mesh)
-  state = ckpt.restore_state(step, with_shardings(abstract, shardings))
+
+  def attempt(step):  # a corrupt 'latest' falls back to the step before
+    config = saved_config(ckpt, step)
+    config.dtype = 'float32'
+    config.remat = False
+    config.model.attention_impl = 'xla'  # no cuDNN custom call: runs anywhere
+    config.mesh.data, config.mesh.fsdp = 1, 1
+    mesh = sharding.make_mesh(config, jax.local_devices()[:1])
+    parts, _, abstract, shardings = abstract_train_state(config, mesh)
+    state = ckpt.restore_state(step, with_shardings(abstract, shardings))
+    return config, parts, state
+
+  step, (config, parts, state) = ckpt.newest_whole(which, attempt)
   ckpt.close()
   params = jax.device_put(state.params, jax.local_devices()[0])  # mesh-free
   return Restored(config, parts, params, step, pipeline.class_names(config))

@@ -142,7 +142,8 @@ flags.DEFINE_string('checkpoint', 'latest',
                     flag_values=FLAGS)
 flags.DEFINE_enum('format', None, EXPORT_FORMATS,
                   'With --export_dir: the format to run.', flag_values=FLAGS)
-flags.DEFINE_integer('top_k', 5, 'Classes listed per video.', flag_values=FLAGS)
+flags.DEFINE_integer('top_k', 5, 'Classes listed per video.', lower_bound=1,
+                     flag_values=FLAGS)
 flags.DEFINE_bool('json', False, 'Print one JSON list of per-video results.',
                   flag_values=FLAGS)
 

@@ -1,0 +1,85 @@
+"""Resume only under the config a checkpoint was trained with.
+
+Every checkpoint stores its run's config (stat_jax/checkpoint.py). Resuming
+compares it with the config of the new run: a change to the model, the
+data, the training recipe or the seed would silently continue the old
+parameters under another definition and then save them as the new one, so
+it is refused with the differing keys named, unless
+`config.resume_with_changed_config` is True (a change on purpose, e.g. a
+lower learning rate after a NaN).
+
+RUN_CONTROL_KEYS may always differ: how long and how often (total steps,
+logging / eval / checkpoint frequencies), how evaluation is done, where the
+computation runs (mesh, attention / conv implementations, remat and the
+micro-batching of grad_accum_steps give the same numbers), and the data
+side's own run-control knobs. Keys that only one of the two configs has
+(added to stat_jax/defaults.py since the checkpoint) are not compared.
+"""
+
+import json
+
+import ml_collections
+
+from stat_jax.errors import UserError
+
+# Exact keys, or prefixes ending in '.', that may differ on resume.
+RUN_CONTROL_KEYS = (
+    # how long, how often
+    'total_steps', 'num_epochs', 'train_examples', 'log_every', 'eval_every',
+    'checkpoint_every', 'keep_checkpoints', 'init_from',
+    'resume_with_changed_config',
+    # where and how the same numbers are computed
+    'mesh.', 'remat', 'grad_accum_steps', 'model.attention_impl',
+    'model.conv_impl',
+    # evaluation
+    'data.eval_spec', 'data.eval_short_side', 'data.num_clips',
+    'data.num_crops', 'data.eval_batch_size', 'data.reversed_classes',
+    # input pipeline run control (the data side's own checks)
+    'data.num_parallel_calls', 'data.max_consecutive_skips',
+    'data.skip_warning_fraction', 'data.allow_data_change', 'data.synthetic.',
+)
+# May differ when data.allow_data_change is set (the data side then checks
+# the records themselves: data/pipeline.py).
+DATA_CHANGE_KEYS = ('data.train_spec',)
+
+
+def _flat(tree, prefix=''):
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _free(key: str, keys) -> bool:
+  return any(key == k or (k.endswith('.') and key.startswith(k)) for k in keys)
+
+
+def changed_keys(saved: dict, config: ml_collections.ConfigDict) -> dict:
+  """{key: (saved value, new value)} of the compared keys that differ."""
+  new = _flat(json.loads(config.to_json()))  # tuples -> lists, as saved
+  old = _flat(json.loads(json.dumps(saved)))
+  free = RUN_CONTROL_KEYS
+  if config.data.get('allow_data_change', False):
+    free += DATA_CHANGE_KEYS
+  return {key: (old[key], new[key]) for key in sorted(old.keys() & new.keys())
+          if old[key] != new[key] and not _free(key, free)}
+
+
+def check_resume(saved: dict, config: ml_collections.ConfigDict,
+                 step: int, directory: str) -> dict:
+  """Refuse (UserError) to resume checkpoint `step` under a config whose
+  model / data / recipe keys differ from the `saved` one, unless
+  config.resume_with_changed_config; the differing keys either way."""
+  changed = changed_keys(saved, config)
+  if changed and not config.get('resume_with_changed_config', False):
+    listed = ', '.join(f'{key}: {old!r} -> {new!r}'
+                       for key, (old, new) in list(changed.items())[:8])
+    more = f' (and {len(changed) - 8} more)' if len(changed) > 8 else ''
+    raise UserError(
+        f'checkpoint step {step} in {directory} was trained with another '
+        f'config: {listed}{more}. Use another --workdir, or pass '
+        '--config.resume_with_changed_config=True to resume it anyway')
+  return changed

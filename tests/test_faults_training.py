@@ -1,0 +1,242 @@
+"""Faults of the training loop and of checkpoints that used to lose work:
+a crash while a checkpoint is being written, NaN states, corrupt checkpoints,
+a resume under another config, unchecked config values, duplicated log
+lines. The runs share one tiny config (tests/test_training.py's run_config),
+so they share one compiled train step."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import app
+
+from data import pipeline
+from stat_jax import checkpoint, config_compare, trainer
+from stat_jax.config_validation import ConfigError, validate
+from stat_jax.deploy import inference, predict
+from stat_jax.errors import UserError
+from tests.test_training import ROOT, run_config
+
+TOTAL = 6  # run_config: 6 steps, a checkpoint every 3
+
+
+def log_steps(workdir):
+  with open(os.path.join(workdir, 'train_log.jsonl')) as f:
+    return [json.loads(line)['step'] for line in f]
+
+
+def steps_on_disk(workdir):
+  return sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+
+
+@pytest.fixture(scope='module')
+def straight(motion, tmp_path_factory):
+  """A whole run of 6 steps: checkpoints 3 and 6, its losses."""
+  workdir = str(tmp_path_factory.mktemp('straight'))
+  result = trainer.train_and_evaluate(run_config(motion), workdir)
+  return workdir, result['losses']
+
+
+def copy_of(workdir, tmp_path):
+  target = str(tmp_path / 'run')
+  shutil.copytree(workdir, target)
+  return target
+
+
+# ------------------------------------------------ crash inside the loop ---
+
+def test_a_crash_keeps_the_checkpoint_in_flight_and_a_rerun_logs_each_step_once(
+    motion, straight, tmp_path, monkeypatch):
+  real = pipeline.make_train_iterator
+
+  class Failing:
+    """The real iterator; its 5th batch raises (just after the save of 3)."""
+
+    def __init__(self, *args, **kwargs):
+      self._inner, self._count = real(*args, **kwargs), 0
+
+    def __next__(self):
+      self._count += 1
+      if self._count == 5:
+        raise OSError('disk gone')
+      return next(self._inner)
+
+    def __getattr__(self, name):
+      return getattr(self._inner, name)
+
+  workdir = str(tmp_path / 'crashed')
+  with monkeypatch.context() as patch:
+    patch.setattr(pipeline, 'make_train_iterator', Failing)
+    with pytest.raises(OSError, match='disk gone'):
+      trainer.train_and_evaluate(run_config(motion), workdir)
+  # Already whole when the error leaves: no tmp folder left behind.
+  assert steps_on_disk(workdir) == ['3']
+  assert log_steps(workdir) == [1, 2, 3, 4]
+  resumed = trainer.train_and_evaluate(run_config(motion), workdir)
+  assert sorted(resumed['losses']) == [4, 5, 6]
+  assert log_steps(workdir) == [1, 2, 3, 4, 5, 6]  # step 4 once
+  assert resumed['losses'] == {s: straight[1][s] for s in (4, 5, 6)}
+
+
+def test_inputs_are_checked_before_the_first_step(motion, tmp_path):
+  missing = run_config(motion)
+  missing.data.eval_spec = str(tmp_path / 'nowhere-*.tfrecord')
+  with pytest.raises(UserError, match='eval_spec.*matches no file'):
+    trainer.train_and_evaluate(missing, str(tmp_path / 'a'))
+  empty_file = tmp_path / 'empty.tfrecord'
+  empty_file.write_bytes(b'')
+  empty = run_config(motion)
+  empty.data.eval_spec = str(empty_file)
+  with pytest.raises(UserError, match='every file is empty'):
+    trainer.train_and_evaluate(empty, str(tmp_path / 'b'))
+  assert not os.path.exists(tmp_path / 'a') and not os.path.exists(tmp_path / 'b')
+
+
+# ---------------------------------------------------------- NaN states ---
+
+def test_a_non_finite_state_is_never_saved_nor_restored(motion, tmp_path, capfd):
+  config = run_config(motion)
+  good = {'w': jnp.ones(3), 'step': jnp.int32(1)}
+  bad = {'w': jnp.array([1.0, jnp.inf, 0.0]), 'step': jnp.int32(2)}
+  data_state = {'epoch': 0, 'position': 0}
+  ckpt = checkpoint.Checkpointer(str(tmp_path), 3)
+  ckpt.save(1, good, data_state, config)
+  with pytest.raises(trainer.NonFiniteLoss,
+                     match='after step 2 holds NaN/inf.*Last good checkpoint: step 1'):
+    ckpt.save(2, bad, data_state, config)
+  ckpt.wait()
+  assert ckpt._manager.all_steps() == [1]
+  # A poisoned checkpoint written by older code: skipped for the one before.
+  monkey = checkpoint.all_finite
+  checkpoint.all_finite = lambda tree: True
+  try:
+    ckpt.save(2, bad, data_state, config)
+    ckpt.wait()
+  finally:
+    checkpoint.all_finite = monkey
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), good)
+  step, state = ckpt.newest_whole(
+      'latest', lambda s: ckpt.restore_state(s, abstract))
+  assert step == 1 and np.all(np.asarray(state['w']) == 1)
+  assert 'checkpoint step 2' in capfd.readouterr().err
+  ckpt.close()
+
+
+# -------------------------------------------------- corrupt checkpoints ---
+
+def _corrupt(step_dir, kind):
+  arrays = sorted(glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'),
+                            recursive=True), key=os.path.getsize)
+  if kind == 'truncated':
+    with open(arrays[-1], 'r+b') as f:
+      f.truncate(100)
+  elif kind == 'deleted':
+    os.remove(arrays[-1])
+  elif kind == 'empty':
+    shutil.rmtree(step_dir)
+    os.mkdir(step_dir)
+  elif kind == 'no_metadata':
+    os.remove(os.path.join(step_dir, 'state', '_METADATA'))
+
+
+@pytest.mark.parametrize('kind', ['truncated', 'deleted', 'empty', 'no_metadata'])
+def test_export_and_predict_fall_back_from_a_corrupt_latest(
+    straight, tmp_path, capfd, kind):
+  workdir = copy_of(straight[0], tmp_path)
+  _corrupt(os.path.join(workdir, 'checkpoints', '6'), kind)
+  capfd.readouterr()
+  restored = inference.restore(workdir)  # export's and predict's path
+  assert restored.step == 3
+  err = [line for line in capfd.readouterr().err.splitlines()
+         if line.startswith('warning:')]
+  assert len(err) == 1 and 'checkpoint step 6' in err[0], err
+  if kind == 'no_metadata':
+    assert 'state/_METADATA is missing' in err[0]
+  with pytest.raises(checkpoint.CorruptCheckpoint, match='checkpoint step 6'):
+    inference.restore(workdir, '6')  # asked for by number: no fallback
+
+
+def test_train_and_eval_fall_back_from_a_corrupt_latest(
+    motion, straight, tmp_path, capfd):
+  workdir = copy_of(straight[0], tmp_path)
+  _corrupt(os.path.join(workdir, 'checkpoints', '6'), 'truncated')
+  capfd.readouterr()
+  report = trainer.evaluate_checkpoint(run_config(motion), workdir)
+  assert report['checkpoint_step'] == 3
+  err = capfd.readouterr().err
+  assert len(err.splitlines()) < 10 and 'checkpoint step 6' in err  # no flood
+  result = trainer.train_and_evaluate(run_config(motion), workdir)
+  assert result['losses'] == {s: straight[1][s] for s in (4, 5, 6)}
+  assert steps_on_disk(workdir) == ['3', '6', '6.corrupt']
+  assert log_steps(workdir) == [1, 2, 3, 4, 5, 6]
+
+
+# ------------------------------------------------- resume, other config ---
+
+def test_a_resume_under_another_model_is_refused_naming_the_keys(
+    motion, straight, tmp_path):
+  workdir = copy_of(straight[0], tmp_path)
+  config = run_config(motion, **{'model.attention': 'ca', 'model.window': 5,
+                                 'total_steps': 9, 'eval_every': 2})
+  with pytest.raises(UserError, match=r"model.attention: 'ca\+sa\+la' -> 'ca'.*"
+                     r'model.window: 3 -> 5.*resume_with_changed_config'):
+    trainer.train_and_evaluate(config, workdir)
+  assert steps_on_disk(workdir) == ['3', '6']
+
+
+def test_run_control_keys_may_change_and_data_keys_may_not(motion):
+  saved = json.loads(run_config(motion).to_json())
+  config = run_config(motion, total_steps=100, eval_every=7, log_every=3,
+                      checkpoint_every=9, keep_checkpoints=1)
+  config.data.eval_batch_size, config.mesh.fsdp = 2, 2
+  assert config_compare.changed_keys(saved, config) == {}
+  config.data.train_spec = motion['train'] + ',' + motion['train']
+  config.optimizer.base_lr = 1.0
+  assert set(config_compare.changed_keys(saved, config)) == {
+      'data.train_spec', 'optimizer.base_lr'}
+  config.data.allow_data_change = True  # the data side checks the records
+  assert set(config_compare.changed_keys(saved, config)) == {'optimizer.base_lr'}
+  config.resume_with_changed_config = True
+  assert config_compare.check_resume(saved, config, 3, 'x') == {
+      'optimizer.base_lr': (saved['optimizer']['base_lr'], 1.0)}
+
+
+# ------------------------------------------------------ unchecked values ---
+
+@pytest.mark.parametrize('key, value, message', [
+    ('eval_every', 0, 'eval_every = 0'),
+    ('checkpoint_every', 0, 'checkpoint_every = 0'),
+    ('log_every', -1, 'log_every = -1'),
+    ('total_steps', -5, 'total_steps = -5'),
+    ('keep_checkpoints', 0, 'keep_checkpoints = 0'),
+    ('optimizer.base_lr', -1e-3, 'optimizer.base_lr = -0.001'),
+    ('optimizer.min_lr', -1.0, 'optimizer.min_lr = -1.0'),
+    ('optimizer.grad_clip', 0.0, 'optimizer.grad_clip = 0.0'),
+])
+def test_bad_run_values_are_refused(motion, key, value, message):
+  with pytest.raises(ConfigError, match=message):
+    validate(run_config(motion, **{key: value}))
+
+
+def test_predict_refuses_a_negative_top_k():
+  with pytest.raises(app.UsageError, match='top_k'):
+    predict.main(['--workdir=nowhere', '--top_k=-2', 'a.mp4'])
+
+
+def test_an_unknown_config_key_on_the_command_line_is_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, 'train.py', '--config=configs/tiny.py',
+       f'--workdir={tmp_path}', '--config.model.windw=3'],
+      cwd=ROOT, capture_output=True, text=True)
+  lines = [line for line in result.stderr.splitlines()
+           if line.startswith('train.py:')]
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert lines == ["train.py: unknown config key 'windw' Did you mean "
+                   '"window" instead of "windw"?'], result.stderr
