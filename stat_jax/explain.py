@@ -1,0 +1,169 @@
+"""Show what STAT sees: its attention on video files, from a checkpoint.
+
+  python -m stat_jax.explain --workdir=runs/demo [--checkpoint=best] \
+      --out=explain/ [--json] a.mp4 b.webm
+
+Each video is cut into the config's eval views (as predict does); the
+first view is explained. Per video it writes into --out:
+  <name>.frames.png    frame-to-frame attention of every STA block (row i:
+                       the mass frame i's queries put on frame j: j = i
+                       through CA, neighbours through SA, all class tokens
+                       through LA), CA / SA / LA shares in the titles;
+  <name>.shares.png    the CA / SA / LA share by depth (the shrinking);
+  <name>.timeline.png  the temporal aggregation's video class token on
+                       each frame, under the frames (lta >= 1);
+  <name>.spatial.png   the class token's CA weights over a few frames
+                       (first STA block);
+and one index.html showing them with the top-5 (view-averaged) classes.
+With --json the last line is one JSON object {"videos": [{"video", "top5",
+"attention_mass": [{"ca", "sa", "la"} per STA block], "timeline"}],
+"attention_mass": the first video's}.
+"""
+
+import html
+import json
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
+from absl import app, flags
+
+from stat_jax import attention_maps, cli, plots
+from stat_jax.deploy import inference, predict
+
+SPATIAL_FRAMES = 4  # frames of the spatial overlay
+
+
+def explain_video(restored, apply, path: str) -> dict:
+  """Runs the capture on the eval views of `path`: {'video', 'top5',
+  'summary' (first view, numpy), 'frames' uint8 [T, crop, crop, 3]}."""
+  views = predict.video_views(path, restored.config.data)  # [V, T, c, c, 3]
+  logits, summary = apply(restored.params, views)
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1)).mean(axis=0)
+  best = np.argsort(-probs, kind='stable')[:5]
+  summary = jax.tree.map(np.asarray, summary)
+  first = {'frame_maps': summary['frame_maps'][:, 0],  # [L, nt, nt]
+           'shares': summary['shares'][:, 0],  # [L, 3]
+           'cls_ca': [grid[0] for grid in summary['cls_ca']]}  # [nt, kh, kw]
+  if 'timeline' in summary:
+    first['timeline'] = summary['timeline'][0]  # [nt]
+  return {'video': path, 'frames': views[0], 'summary': first,
+          'top5': [[restored.classes[i], float(probs[i])] for i in best]}
+
+
+def token_frames(frames, nt: int):
+  """The input frame shown for each token frame (first of its group)."""
+  return frames[::len(frames) // nt][:nt]
+
+
+def write_pictures(result: dict, out: str, stem: str) -> list[str]:
+  """The PNGs of one video; returns their file names."""
+  summary, frames = result['summary'], result['frames']
+  nt = summary['frame_maps'].shape[-1]
+  shown = token_frames(frames, nt)
+  figures = {
+      'frames': plots.frame_maps_figure(summary['frame_maps'],
+                                        summary['shares']),
+      'shares': plots.shares_figure(summary['shares']),
+  }
+  if 'timeline' in summary:
+    figures['timeline'] = plots.timeline_figure(shown, summary['timeline'])
+  picked = np.linspace(0, nt - 1, min(SPATIAL_FRAMES, nt)).round().astype(int)
+  figures['spatial'] = plots.cls_overlay_figure(
+      shown[picked], summary['cls_ca'][0][picked], picked, block=1)
+  names = []
+  for kind, fig in figures.items():
+    names.append(f'{stem}.{kind}.png')
+    plots.save(fig, os.path.join(out, names[-1]))
+  return names
+
+
+def masses(summary: dict) -> list[dict]:
+  return [dict(zip(attention_maps.SHARES, map(float, row)))
+          for row in summary['shares']]
+
+
+def write_index(entries: list[tuple[dict, list[str]]], out: str) -> str:
+  """index.html: per video its top-5 and pictures."""
+  parts = ['<!doctype html><meta charset="utf-8"><title>STAT explain</title>',
+           '<h1>What STAT sees</h1>']
+  for result, images in entries:
+    top = ''.join(f'<li>{html.escape(name)} {prob:.3f}</li>'
+                  for name, prob in result['top5'])
+    shares = ', '.join(f'block {i + 1}: ' + ' '.join(
+        f'{k.upper()} {v:.2f}' for k, v in m.items())
+                       for i, m in enumerate(masses(result['summary'])))
+    parts += [f'<h2>{html.escape(result["video"])}</h2><ol>{top}</ol>',
+              f'<p>attention mass: {html.escape(shares)}</p>']
+    parts += [f'<img src="{html.escape(name)}" alt="{html.escape(name)}">'
+              for name in images]
+  path = os.path.join(out, 'index.html')
+  with open(path, 'w') as f:
+    f.write('\n'.join(parts) + '\n')
+  return path
+
+
+def explain(workdir: str, which: str, out: str, videos: list[str]) -> list[dict]:
+  """Writes the pictures and index.html; returns the JSON results."""
+  restored = inference.restore(workdir, which)
+  apply = jax.jit(attention_maps.capture_fn(restored.parts,
+                                            restored.config.data))
+  os.makedirs(out, exist_ok=True)
+  entries, results = [], []
+  for index, path in enumerate(videos):
+    result = explain_video(restored, apply, path)
+    stem = f'{index:02d}_{os.path.splitext(os.path.basename(path))[0]}'
+    entries.append((result, write_pictures(result, out, stem)))
+    summary = result['summary']
+    results.append({'video': path, 'top5': result['top5'],
+                    'attention_mass': masses(summary),
+                    'timeline': summary['timeline'].tolist()
+                                if 'timeline' in summary else None})
+  write_index(entries, out)
+  return results
+
+
+FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
+flags.DEFINE_string('workdir', None, 'Training run directory.',
+                    flag_values=FLAGS)
+flags.mark_flag_as_required('workdir', flag_values=FLAGS)
+flags.DEFINE_string('checkpoint', 'latest',
+                    "'latest', 'best' or a step number.", flag_values=FLAGS)
+flags.DEFINE_string('out', 'explain', 'Folder for the PNGs and index.html.',
+                    flag_values=FLAGS)
+flags.DEFINE_bool('json', False, 'End with one JSON line of the results.',
+                  flag_values=FLAGS)
+
+_PROGRAM = 'stat_jax.explain'
+
+
+def _explain(videos: list[str]) -> int:
+  results = explain(FLAGS.workdir, FLAGS.checkpoint, FLAGS.out, videos)
+  for result in results:
+    print(f'{result["video"]}: ' + ', '.join(
+        f'{name} {prob:.3f}' for name, prob in result['top5'][:3]))
+    print('  CA/SA/LA by block: ' + '  '.join(
+        '/'.join(f'{m[k]:.2f}' for k in attention_maps.SHARES)
+        for m in result['attention_mass']))
+  print(f'Pictures: {os.path.join(FLAGS.out, "index.html")}', flush=True)
+  if FLAGS.json:
+    print(json.dumps({'videos': results,
+                      'attention_mass': results[0]['attention_mass']}))
+  return 0
+
+
+def run(videos: list[str]) -> int:
+  if not videos:
+    raise app.UsageError('give one or more video files')
+  return cli.report_user_errors(_PROGRAM, lambda: _explain(videos))
+
+
+def main(argv: list[str]) -> int:
+  return run(cli.parse(FLAGS, argv))
+
+
+if __name__ == '__main__':
+  cli.run(run, FLAGS)

@@ -1,0 +1,151 @@
+"""stat_jax.explain and the attention capture (stat_jax/attention_maps.py):
+where STA's attention mass goes, that capturing it changes nothing, and the
+pictures of a tiny run."""
+
+import json
+
+import av
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import export_testlib
+from stat_jax import attention, attention_maps, confusion, explain
+from stat_jax.deploy import inference
+
+NT, HEADS, NQ, N_CA, N_SA, D = 6, 2, 3, 4, 2, 8
+masses_of = jax.jit(attention.attention_masses,
+                    static_argnames=('attention', 'window', 'num_summary'))
+
+
+def random_sets(seed=0, batch=1):
+  """q [B, nt, h, nq, d], k (class token first) [B, nt, h, 1 + n_ca, d],
+  k_sa [B, nt, h, n_sa, d]."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  shape = (batch, NT, HEADS)
+  return (jax.random.normal(keys[0], (*shape, NQ, D)),
+          jax.random.normal(keys[1], (*shape, 1 + N_CA, D)),
+          jax.random.normal(keys[2], (*shape, N_SA, D)))
+
+
+@pytest.mark.parametrize('window', [3, 5])
+def test_each_query_puts_all_its_mass_on_ca_sa_la_and_sa_only_in_its_window(
+    window):
+  q, k, k_sa = random_sets()
+  masses = masses_of(q, k, k_sa, attention='ca+sa+la', window=window,
+                     num_summary=1)
+  total = masses['ca'] + masses['sa'].sum(-1) + masses['la'].sum(-1)
+  np.testing.assert_allclose(total, 1, atol=1e-6)
+  sa = np.asarray(masses['sa'])  # [B, nt, h, nq, nt]
+  for i in range(NT):
+    outside = [j for j in range(NT) if abs(j - i) > window // 2 or j == i]
+    assert (sa[:, i, ..., outside] == 0).all()  # exactly
+    inside = [j for j in range(NT) if j not in outside]
+    assert (sa[:, i, ..., inside] > 0).all()
+  maps = attention_maps.frame_map(masses)  # [B, nt, nt]
+  np.testing.assert_allclose(maps.sum(-1), 1, atol=1e-6)
+
+
+def test_under_ca_alone_the_frame_maps_are_diagonal():
+  q, k, k_sa = random_sets(1)
+  masses = masses_of(q, k, k_sa, attention='ca', window=3, num_summary=1)
+  maps = np.asarray(attention_maps.frame_map(masses))[0]
+  np.testing.assert_array_equal(maps, np.diag(np.diag(maps)))
+  np.testing.assert_allclose(np.diag(maps), 1, atol=1e-6)
+  np.testing.assert_allclose(attention_maps.shares(masses), [[1, 0, 0]],
+                             atol=1e-6)
+
+
+def test_sa_mass_goes_to_the_one_informative_neighbour():
+  # Frame 2 queries one direction; only frame 3's SA keys share it.
+  direction = jnp.zeros(D).at[0].set(1.0)
+  q = jnp.zeros((1, NT, 1, 1, D)).at[0, 2, 0, 0].set(40 * direction)
+  k = jnp.zeros((1, NT, 1, 1 + N_CA, D))
+  k_sa = jnp.zeros((1, NT, 1, N_SA, D)).at[0, 3].set(direction)
+  masses = masses_of(q, k, k_sa, attention='ca+sa+la', window=5,
+                     num_summary=1)
+  sa = np.asarray(masses['sa'][0, 2, 0, 0])  # [nt]
+  assert sa.argmax() == 3 and sa[3] > 0.99
+  np.testing.assert_array_equal(sa[[0, 1, 2, 4, 5]] < 0.01, True)
+
+
+# ------------------------------------------------------------- tiny run ---
+
+def write_video(path, num_frames=24, size=48, rate=8):
+  """A bright square moving right over grey noise."""
+  rng = np.random.default_rng(0)
+  with av.open(path, 'w') as container:
+    stream = container.add_stream('mpeg4', rate=rate)
+    stream.width = stream.height = size
+    stream.pix_fmt = 'yuv420p'
+    for t in range(num_frames):
+      image = rng.integers(100, 156, (size, size, 3), dtype=np.uint8)
+      x = 2 + t % (size - 12)
+      image[18:30, x:x + 10] = 250
+      for packet in stream.encode(av.VideoFrame.from_ndarray(image,
+                                                             format='rgb24')):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('explain')
+  workdir = str(folder / 'run')
+  export_testlib.save_tiny_run(workdir)
+  video = str(folder / 'clip.mp4')
+  write_video(video)
+  return {'workdir': workdir, 'video': video, 'folder': folder,
+          'restored': inference.restore(workdir)}
+
+
+def test_capturing_the_attention_leaves_the_logits_bit_equal(run):
+  restored = run['restored']
+  video = np.random.default_rng(0).integers(0, 256, (2, 8, 32, 32, 3),
+                                            np.uint8)  # tiny's clip shape
+  plain, _ = restored.classify(video)
+  captured, summary = jax.jit(attention_maps.capture_fn(
+      restored.parts, restored.config.data))(restored.params, video)
+  np.testing.assert_array_equal(np.asarray(plain), np.asarray(captured))
+  assert summary['frame_maps'].shape == (3, 2, 4, 4)  # [L, B, nt, nt]
+  assert summary['timeline'].shape == (2, 4)
+
+
+def test_explain_writes_readable_pictures_and_json(run, capsys):
+  out = run['folder'] / 'out'
+  code = explain.main([f'--workdir={run["workdir"]}', f'--out={out}',
+                       '--json', run['video']])
+  assert code == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  mass = report['attention_mass']
+  assert len(mass) == 3  # one per STA block of the tiny model
+  for entry in mass:
+    assert abs(entry['ca'] + entry['sa'] + entry['la'] - 1) < 1e-5
+  assert len(report['videos'][0]['top5']) == 5
+  pngs = sorted(out.glob('*.png'))
+  assert {p.name.split('.')[1] for p in pngs} == {
+      'frames', 'shares', 'timeline', 'spatial'}
+  for png in pngs:
+    pixels = np.asarray(Image.open(png).convert('RGB'))
+    assert pixels.std() > 10, png  # not blank
+  page = (out / 'index.html').read_text()
+  assert all(p.name in page for p in pngs)
+
+
+# ------------------------------------------------------------ confusion ---
+
+def test_confusion_matrix_of_hand_made_predictions():
+  labels = [0, 0, 1, 2, 2, 2]
+  predicted = [0, 1, 1, 2, 0, 0]
+  predictions = [{'label': l, 'top5': [p, 3]} for l, p in zip(labels,
+                                                              predicted)]
+  matrix = confusion.gathered(predictions, 4)
+  expected = np.zeros((4, 4), int)
+  for l, p in zip(labels, predicted):
+    expected[l, p] += 1
+  np.testing.assert_array_equal(matrix, expected)
+  assert matrix.sum() == len(labels)
+  assert confusion.most_confused(matrix) == [(2, 0, 2), (0, 1, 1)]
