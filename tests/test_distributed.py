@@ -267,6 +267,7 @@ def test_multi_process_eval_counts_every_video_once(
   single = restored['report']['eval']  # the same parameters, 1 process
   assert multi['num_videos'] == single['num_videos'] == 7
   assert multi['num_views'] == single['num_views'] == 7 * 2
+  assert np.sum(multi['confusion_matrix']) == 7  # counted once over processes
   assert multi['skipped'] == 0
   assert multi['per_class_videos'] == single['per_class_videos']
   assert one_process['report']['eval']['per_class_videos'] == \
