@@ -27,16 +27,13 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from conftest import FAST_COMPILE
 from data import synthetic
 from stat_jax import checkpoint, distributed, launch, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 KILL_DEADLINE_S = 30  # a killed process's partner is stopped within this
-# XLA's CPU compile takes most of these runs' time; its optimisations are
-# not what the tests are about.
-FAST_COMPILE = ('--xla_backend_optimization_level=0 '
-                '--xla_llvm_disable_expensive_passes=true')
 # PYTHONPATH: RUN_SCRIPT, written to a temporary folder, imports the repo.
 ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_COMPILE,
            PYTHONPATH=ROOT)
@@ -72,13 +69,6 @@ if jax.process_index() == 0:
   with open(out + '.json', 'w') as f:
     json.dump(report, f)
 '''
-
-
-@pytest.fixture(scope='module')
-def motion(tmp_path_factory):
-  """A tiny synthetic motion set: 48 train, 7 val clips of 16 x 32²."""
-  return synthetic.generate(str(tmp_path_factory.mktemp('motion')), 48, 7,
-                            num_frames=16, size=32, seed=0)
 
 
 @pytest.fixture(scope='module')

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from conftest import FAST_COMPILE
 from data import pipeline, synthetic
 from stat_jax import optim, trainer
 from stat_jax.config_validation import ConfigError
@@ -20,13 +21,6 @@ from stat_jax.train_step import make_eval_step, make_train_step
 from stat_jax.transfer import load_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope='module')
-def motion(tmp_path_factory):
-  """A tiny synthetic motion set: 48 train, 7 val clips of 16 x 32²."""
-  return synthetic.generate(str(tmp_path_factory.mktemp('motion')), 48, 7,
-                            num_frames=16, size=32, seed=0)
 
 
 def run_config(motion, **overrides):
@@ -91,11 +85,20 @@ def params_of(result):
   return jax.tree.leaves(jax.device_get(result['state'].params))
 
 
-def test_exact_resume_after_a_stop(motion, tmp_path):
+@pytest.fixture(scope='module')
+def straight(motion, tmp_path_factory):
+  """The tiny run of run_config(motion), 6 steps without a stop (the
+  reference of the resume tests, the source of init_from): train_and_evaluate's
+  result plus its 'workdir'."""
+  workdir = str(tmp_path_factory.mktemp('straight'))
+  return dict(trainer.train_and_evaluate(run_config(motion), workdir),
+              workdir=workdir)
+
+
+def test_exact_resume_after_a_stop(motion, straight, tmp_path):
   config = run_config(motion)
-  straight = trainer.train_and_evaluate(config, str(tmp_path / 'straight'))
   assert sorted(straight['losses']) == list(range(1, 7))
-  assert os.path.isdir(tmp_path / 'straight' / 'checkpoints' / '6')
+  assert os.path.isdir(os.path.join(straight['workdir'], 'checkpoints', '6'))
 
   first = trainer.train_and_evaluate(config, str(tmp_path / 'resumed'),
                                      stop_after=3)
@@ -127,9 +130,7 @@ def wait_for(condition, process, seconds=120):
     time.sleep(0.05)
 
 
-def test_sigkill_then_rerun_gives_the_same_losses(motion, tmp_path):
-  config = run_config(motion)
-  reference = trainer.train_and_evaluate(config, str(tmp_path / 'reference'))
+def test_sigkill_then_rerun_gives_the_same_losses(motion, straight, tmp_path):
   workdir = str(tmp_path / 'killed')
   command = train_command(motion, workdir, total_steps=6)
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -139,7 +140,7 @@ def test_sigkill_then_rerun_gives_the_same_losses(motion, tmp_path):
   process.send_signal(signal.SIGKILL)
   process.wait()
   subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
-  assert read_loss_log(workdir) == reference['losses']
+  assert read_loss_log(workdir) == straight['losses']
 
 
 def test_sigterm_saves_the_current_step_and_a_rerun_resumes(motion, tmp_path):
@@ -202,7 +203,8 @@ print(json.dumps({'one': one, 'four': four, 'sharded_params': sharded}))
 
 
 def test_one_device_and_a_data_fsdp_mesh_agree():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  env = dict(os.environ, XLA_FLAGS=f'{FAST_COMPILE} '
+             '--xla_force_host_platform_device_count=4')
   out = subprocess.run([sys.executable, '-c', SHARDING_SCRIPT], cwd=ROOT, env=env,
                        check=True, capture_output=True, text=True)
   result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -298,26 +300,27 @@ def test_bad_config_is_refused_before_anything_runs(motion, tmp_path):
   assert result.returncode != 0 and 'windw' in result.stderr
 
 
-def test_init_from_reinitialises_a_head_of_another_size(motion, tmp_path):
-  source = run_config(motion, total_steps=1, checkpoint_every=1)
-  trained = trainer.train_and_evaluate(source, str(tmp_path / 'k400'))
-  # eval.py's path: restore that checkpoint and evaluate every video once.
-  report = trainer.evaluate_checkpoint(source, str(tmp_path / 'k400'), 'best')
-  assert report['checkpoint_step'] == 1 and report['num_videos'] == 7
-  assert report['top1'] == trained['eval']['top1']
-  assert os.path.exists(tmp_path / 'k400' / 'eval_step1.json')
-  with pytest.raises(FileNotFoundError, match=r"no checkpoint '5'.*steps: \[1\]"):
-    trainer.evaluate_checkpoint(source, str(tmp_path / 'k400'), '5')
+def test_init_from_reinitialises_a_head_of_another_size(motion, straight):
+  source = run_config(motion)
+  # eval.py's path: restore the best checkpoint (the one evaluated, at the
+  # last step) and evaluate every video once.
+  report = trainer.evaluate_checkpoint(source, straight['workdir'], 'best')
+  assert report['checkpoint_step'] == 6 and report['num_videos'] == 7
+  assert report['top1'] == straight['eval']['top1']
+  assert os.path.exists(os.path.join(straight['workdir'], 'eval_step6.json'))
+  with pytest.raises(FileNotFoundError,
+                     match=r"no checkpoint '5'.*steps: \[3, 6\]"):
+    trainer.evaluate_checkpoint(source, straight['workdir'], '5')
 
   target = run_config(motion)
   target.model.num_classes = 5
   parts = ModelParts(target)
   fresh = jax.jit(lambda: parts.init_params(1))()
   messages = []
-  loaded = load_pretrained(str(tmp_path / 'k400'), fresh, log=messages.append)
+  loaded = load_pretrained(straight['workdir'], fresh, log=messages.append)
   assert 're-initialised 2: head.bias, head.kernel' in messages[0]
   np.testing.assert_array_equal(loaded['head']['kernel'][...],
                                 fresh['head']['kernel'][...])
   np.testing.assert_array_equal(
       loaded['blocks'][0]['attn']['qkv']['kernel'][...],
-      trained['state'].params['blocks'][0]['attn']['qkv']['kernel'][...])
+      straight['state'].params['blocks'][0]['attn']['qkv']['kernel'][...])

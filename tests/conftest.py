@@ -1,0 +1,50 @@
+"""What every test shares: fast XLA compilation with one compilation cache
+for the whole session, and the small synthetic motion set that the training
+tests read.
+
+Most of the suite's time is XLA:CPU compiling the tiny model's programs, and
+many tests compile the very same program (the tiny train step, the eval
+step), in this process or in the subprocesses of the SIGKILL, pre-emption
+and multi-process tests. A persistent cache in a fresh temporary directory
+compiles each program once per session; the environment variables reach
+the subprocesses too. The cache starts empty every session, so nothing
+carries over between runs.
+"""
+
+import os
+import shutil
+import tempfile
+
+# XLA:CPU's LLVM optimisations make the tiny programs of the tests run a
+# little faster but compile several times slower; no test is about speed.
+FAST_COMPILE = ('--xla_backend_optimization_level=0 '
+                '--xla_llvm_disable_expensive_passes=true')
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
+_CACHE_DIR = tempfile.mkdtemp(prefix='stat-jax-tests-xla-cache-')
+os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE_DIR
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# jax may have been imported (by a plugin) before the variables were set.
+jax.config.update('jax_compilation_cache_dir', _CACHE_DIR)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope='session')
+def motion(tmp_path_factory):
+  """A tiny synthetic motion set: 48 train, 7 val clips of 16 x 32²
+  ({'train', 'val', 'label_map'}: specs and the label map path)."""
+  return synthetic.generate(str(tmp_path_factory.mktemp('motion')), 48, 7,
+                            num_frames=16, size=32, seed=0)
