@@ -2,7 +2,8 @@
 a crash while a checkpoint is being written, NaN states, corrupt checkpoints,
 a resume under another config, unchecked config values, duplicated log
 lines. The runs share one tiny config (tests/test_training.py's run_config),
-so they share one compiled train step."""
+so they share one compiled train step; they stop after step 4 (a checkpoint
+at 3 and one at 4), which spares the end-of-run evaluation."""
 
 import glob
 import json
@@ -22,9 +23,10 @@ from stat_jax import checkpoint, config_compare, trainer
 from stat_jax.config_validation import ConfigError, validate
 from stat_jax.deploy import inference, predict
 from stat_jax.errors import UserError
+from stat_jax.train_state import abstract_train_state, with_shardings
 from tests.test_training import ROOT, run_config
 
-TOTAL = 6  # run_config: 6 steps, a checkpoint every 3
+STOP = 4  # run_config: 6 steps, a checkpoint every 3; stopped at 4: 3 and 4
 
 
 def log_steps(workdir):
@@ -38,33 +40,35 @@ def steps_on_disk(workdir):
 
 @pytest.fixture(scope='module')
 def straight(motion, tmp_path_factory):
-  """A whole run of 6 steps: checkpoints 3 and 6, its losses."""
+  """A run stopped after step 4: checkpoints 3 and 4, its losses."""
   workdir = str(tmp_path_factory.mktemp('straight'))
-  result = trainer.train_and_evaluate(run_config(motion), workdir)
+  result = trainer.train_and_evaluate(run_config(motion), workdir,
+                                     stop_after=STOP)
+  assert steps_on_disk(workdir) == ['3', '4']
   return workdir, result['losses']
 
 
 def copy_of(workdir, tmp_path):
-  target = str(tmp_path / 'run')
+  target = str(tmp_path / 'run')  # tmp_path: a folder that does not exist yet
   shutil.copytree(workdir, target)
   return target
 
 
 # ------------------------------------------------ crash inside the loop ---
 
-def test_a_crash_keeps_the_checkpoint_in_flight_and_a_rerun_logs_each_step_once(
-    motion, straight, tmp_path, monkeypatch):
+def test_a_crash_in_the_loop_keeps_the_checkpoint_being_written(
+    motion, tmp_path, monkeypatch):
   real = pipeline.make_train_iterator
 
   class Failing:
-    """The real iterator; its 5th batch raises (just after the save of 3)."""
+    """The real iterator; its 4th batch raises (just after the save of 3)."""
 
     def __init__(self, *args, **kwargs):
       self._inner, self._count = real(*args, **kwargs), 0
 
     def __next__(self):
       self._count += 1
-      if self._count == 5:
+      if self._count == 4:
         raise OSError('disk gone')
       return next(self._inner)
 
@@ -72,17 +76,12 @@ def test_a_crash_keeps_the_checkpoint_in_flight_and_a_rerun_logs_each_step_once(
       return getattr(self._inner, name)
 
   workdir = str(tmp_path / 'crashed')
-  with monkeypatch.context() as patch:
-    patch.setattr(pipeline, 'make_train_iterator', Failing)
-    with pytest.raises(OSError, match='disk gone'):
-      trainer.train_and_evaluate(run_config(motion), workdir)
+  monkeypatch.setattr(pipeline, 'make_train_iterator', Failing)
+  with pytest.raises(OSError, match='disk gone'):
+    trainer.train_and_evaluate(run_config(motion), workdir)
   # Already whole when the error leaves: no tmp folder left behind.
   assert steps_on_disk(workdir) == ['3']
-  assert log_steps(workdir) == [1, 2, 3, 4]
-  resumed = trainer.train_and_evaluate(run_config(motion), workdir)
-  assert sorted(resumed['losses']) == [4, 5, 6]
-  assert log_steps(workdir) == [1, 2, 3, 4, 5, 6]  # step 4 once
-  assert resumed['losses'] == {s: straight[1][s] for s in (4, 5, 6)}
+  assert log_steps(workdir) == [1, 2, 3]
 
 
 def test_inputs_are_checked_before_the_first_step(motion, tmp_path):
@@ -146,36 +145,49 @@ def _corrupt(step_dir, kind):
     os.remove(os.path.join(step_dir, 'state', '_METADATA'))
 
 
-@pytest.mark.parametrize('kind', ['truncated', 'deleted', 'empty', 'no_metadata'])
-def test_export_and_predict_fall_back_from_a_corrupt_latest(
-    straight, tmp_path, capfd, kind):
-  workdir = copy_of(straight[0], tmp_path)
-  _corrupt(os.path.join(workdir, 'checkpoints', '6'), kind)
-  capfd.readouterr()
-  restored = inference.restore(workdir)  # export's and predict's path
-  assert restored.step == 3
-  err = [line for line in capfd.readouterr().err.splitlines()
-         if line.startswith('warning:')]
-  assert len(err) == 1 and 'checkpoint step 6' in err[0], err
-  if kind == 'no_metadata':
-    assert 'state/_METADATA is missing' in err[0]
-  with pytest.raises(checkpoint.CorruptCheckpoint, match='checkpoint step 6'):
-    inference.restore(workdir, '6')  # asked for by number: no fallback
+def test_every_kind_of_corrupt_latest_falls_back_to_the_step_before(
+    motion, straight, tmp_path, capfd):
+  config = run_config(motion)
+  mesh = trainer.sharding.make_mesh(config)
+  _, _, abstract, shardings = abstract_train_state(config, mesh)
+  abstract = with_shardings(abstract, shardings)
+  for kind in ('truncated', 'deleted', 'empty', 'no_metadata'):
+    workdir = copy_of(straight[0], tmp_path / kind)
+    _corrupt(os.path.join(workdir, 'checkpoints', '4'), kind)
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), 1,
+                                   read_only=True)
+    capfd.readouterr()
+    step, _ = ckpt.newest_whole('latest',
+                                lambda s: ckpt.restore_state(s, abstract))
+    assert step == 3, kind
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith('warning: checkpoint step 4 '), err
+    if kind == 'no_metadata':
+      assert 'state/_METADATA is missing' in err[0]
+    with pytest.raises(checkpoint.CorruptCheckpoint, match='checkpoint step 4'):
+      ckpt.newest_whole(4, lambda s: ckpt.restore_state(s, abstract))
+    ckpt.close()
+  # export's and predict's path
+  assert inference.restore(copy_of(straight[0], tmp_path / 'other')).step == 4
+  assert inference.restore(workdir).step == 3
 
 
 def test_train_and_eval_fall_back_from_a_corrupt_latest(
     motion, straight, tmp_path, capfd):
   workdir = copy_of(straight[0], tmp_path)
-  _corrupt(os.path.join(workdir, 'checkpoints', '6'), 'truncated')
+  _corrupt(os.path.join(workdir, 'checkpoints', '4'), 'truncated')
   capfd.readouterr()
   report = trainer.evaluate_checkpoint(run_config(motion), workdir)
   assert report['checkpoint_step'] == 3
   err = capfd.readouterr().err
-  assert len(err.splitlines()) < 10 and 'checkpoint step 6' in err  # no flood
-  result = trainer.train_and_evaluate(run_config(motion), workdir)
-  assert result['losses'] == {s: straight[1][s] for s in (4, 5, 6)}
-  assert steps_on_disk(workdir) == ['3', '6', '6.corrupt']
-  assert log_steps(workdir) == [1, 2, 3, 4, 5, 6]
+  assert len(err.splitlines()) < 10 and 'checkpoint step 4' in err  # no flood
+  with open(os.path.join(workdir, 'train_log.jsonl'), 'a') as f:
+    f.write('{"step": 5, "lo')  # a line cut short by a kill
+  result = trainer.train_and_evaluate(run_config(motion), workdir,
+                                      stop_after=STOP)
+  assert result['losses'] == {4: straight[1][4]}  # exact resume from 3
+  assert steps_on_disk(workdir) == ['3', '4', '4.corrupt']
+  assert log_steps(workdir) == [1, 2, 3, 4]  # the replayed step 4 once
 
 
 # ------------------------------------------------- resume, other config ---
@@ -188,7 +200,7 @@ def test_a_resume_under_another_model_is_refused_naming_the_keys(
   with pytest.raises(UserError, match=r"model.attention: 'ca\+sa\+la' -> 'ca'.*"
                      r'model.window: 3 -> 5.*resume_with_changed_config'):
     trainer.train_and_evaluate(config, workdir)
-  assert steps_on_disk(workdir) == ['3', '6']
+  assert steps_on_disk(workdir) == ['3', '4']
 
 
 def test_run_control_keys_may_change_and_data_keys_may_not(motion):
@@ -230,13 +242,25 @@ def test_predict_refuses_a_negative_top_k():
     predict.main(['--workdir=nowhere', '--top_k=-2', 'a.mp4'])
 
 
+CLI_SCRIPT = """
+from absl import app
+from ml_collections import config_flags
+from stat_jax import cli
+config_flags.DEFINE_config_file('config', None, 'Experiment config.')
+app.run(lambda argv: 0, flags_parser=cli.flags_parser('train.py'))
+"""
+
+
 def test_an_unknown_config_key_on_the_command_line_is_one_line(tmp_path):
+  # train.py's parser (cli.flags_parser) with a config file that loads fast
+  config_file = tmp_path / 'small.py'
+  config_file.write_text(
+      'import ml_collections\n'
+      'def get_config():\n'
+      '  return ml_collections.ConfigDict({"model": {"window": 3}})\n')
   result = subprocess.run(
-      [sys.executable, 'train.py', '--config=configs/tiny.py',
-       f'--workdir={tmp_path}', '--config.model.windw=3'],
-      cwd=ROOT, capture_output=True, text=True)
-  lines = [line for line in result.stderr.splitlines()
-           if line.startswith('train.py:')]
-  assert result.returncode == 1 and 'Traceback' not in result.stderr
-  assert lines == ["train.py: unknown config key 'windw' Did you mean "
-                   '"window" instead of "windw"?'], result.stderr
+      [sys.executable, '-c', CLI_SCRIPT, f'--config={config_file}',
+       '--config.model.windw=3'], cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 1
+  assert result.stderr == ("train.py: unknown config key 'windw' Did you mean "
+                           '"window" instead of "windw"?\n')
