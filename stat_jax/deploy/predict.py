@@ -30,7 +30,7 @@ from absl import app, flags
 
 from data import convert, sampling
 from stat_jax import cli
-from stat_jax.deploy import inference
+from stat_jax.deploy import inference, long_video
 from stat_jax.errors import UserError
 
 # Export formats predict can run, in the order --format defaults to them.
@@ -146,6 +146,18 @@ flags.DEFINE_integer('top_k', 5, 'Classes listed per video.', lower_bound=1,
                      flag_values=FLAGS)
 flags.DEFINE_bool('json', False, 'Print one JSON list of per-video results.',
                   flag_values=FLAGS)
+# Long videos (stat_jax/deploy/long_video.py): a window sliding over time.
+flags.DEFINE_float('window_s', None, 'Classify a window of this many seconds '
+                   'sliding over the video, not the eval views of the whole.',
+                   flag_values=FLAGS)
+flags.DEFINE_float('stride_s', None, 'With --window_s: seconds between '
+                   'window starts (default: --window_s).', flag_values=FLAGS)
+flags.DEFINE_string('timeline', None, 'With --window_s: write the top-5 per '
+                    'window to this JSON file and a plot beside it (.png).',
+                    flag_values=FLAGS)
+flags.DEFINE_string('overlay', None, 'With --window_s: write the video with '
+                    'the top-3 of the current window drawn on it (.mp4).',
+                    flag_values=FLAGS)
 
 _PROGRAM = 'stat_jax.deploy.predict'
 
@@ -157,7 +169,14 @@ def _classifier() -> Classifier:
 
 
 def _predict(videos: list[str]) -> int:
+  long_video.check_options(videos, FLAGS.window_s, FLAGS.stride_s,
+                           FLAGS.timeline, FLAGS.overlay)
   classifier = _classifier()
+  if FLAGS.window_s is not None:
+    return long_video.run(
+        classifier, videos, _PROGRAM, window_s=FLAGS.window_s,
+        stride_s=FLAGS.stride_s, timeline_path=FLAGS.timeline,
+        overlay_path=FLAGS.overlay, top_k=FLAGS.top_k, as_json=FLAGS.json)
   results = []
   for path in videos:
     result = predict_video(classifier, path, FLAGS.top_k)
