@@ -2,8 +2,9 @@
 a crash while a checkpoint is being written, NaN states, corrupt checkpoints,
 a resume under another config, unchecked config values, duplicated log
 lines. The runs share one tiny config (tests/test_training.py's run_config),
-so they share one compiled train step; they stop after step 4 (a checkpoint
-at 3 and one at 4), which spares the end-of-run evaluation."""
+so they share one compiled train step (checkpoint_every is not part of it).
+One run crashes after step 4; its checkpoints (2 and 4) and logged losses
+serve the other tests; no run reaches the end-of-run evaluation."""
 
 import glob
 import json
@@ -26,7 +27,11 @@ from stat_jax.errors import UserError
 from stat_jax.train_state import abstract_train_state, with_shardings
 from tests.test_training import ROOT, run_config
 
-STOP = 4  # run_config: 6 steps, a checkpoint every 3; stopped at 4: 3 and 4
+STOP = 4  # run_config: 6 steps; here a checkpoint every 2, stopped at 4
+
+
+def config_of(motion):
+  return run_config(motion, checkpoint_every=2)
 
 
 def log_steps(workdir):
@@ -39,13 +44,40 @@ def steps_on_disk(workdir):
 
 
 @pytest.fixture(scope='module')
-def straight(motion, tmp_path_factory):
-  """A run stopped after step 4: checkpoints 3 and 4, its losses."""
-  workdir = str(tmp_path_factory.mktemp('straight'))
-  result = trainer.train_and_evaluate(run_config(motion), workdir,
-                                     stop_after=STOP)
-  assert steps_on_disk(workdir) == ['3', '4']
-  return workdir, result['losses']
+def crashed(motion, tmp_path_factory):
+  """A run whose 5th batch raises, just after the save of step 4 started:
+  {'workdir', 'error', 'on_disk': the checkpoints there when the error left,
+  'losses': the logged losses of steps 1-4}."""
+  real = pipeline.make_train_iterator
+
+  class Failing:
+    """The real iterator; its 5th batch raises."""
+
+    def __init__(self, *args, **kwargs):
+      self._inner, self._count = real(*args, **kwargs), 0
+
+    def __next__(self):
+      self._count += 1
+      if self._count == 5:
+        raise OSError('disk gone')
+      return next(self._inner)
+
+    def __getattr__(self, name):
+      return getattr(self._inner, name)
+
+  workdir = str(tmp_path_factory.mktemp('crashed'))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(pipeline, 'make_train_iterator', Failing)
+    try:
+      trainer.train_and_evaluate(config_of(motion), workdir)
+      error = None
+    except OSError as raised:
+      error = raised
+  on_disk = steps_on_disk(workdir)
+  with open(os.path.join(workdir, 'train_log.jsonl')) as f:
+    losses = {entry['step']: entry['loss'] for entry in map(json.loads, f)}
+  return {'workdir': workdir, 'error': error, 'on_disk': on_disk,
+          'losses': losses}
 
 
 def copy_of(workdir, tmp_path):
@@ -56,32 +88,11 @@ def copy_of(workdir, tmp_path):
 
 # ------------------------------------------------ crash inside the loop ---
 
-def test_a_crash_in_the_loop_keeps_the_checkpoint_being_written(
-    motion, tmp_path, monkeypatch):
-  real = pipeline.make_train_iterator
-
-  class Failing:
-    """The real iterator; its 4th batch raises (just after the save of 3)."""
-
-    def __init__(self, *args, **kwargs):
-      self._inner, self._count = real(*args, **kwargs), 0
-
-    def __next__(self):
-      self._count += 1
-      if self._count == 4:
-        raise OSError('disk gone')
-      return next(self._inner)
-
-    def __getattr__(self, name):
-      return getattr(self._inner, name)
-
-  workdir = str(tmp_path / 'crashed')
-  monkeypatch.setattr(pipeline, 'make_train_iterator', Failing)
-  with pytest.raises(OSError, match='disk gone'):
-    trainer.train_and_evaluate(run_config(motion), workdir)
-  # Already whole when the error leaves: no tmp folder left behind.
-  assert steps_on_disk(workdir) == ['3']
-  assert log_steps(workdir) == [1, 2, 3]
+def test_a_crash_in_the_loop_keeps_the_checkpoint_being_written(crashed):
+  assert 'disk gone' in str(crashed['error'])
+  # Already whole when the error left: no tmp folder of step 4.
+  assert crashed['on_disk'] == ['2', '4']
+  assert sorted(crashed['losses']) == [1, 2, 3, 4]
 
 
 def test_inputs_are_checked_before_the_first_step(motion, tmp_path):
@@ -146,20 +157,20 @@ def _corrupt(step_dir, kind):
 
 
 def test_every_kind_of_corrupt_latest_falls_back_to_the_step_before(
-    motion, straight, tmp_path, capfd):
+    motion, crashed, tmp_path, capfd):
   config = run_config(motion)
   mesh = trainer.sharding.make_mesh(config)
   _, _, abstract, shardings = abstract_train_state(config, mesh)
   abstract = with_shardings(abstract, shardings)
   for kind in ('truncated', 'deleted', 'empty', 'no_metadata'):
-    workdir = copy_of(straight[0], tmp_path / kind)
+    workdir = copy_of(crashed['workdir'], tmp_path / kind)
     _corrupt(os.path.join(workdir, 'checkpoints', '4'), kind)
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), 1,
                                    read_only=True)
     capfd.readouterr()
     step, _ = ckpt.newest_whole('latest',
                                 lambda s: ckpt.restore_state(s, abstract))
-    assert step == 3, kind
+    assert step == 2, kind
     err = capfd.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith('warning: checkpoint step 4 '), err
     if kind == 'no_metadata':
@@ -167,40 +178,40 @@ def test_every_kind_of_corrupt_latest_falls_back_to_the_step_before(
     with pytest.raises(checkpoint.CorruptCheckpoint, match='checkpoint step 4'):
       ckpt.newest_whole(4, lambda s: ckpt.restore_state(s, abstract))
     ckpt.close()
-  # export's and predict's path
-  assert inference.restore(copy_of(straight[0], tmp_path / 'other')).step == 4
-  assert inference.restore(workdir).step == 3
+  assert inference.restore(workdir).step == 2  # export's and predict's path
 
 
 def test_train_and_eval_fall_back_from_a_corrupt_latest(
-    motion, straight, tmp_path, capfd):
-  workdir = copy_of(straight[0], tmp_path)
+    motion, crashed, tmp_path, capfd):
+  workdir = copy_of(crashed['workdir'], tmp_path)
   _corrupt(os.path.join(workdir, 'checkpoints', '4'), 'truncated')
   capfd.readouterr()
-  report = trainer.evaluate_checkpoint(run_config(motion), workdir)
-  assert report['checkpoint_step'] == 3
+  report = trainer.evaluate_checkpoint(config_of(motion), workdir)
+  assert report['checkpoint_step'] == 2
   err = capfd.readouterr().err
   assert len(err.splitlines()) < 10 and 'checkpoint step 4' in err  # no flood
   with open(os.path.join(workdir, 'train_log.jsonl'), 'a') as f:
     f.write('{"step": 5, "lo')  # a line cut short by a kill
-  result = trainer.train_and_evaluate(run_config(motion), workdir,
+  result = trainer.train_and_evaluate(config_of(motion), workdir,
                                       stop_after=STOP)
-  assert result['losses'] == {4: straight[1][4]}  # exact resume from 3
-  assert steps_on_disk(workdir) == ['3', '4', '4.corrupt']
-  assert log_steps(workdir) == [1, 2, 3, 4]  # the replayed step 4 once
+  # Exact resume from 2; the replayed steps 3 and 4 logged once.
+  assert result['losses'] == {s: crashed['losses'][s] for s in (3, 4)}
+  assert steps_on_disk(workdir) == ['2', '4', '4.corrupt']
+  assert log_steps(workdir) == [1, 2, 3, 4]
 
 
 # ------------------------------------------------- resume, other config ---
 
 def test_a_resume_under_another_model_is_refused_naming_the_keys(
-    motion, straight, tmp_path):
-  workdir = copy_of(straight[0], tmp_path)
+    motion, crashed, tmp_path):
+  workdir = copy_of(crashed['workdir'], tmp_path)
   config = run_config(motion, **{'model.attention': 'ca', 'model.window': 5,
-                                 'total_steps': 9, 'eval_every': 2})
+                                 'total_steps': 9, 'eval_every': 2,
+                                 'checkpoint_every': 2})
   with pytest.raises(UserError, match=r"model.attention: 'ca\+sa\+la' -> 'ca'.*"
                      r'model.window: 3 -> 5.*resume_with_changed_config'):
     trainer.train_and_evaluate(config, workdir)
-  assert steps_on_disk(workdir) == ['3', '4']
+  assert steps_on_disk(workdir) == ['2', '4']
 
 
 def test_run_control_keys_may_change_and_data_keys_may_not(motion):
