@@ -11,6 +11,9 @@ of the run's config with data/sampling.py (num_clips x num_crops clips of T
 frames); the class probabilities are averaged over the views, as eval.py
 does. Prints the top-k classes of each video, or with --json one JSON list.
 A file that cannot be read is reported and skipped; the exit code is then 1.
+
+With --window_s (and --stride_s, --timeline, --overlay) a window slides over
+a long video instead: stat_jax/deploy/long_video.py.
 """
 
 import dataclasses
