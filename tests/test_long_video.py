@@ -129,3 +129,7 @@ def test_options_that_need_a_window(files, capsys):
   assert predict.main([f'--workdir={files["workdir"]}', '--window_s=0',
                        files['video']]) == 1
   assert 'must be > 0' in capsys.readouterr().err
+  missing = files['folder'] / 'missing' / 'o.mp4'
+  assert predict.main([f'--workdir={files["workdir"]}', '--window_s=1',
+                       f'--overlay={missing}', files['video']]) == 1
+  assert f'--overlay={missing}: no folder' in capsys.readouterr().err

@@ -241,8 +241,10 @@ def _label(image: Image.Image, lines: list[str]) -> Image.Image:
 
 
 def _codec(path: str) -> str:
-  wanted = 'libx264' if path.lower().endswith(('.mp4', '.mkv', '.mov')) else (
-      'mpeg4')
+  """H.264 for .mp4 / .mkv / .mov, VP9 for .webm, else MPEG-4 part 2."""
+  extension = os.path.splitext(path)[1].lower()
+  wanted = {'.mp4': 'libx264', '.mkv': 'libx264', '.mov': 'libx264',
+            '.webm': 'libvpx-vp9'}.get(extension, 'mpeg4')
   return wanted if wanted in av.codecs_available else 'mpeg4'
 
 
@@ -295,6 +297,11 @@ def check_options(videos: list[str], window_s, stride_s, timeline_path,
   if len(videos) != 1 and (timeline_path or overlay_path):
     raise UserError('--timeline and --overlay take one video; got '
                     f'{len(videos)}')
+  for flag, path in (('--timeline', timeline_path),
+                     ('--overlay', overlay_path)):
+    folder = os.path.dirname(os.path.abspath(path)) if path else None
+    if folder and not os.path.isdir(folder):
+      raise UserError(f'{flag}={path}: no folder {folder}')
 
 
 def format_windows(result: dict, classes: list[str], top_k: int) -> str:
