@@ -156,6 +156,17 @@ def check_training(config: ml_collections.ConfigDict) -> None:
            'keep_checkpoints', config.keep_checkpoints,
            'must be an integer >= 1 (0 would delete each checkpoint as soon '
            'as it is written)')
+  _require(config.grad_accum_steps >= 1
+           and config.batch_size % config.grad_accum_steps == 0,
+           'grad_accum_steps', config.grad_accum_steps,
+           f'must be >= 1 and divide batch_size ({config.batch_size})')
+  check_recipe(config)
+
+
+def check_recipe(config: ml_collections.ConfigDict) -> None:
+  """The optimizer and mixup sections (absent from a model-only config)."""
+  if 'optimizer' not in config or 'mixup' not in config:
+    return
   opt = config.optimizer
   _require(opt.base_lr > 0, 'optimizer.base_lr', opt.base_lr, 'must be > 0')
   _require(0 <= opt.min_lr <= opt.base_lr, 'optimizer.min_lr', opt.min_lr,
@@ -175,10 +186,6 @@ def check_training(config: ml_collections.ConfigDict) -> None:
     _require(0 <= mix[key] <= 1, f'mixup.{key}', mix[key], 'must be in [0, 1]')
   _require(0 <= mix.label_smoothing < 1, 'mixup.label_smoothing',
            mix.label_smoothing, 'must be in [0, 1)')
-  _require(config.grad_accum_steps >= 1
-           and config.batch_size % config.grad_accum_steps == 0,
-           'grad_accum_steps', config.grad_accum_steps,
-           f'must be >= 1 and divide batch_size ({config.batch_size})')
 
 
 def validate_model(config: ml_collections.ConfigDict) -> None:

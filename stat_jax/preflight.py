@@ -8,35 +8,42 @@ names the input and what is wrong. Add a check as one function here and
 one call in check_before_training.
 """
 
+import jax
 import ml_collections
 import tensorflow as tf
 
-from data import dmvr
+from data import pipeline
 from stat_jax.errors import UserError
 
 
 def check_eval_spec(config: ml_collections.ConfigDict) -> None:
-  """data.eval_spec (if set) names files that exist and are not empty;
-  the first evaluation would otherwise fail after eval_every steps."""
+  """data.eval_spec (if set) names files that exist, can be read and hold
+  records (the index evaluation builds anyway); the first evaluation would
+  otherwise fail after eval_every steps."""
   spec = config.data.eval_spec
   if not spec:
     return
   try:
-    files = dmvr.resolve_spec(spec)
-  except FileNotFoundError as error:
+    pipeline.RecordIndex(spec)
+  except (UserError, FileNotFoundError) as error:
     raise UserError(f'config.data.eval_spec: {error}') from error
-  try:
-    sizes = [tf.io.gfile.stat(f).length for f in files]
-    with tf.io.gfile.GFile(files[0], 'rb') as f:
-      f.read(16)
-  except tf.errors.OpError as error:
+  except (tf.errors.OpError, ValueError) as error:
     raise UserError(f'config.data.eval_spec = {spec!r}: cannot be read: '
-                    f'{error.message}') from error
-  if not any(sizes):
-    raise UserError(f'config.data.eval_spec = {spec!r}: every file is empty '
-                    f'({files[0]}, ...); there is nothing to evaluate on')
+                    f'{getattr(error, "message", error)}') from error
+
+
+def check_eval_batch(config: ml_collections.ConfigDict,
+                     process_count: int) -> None:
+  """The eval batch (videos x views) splits over the processes."""
+  data = config.data
+  views = data.eval_batch_size * data.num_clips * data.num_crops
+  if config.data.eval_spec and views % process_count:
+    raise UserError(f'config.data.eval_batch_size * num_clips * num_crops = '
+                    f'{views} eval views per batch do not split over '
+                    f'{process_count} processes')
 
 
 def check_before_training(config: ml_collections.ConfigDict) -> None:
   """Every pre-training check of this module, in order."""
   check_eval_spec(config)
+  check_eval_batch(config, jax.process_count())

@@ -104,7 +104,7 @@ def test_inputs_are_checked_before_the_first_step(motion, tmp_path):
   empty_file.write_bytes(b'')
   empty = run_config(motion)
   empty.data.eval_spec = str(empty_file)
-  with pytest.raises(UserError, match='every file is empty'):
+  with pytest.raises(UserError, match='eval_spec.*no records'):
     trainer.train_and_evaluate(empty, str(tmp_path / 'b'))
   assert not os.path.exists(tmp_path / 'a') and not os.path.exists(tmp_path / 'b')
 
