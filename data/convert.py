@@ -17,7 +17,10 @@ Frames are decoded with PyAV (any container/codec), optionally resampled to
 --fps, resized to --short_side and stored as JPEG. Video i (annotation order)
 goes to shard i mod --num_shards. Videos that fail to decode or have no
 frames are listed with the reason in OUT/<name>-skipped.txt; the run
-finishes. The label map is written to OUT/label_map.txt.
+finishes. The label map is written to OUT/label_map.txt; when OUT already
+holds one (an earlier split), its numbering is kept and a label it lacks is
+refused, so every split of OUT shares one label space. --name is a plain
+prefix, and nothing is written through a symbolic link.
 """
 
 import concurrent.futures
@@ -34,6 +37,7 @@ from absl import flags
 
 from data import dmvr
 from stat_jax import cli
+from stat_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,14 +155,59 @@ def _convert_star(args):
 
 # ------------------------------------------------------------------ writing ---
 
+def check_name(name: str) -> str:
+  """A shard prefix that stays inside --out: no separator, no '..'."""
+  if (not name or '/' in name or os.sep in name or '..' in name
+      or (os.altsep and os.altsep in name)):
+    raise UserError(f'--name {name!r}: give a plain name (no path separators, '
+                     "no '..'), e.g. train or val")
+  return name
+
+
+def _not_a_link(out_dir, path):
+  """`path` unless it is a symbolic link (writing would follow it, maybe
+  outside `out_dir`)."""
+  if os.path.islink(path):
+    raise UserError(f'{path} is a symbolic link (to {os.readlink(path)}); '
+                     f'refusing to write through it: --out {out_dir} must '
+                     'hold plain files')
+  return path
+
+
+def _numbered(videos, names, out_dir):
+  """(videos, names) numbered by OUT/label_map.txt if it exists (written
+  otherwise): an earlier split's numbering is kept, never renumbered."""
+  path = _not_a_link(out_dir, os.path.join(out_dir, 'label_map.txt'))
+  if not os.path.exists(path):
+    dmvr.write_label_map(path, names)
+    return videos, names
+  existing = dmvr.load_label_map(path)
+  if existing == list(names):
+    return videos, names
+  index = {name: i for i, name in enumerate(existing)}
+  unknown = sorted({names[v.label] for v in videos} - set(index))
+  if unknown:
+    raise UserError(
+        f'label(s) {", ".join(map(repr, unknown))} are not in {path} '
+        f'({len(existing)} classes, from an earlier split); convert the split '
+        'with the most classes first, or use another --out')
+  return [dataclasses.replace(v, label=index[names[v.label]])
+          for v in videos], existing
+
+
 def convert(videos, names, out_dir, name='train', num_shards=16,
             short_side=256, quality=90, fps=0.0, workers=1) -> dict:
   """Writes shards, label_map.txt and <name>-skipped.txt; a summary dict."""
+  check_name(name)
   os.makedirs(out_dir, exist_ok=True)
-  dmvr.write_label_map(os.path.join(out_dir, 'label_map.txt'), names)
   num_shards = max(1, min(num_shards, len(videos)))
+  for path in dmvr.sharded_filenames(os.path.join(out_dir, f'{name}.tfrecord'),
+                                     num_shards):
+    _not_a_link(out_dir, path)
+  skipped_path = _not_a_link(out_dir,
+                             os.path.join(out_dir, f'{name}-skipped.txt'))
+  videos, names = _numbered(videos, names, out_dir)
   jobs = [(video, short_side, quality, fps) for video in videos]
-  skipped_path = os.path.join(out_dir, f'{name}-skipped.txt')
   skipped = 0
   with dmvr.ShardedWriter(os.path.join(out_dir, f'{name}.tfrecord'),
                           num_shards) as writer, open(skipped_path, 'w') as log:
@@ -225,6 +274,10 @@ def _annotations():
 def run(args: list[str]) -> int:
   """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
   cli.no_positional(args)
+  return cli.report_user_errors('data.convert', _convert)
+
+
+def _convert() -> int:
   videos, names = _annotations()
   summary = convert(videos, names, FLAGS.out, FLAGS.name, FLAGS.num_shards,
                     FLAGS.short_side, FLAGS.quality, FLAGS.fps, FLAGS.workers)

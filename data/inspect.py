@@ -17,6 +17,7 @@ from absl import app, flags
 
 from data import dmvr
 from stat_jax import cli
+from stat_jax.errors import UserError
 
 _MAX_ERRORS_LISTED = 20
 
@@ -38,17 +39,22 @@ def inspect_spec(spec: str, full: bool = False) -> dict:
   lengths, labels, resolutions = [], collections.Counter(), collections.Counter()
   errors = []
   for path in files:
-    for number, record in enumerate(dmvr.read_records(path)):
-      try:
-        clip = dmvr.parse_example(record)
-        height, width = _check_frames(clip, full)
-      except (ValueError, tf.errors.InvalidArgumentError) as e:
-        errors.append(f'{path} record {number}: {str(e).splitlines()[0]}')
-        continue
-      lengths.append(len(clip.frames))
-      resolutions[f'{height}x{width}'] += 1
-      label = (clip.label_indices or clip.label_texts or ['none'])[0]
-      labels[str(label)] += 1
+    number = 0
+    try:
+      for number, record in enumerate(dmvr.read_records(path)):
+        try:
+          clip = dmvr.parse_example(record)
+          height, width = _check_frames(clip, full)
+        except (ValueError, tf.errors.InvalidArgumentError) as e:
+          errors.append(f'{path} record {number}: {str(e).splitlines()[0]}')
+          continue
+        lengths.append(len(clip.frames))
+        resolutions[f'{height}x{width}'] += 1
+        label = (clip.label_indices or clip.label_texts or ['none'])[0]
+        labels[str(label)] += 1
+    except tf.errors.OpError as e:  # the framing itself: not a TFRecord file
+      raise UserError(f'{path}: not a TFRecord file, or corrupt after record '
+                       f'{number}: {e.message.splitlines()[0]}') from e
   frames = ({'min': int(np.min(lengths)), 'median': float(np.median(lengths)),
              'max': int(np.max(lengths))} if lengths else {})
   return {'spec': spec, 'files': len(files), 'clips': len(lengths),
@@ -89,7 +95,11 @@ def run(args: list[str]) -> int:
   or a comma list)."""
   if len(args) != 1:
     raise app.UsageError(f'give one shard spec, not {args}')
-  stats = inspect_spec(args[0], FLAGS.full)
+  return cli.report_user_errors('data.inspect', lambda: _inspect(args[0]))
+
+
+def _inspect(spec: str) -> int:
+  stats = inspect_spec(spec, FLAGS.full)
   _print_summary(stats)
   if FLAGS.json:
     print(json.dumps(stats))

@@ -353,6 +353,7 @@ class TrainIterator:
     self._table = _label_table(self._data, self._data.train_spec)
     self._epoch, self._position, self.num_skipped = 0, 0, 0
     self.skipped = dict.fromkeys(SKIP_REASONS, 0)  # reason -> records
+    self._report_mark = (0, 0)  # (stream position, skipped) at skip_report
     self._batches, self._chunk, self._offset = None, None, 0
     self._max_run = min(int(self._data.max_consecutive_skips),
                         self.records_per_epoch)
@@ -466,6 +467,27 @@ class TrainIterator:
         f'{reasons}; from {files}{f" and {more} more shards" if more > 0 else ""}'
         f'. Check them with python -m data.inspect')
 
+  @property
+  def index(self) -> RecordIndex:
+    return self._index
+
+  def skip_report(self) -> tuple[str, str | None]:
+    """(' | skipped N (reason: n, ...)' for the progress line, '' when none;
+    a warning line when more than data.skip_warning_fraction of the records
+    read since the previous call were skipped, else None)."""
+    read = self.stream_position - self._report_mark[0]
+    skipped = self.num_skipped - self._report_mark[1]
+    self._report_mark = (self.stream_position, self.num_skipped)
+    summary = self.skipped_summary()
+    warning = None
+    if read and skipped / read > self._data.skip_warning_fraction:
+      warning = (f'warning: {skipped} of the {read} train records read since '
+                 f'the previous report were skipped ({skipped / read:.0%} > '
+                 f'data.skip_warning_fraction = '
+                 f'{self._data.skip_warning_fraction}); check '
+                 f'{self._data.train_spec} with python -m data.inspect')
+    return (f' | skipped {summary}' if summary else ''), warning
+
   def skipped_summary(self) -> str:
     """'N (reason: n, ...)' of the records skipped so far, or ''."""
     if not self.num_skipped:
@@ -509,6 +531,7 @@ class TrainIterator:
     self._epoch, self._position = int(state['epoch']), int(state['position'])
     self.num_skipped = int(state['num_skipped'])
     self.skipped = {r: int(state.get(key, 0)) for r, key in _SKIP_KEYS.items()}
+    self._report_mark = (self.stream_position, self.num_skipped)
     self._batches, self._chunk, self._offset = None, None, 0
 
 

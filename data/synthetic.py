@@ -222,15 +222,46 @@ def write_split(out_dir: str, split: str, num_clips: int, num_frames: int,
   return writer.spec
 
 
+def _params(num_train, num_val, num_frames, size, seed) -> dict:
+  """What params.json records of a generated set (prepare compares it)."""
+  return {'train': num_train, 'val': num_val, 'frames': num_frames,
+          'size': size, 'seed': seed, 'generator': GENERATOR_VERSION}
+
+
+def _check_out(out_dir, params):
+  """Refuse to write over a different set (or another data set) in out_dir."""
+  params_path = os.path.join(out_dir, 'params.json')
+  if os.path.exists(params_path):
+    with open(params_path) as f:
+      found = json.load(f)
+    if found != params:
+      raise UserError(f'{out_dir} holds a synthetic set made with {found}, '
+                       f'not {params}; choose another --out or remove it')
+    return
+  held = sorted(name for name in (os.listdir(out_dir)
+                                  if os.path.isdir(out_dir) else [])
+                if name == 'label_map.txt' or '.tfrecord' in name)
+  if held:
+    raise UserError(f'{out_dir} already holds a data set ({", ".join(held[:3])}'
+                     f'{", ..." if len(held) > 3 else ""}); choose another '
+                     '--out or remove it')
+
+
 def generate(out_dir: str, num_train: int, num_val: int, num_frames: int = 32,
              size: int = 64, seed: int = 0) -> dict:
-  """Writes both splits and label_map.txt; {'train', 'val', 'label_map'}."""
+  """Writes both splits, label_map.txt and params.json; {'train', 'val',
+  'label_map'}. A folder holding another set (or other shards) is refused;
+  the same set is written again."""
+  params = _params(num_train, num_val, num_frames, size, seed)
+  _check_out(out_dir, params)
   label_map = os.path.join(out_dir, 'label_map.txt')
   os.makedirs(out_dir, exist_ok=True)
   dmvr.write_label_map(label_map, CLASSES)
   specs = {'label_map': label_map}
   for split, count in (('train', num_train), ('val', num_val)):
     specs[split] = write_split(out_dir, split, count, num_frames, size, seed)
+  with open(os.path.join(out_dir, 'params.json'), 'w') as f:
+    json.dump(params, f)
   return specs
 
 
@@ -247,9 +278,8 @@ def prepare(data) -> dict:
   spec = data.synthetic
   if not spec.generate:
     return {}
-  params = {'train': spec.train_clips, 'val': spec.val_clips,
-            'frames': spec.frames, 'size': spec.size, 'seed': spec.seed,
-            'generator': GENERATOR_VERSION}
+  params = _params(spec.train_clips, spec.val_clips, spec.frames, spec.size,
+                   spec.seed)
   params_path = os.path.join(spec.dir, 'params.json')
   if not os.path.exists(params_path):
     staging = f'{spec.dir}.tmp{os.getpid()}'
@@ -290,6 +320,10 @@ flags.DEFINE_integer('seed', 0, 'Random seed.', flag_values=FLAGS)
 def run(args: list[str]) -> int:
   """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
   cli.no_positional(args)
+  return cli.report_user_errors('data.synthetic', _generate)
+
+
+def _generate() -> int:
   start = time.time()
   specs = generate(FLAGS.out, FLAGS.train, FLAGS.val, FLAGS.frames,
                    FLAGS.size, FLAGS.seed)

@@ -174,8 +174,11 @@ def export_checkpoint(workdir: str, out: str, formats: list[str],
   """Writes the export folder `out`; returns its manifest."""
   formats = check_formats(formats)
   out = os.path.abspath(out)
-  if os.path.exists(out):
-    raise FileExistsError(f'--out={out} exists; remove it or choose another')
+  if os.path.lexists(out):
+    what = ('is a symbolic link' + ('' if os.path.exists(out) else
+                                    f' to a missing {os.readlink(out)}')
+            if os.path.islink(out) else 'exists')
+    raise FileExistsError(f'--out={out} {what}; remove it or choose another')
   restored = inference.restore(workdir, which)
   os.makedirs(os.path.dirname(out), exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.partial-',

@@ -87,9 +87,13 @@ def from_export(export_dir: str, fmt: str | None = None) -> Classifier:
   if not os.path.exists(manifest_path):
     raise FileNotFoundError(f'{manifest_path}: no such file; --export_dir must '
                             'be a folder written by stat_jax.deploy.export')
-  with open(manifest_path) as f:
-    manifest = json.load(f)
-  held = [name for name in EXPORT_FORMATS if name in manifest['formats']]
+  try:
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+    held = [name for name in EXPORT_FORMATS if name in manifest['formats']]
+  except (ValueError, KeyError, TypeError) as error:
+    raise UserError(f'{manifest_path}: not a whole export manifest '
+                     f'({type(error).__name__}: {error}); export again') from error
   if not held:
     raise UserError(f'{export_dir} holds none of the formats predict runs '
                      f'({", ".join(EXPORT_FORMATS)})')
@@ -99,7 +103,14 @@ def from_export(export_dir: str, fmt: str | None = None) -> Classifier:
                      f'{", ".join(held)}')
   path = os.path.join(export_dir, manifest['formats'][fmt]['path'])
   config = ml_collections.ConfigDict(manifest['config'])
-  return Classifier(config.data, manifest['classes'], _RUNNERS[fmt](path))
+  try:
+    runner = _RUNNERS[fmt](path)
+  except Exception as error:  # each runtime raises its own types
+    reason = (str(error).strip().splitlines() or [''])[0][:300]
+    raise UserError(f'{path}: cannot load the {fmt} export (truncated or '
+                     f'not written whole?): {type(error).__name__}: {reason}; '
+                     'export again') from error
+  return Classifier(config.data, manifest['classes'], runner)
 
 
 def video_views(path: str, data) -> np.ndarray:
