@@ -58,6 +58,12 @@ class NonFiniteState(FloatingPointError):
   """The training loss or the train state became NaN or infinite."""
 
 
+# What a NaN stop tells the user to do next.
+NON_FINITE_ADVICE = (' (to resume it with other settings, e.g. a lower '
+                     'optimizer.base_lr, add --config.resume_with_changed_config'
+                     '=True)')
+
+
 @jax.jit
 def _all_finite(tree):
   leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
@@ -208,7 +214,7 @@ class Checkpointer:
       raise NonFiniteState(
           f'the train state after step {step} holds NaN/inf values; not '
           f'saved, stopping. Last good checkpoint: step {self.latest_step()} '
-          f'in {self.directory}')
+          f'in {self.directory}{NON_FINITE_ADVICE}')
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave({'processes': gather_int_dicts(data_state)}),

@@ -227,7 +227,8 @@ def flush_losses(pending, ckpt, path) -> dict:
       ckpt.wait()
       raise NonFiniteLoss(
           f'training loss is {loss} at step {step}; stopping. Last good '
-          f'checkpoint: step {ckpt.latest_step()} in {ckpt.directory}')
+          f'checkpoint: step {ckpt.latest_step()} in {ckpt.directory}'
+          f'{checkpoint.NON_FINITE_ADVICE}')
   if jax.process_index() == 0:
     with open(path, 'a') as f:
       for step, loss in losses.items():
