@@ -13,7 +13,9 @@ logging / eval / checkpoint frequencies), how evaluation is done, where the
 computation runs (mesh, attention / conv implementations, remat and the
 micro-batching of grad_accum_steps give the same numbers), and the data
 side's own run-control knobs. Keys that only one of the two configs has
-(added to stat_jax/defaults.py since the checkpoint) are not compared.
+(added to stat_jax/defaults.py since the checkpoint) are not compared. A
+new key of stat_jax/defaults.py is compared unless it is listed here: add
+it when changing it mid-run cannot change what is trained.
 """
 
 import json
@@ -31,8 +33,8 @@ RUN_CONTROL_KEYS = (
     # where and how the same numbers are computed
     'mesh.', 'remat', 'grad_accum_steps', 'model.attention_impl',
     'model.conv_impl',
-    # evaluation
-    'data.eval_spec', 'data.eval_short_side', 'data.num_clips',
+    # evaluation and what it writes
+    'attention_images', 'data.eval_spec', 'data.eval_short_side', 'data.num_clips',
     'data.num_crops', 'data.eval_batch_size', 'data.reversed_classes',
     # input pipeline run control (the data side's own checks)
     'data.num_parallel_calls', 'data.max_consecutive_skips',
