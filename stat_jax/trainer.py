@@ -148,7 +148,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if skip_warning:
           log(skip_warning)
       if evaluate_now and config.data.eval_spec:
-        last_eval = evaluate(config, eval_step, state.params, mesh)
+        try:
+          last_eval = evaluate(config, eval_step, state.params, mesh)
+        except Exception:
+          if save_now:  # keep the trained step (no metric); then the error
+            ckpt.save(step, state, train_data.get_state(), config)
+          raise
         writer.write_scalars(step, {f'val_{key}': value
                                     for key, value in last_eval.items()
                                     if key in EVAL_SCALARS})

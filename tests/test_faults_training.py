@@ -2,9 +2,9 @@
 a crash while a checkpoint is being written, NaN states, corrupt checkpoints,
 a resume under another config, unchecked config values, duplicated log
 lines. The runs share one tiny config (tests/test_training.py's run_config),
-so they share one compiled train step (checkpoint_every is not part of it).
-One run crashes after step 4; its checkpoints (2 and 4) and logged losses
-serve the other tests; no run reaches the end-of-run evaluation."""
+so they share one compiled train step (checkpoint_every and eval_every are
+not part of it). One run crashes at step 4 (its evaluation fails); its
+checkpoints (2 and 4) and logged losses serve the other tests."""
 
 import glob
 import json
@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from absl import app
 
-from data import pipeline
 from stat_jax import checkpoint, config_compare, trainer
 from stat_jax.config_validation import ConfigError, validate
 from stat_jax.deploy import inference, predict
@@ -31,7 +30,7 @@ STOP = 4  # run_config: 6 steps; here a checkpoint every 2, stopped at 4
 
 
 def config_of(motion):
-  return run_config(motion, checkpoint_every=2)
+  return run_config(motion, checkpoint_every=2, eval_every=4)
 
 
 def log_steps(workdir):
@@ -45,29 +44,16 @@ def steps_on_disk(workdir):
 
 @pytest.fixture(scope='module')
 def crashed(motion, tmp_path_factory):
-  """A run whose 5th batch raises, just after the save of step 4 started:
-  {'workdir', 'error', 'on_disk': the checkpoints there when the error left,
-  'losses': the logged losses of steps 1-4}."""
-  real = pipeline.make_train_iterator
+  """A run (a checkpoint every 2 steps, an evaluation every 4) whose
+  evaluation at step 4 fails: {'workdir', 'error', 'on_disk': the
+  checkpoints there when the error left, 'losses': the logged losses}."""
 
-  class Failing:
-    """The real iterator; its 5th batch raises."""
-
-    def __init__(self, *args, **kwargs):
-      self._inner, self._count = real(*args, **kwargs), 0
-
-    def __next__(self):
-      self._count += 1
-      if self._count == 5:
-        raise OSError('disk gone')
-      return next(self._inner)
-
-    def __getattr__(self, name):
-      return getattr(self._inner, name)
+  def failing_evaluation(*args, **kwargs):
+    raise OSError('eval disk gone')
 
   workdir = str(tmp_path_factory.mktemp('crashed'))
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(pipeline, 'make_train_iterator', Failing)
+    patch.setattr(trainer, 'evaluate', failing_evaluation)
     try:
       trainer.train_and_evaluate(config_of(motion), workdir)
       error = None
@@ -89,8 +75,9 @@ def copy_of(workdir, tmp_path):
 # ------------------------------------------------ crash inside the loop ---
 
 def test_a_crash_in_the_loop_keeps_the_checkpoint_being_written(crashed):
-  assert 'disk gone' in str(crashed['error'])
-  # Already whole when the error left: no tmp folder of step 4.
+  assert 'eval disk gone' in str(crashed['error'])
+  # The step whose evaluation failed is saved, and already whole when the
+  # error left (the save had just started): no tmp folder of step 4.
   assert crashed['on_disk'] == ['2', '4']
   assert sorted(crashed['losses']) == [1, 2, 3, 4]
 
