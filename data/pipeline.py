@@ -355,8 +355,7 @@ class TrainIterator:
     self.skipped = dict.fromkeys(SKIP_REASONS, 0)  # reason -> records
     self._report_mark = (0, 0)  # (stream position, skipped) at skip_report
     self._batches, self._chunk, self._offset = None, None, 0
-    self._max_run = min(int(self._data.max_consecutive_skips),
-                        self.records_per_epoch)
+    self._max_run = int(self._data.max_consecutive_skips)
     self._data_ids = {
         'num_records': len(self._index), 'num_shards': len(self._index.files),
         'data_fingerprint': self._index.fingerprint()}
@@ -418,6 +417,7 @@ class TrainIterator:
     state changes only when a batch is returned."""
     chunk, offset, parts, need = self._chunk, self._offset, [], self._batch
     skipped, run, run_files = collections.Counter(), 0, collections.Counter()
+    per_epoch, run_start = self.records_per_epoch, 0
     try:
       while need:
         if chunk is None or offset == len(chunk['reason']):
@@ -427,11 +427,18 @@ class TrainIterator:
         end = good[-1] + 1 if len(good) == need else len(reasons)
         for row in range(end):  # consecutive skips, by reason and shard
           if reasons[row]:
+            stream = (int(chunk['epoch'][offset + row]) * per_epoch
+                      + int(chunk['position'][offset + row]))
+            run_start = stream if not run else run_start
             skipped[int(reasons[row])] += 1
             run += 1
             run_files[int(chunk['file'][offset + row])] += 1
-            if run >= self._max_run:
-              raise self._too_many_skips(run, run_files, skipped)
+            # The run holds a whole epoch: no record of this process gives
+            # a clip.
+            epoch_start = -(-run_start // per_epoch) * per_epoch
+            whole_epoch = stream >= epoch_start + per_epoch - 1
+            if run >= self._max_run or whole_epoch:
+              raise self._too_many_skips(run, run_files, skipped, whole_epoch)
           else:
             run, run_files = 0, collections.Counter()
         parts.append({key: chunk[key][offset + good]
@@ -452,16 +459,15 @@ class TrainIterator:
     self.num_skipped += sum(skipped.values())
     return {'video': batch['video'], 'label': batch['label']}
 
-  def _too_many_skips(self, run, run_files, skipped) -> UserError:
+  def _too_many_skips(self, run, run_files, skipped, whole_epoch) -> UserError:
     files = ', '.join(f'{self._index.files[f]} ({n})'
                       for f, n in run_files.most_common(5))
     more = len(run_files) - 5
     reasons = ', '.join(f'{SKIP_REASONS[r]}: {n}'
                         for r, n in skipped.most_common())
-    limit = (f'data.max_consecutive_skips = '
-             f'{self._data.max_consecutive_skips}'
-             if self._max_run < self.records_per_epoch else
-             f'all {self.records_per_epoch} records of an epoch')
+    limit = (f'all {self.records_per_epoch} records of an epoch among them'
+             if whole_epoch else f'data.max_consecutive_skips = '
+             f'{self._data.max_consecutive_skips}')
     return UserError(
         f'train data: {run} records in a row gave no clip ({limit}); '
         f'{reasons}; from {files}{f" and {more} more shards" if more > 0 else ""}'
