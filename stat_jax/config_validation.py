@@ -73,6 +73,8 @@ def check_model(config: ml_collections.ConfigDict) -> None:
              f'each width must be divisible by its heads ({m.stage_heads})')
   _require(len(m.stem_hidden) == 2, 'model.stem_hidden', m.stem_hidden,
            'must hold the 2 hidden widths of the 3-layer stem')
+  _require(len(m.stem5_hidden) == 4, 'model.stem5_hidden', m.stem5_hidden,
+           'must hold the 4 hidden widths of the 5-layer stem')
   for key in ('kv_stride', 'pool_kernel', 'sa_pool'):
     _require(isinstance(m[key], int) and m[key] >= 1, f'model.{key}', m[key],
              'must be an integer >= 1')
@@ -152,6 +154,9 @@ def check_training(config: ml_collections.ConfigDict) -> None:
   for key in ('log_every', 'eval_every', 'checkpoint_every'):
     _require(_is_int(config[key]) and config[key] >= 1, key, config[key],
              'must be an integer >= 1 (a step count)')
+  _require(_is_int(config.attention_images) and config.attention_images >= 0,
+           'attention_images', config.attention_images,
+           'must be an integer >= 0 (0 = no attention maps in TensorBoard)')
   _require(_is_int(config.keep_checkpoints) and config.keep_checkpoints >= 1,
            'keep_checkpoints', config.keep_checkpoints,
            'must be an integer >= 1 (0 would delete each checkpoint as soon '

@@ -71,6 +71,8 @@ def test_unknown_key_in_a_config_file_is_named_with_a_suggestion():
     ('data.sampling', 'random', r'data.sampling.*segment, dense'),
     ('dtype', 'float64', r'dtype.*float32, bfloat16'),
     ('grad_accum_steps', 3, r'grad_accum_steps = 3: must be >= 1 and divide batch_size \(64\)'),
+    ('model.stem5_hidden', (144, 256), r'model.stem5_hidden = \(144, 256\): must hold the 4'),
+    ('attention_images', -1, r'attention_images = -1: must be an integer >= 0'),
 ])
 def test_invalid_values_are_refused_with_key_and_allowed(key, value, message):
   config = k400.get_config('16')
