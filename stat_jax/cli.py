@@ -85,6 +85,15 @@ def no_positional(args: list[str]) -> None:
   no_arguments(['', *args])
 
 
+def run_on_videos(program: str, action: Callable[[list[str]], int],
+                  videos: list[str]) -> int:
+  """The body of a tool over video files (predict, explain): at least one
+  video, action(videos)'s exit status, user errors reported."""
+  if not videos:
+    raise app.UsageError('give one or more video files')
+  return report_user_errors(program, lambda: action(videos))
+
+
 def parse(flag_values: flags.FlagValues, args: list[str]) -> list[str]:
   """The command-line arguments `args` (no program name) parsed afresh by a
   tool's `flag_values` (flags left out take their defaults, whatever an

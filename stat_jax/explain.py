@@ -29,7 +29,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from stat_jax import attention_maps, cli, plots
 from stat_jax.deploy import inference, predict
@@ -156,9 +156,7 @@ def _explain(videos: list[str]) -> int:
 
 
 def run(videos: list[str]) -> int:
-  if not videos:
-    raise app.UsageError('give one or more video files')
-  return cli.report_user_errors(_PROGRAM, lambda: _explain(videos))
+  return cli.run_on_videos(_PROGRAM, _explain, videos)
 
 
 def main(argv: list[str]) -> int:

@@ -4,11 +4,14 @@ training saves. Every tensor is drawn (biases too, norm scales around 1), so
 a mix-up of any two tensors changes the logits, and the logits depend
 clearly on the input."""
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from configs import tiny
+from data import dmvr
 from stat_jax import checkpoint, optim, param_names
 from stat_jax.train_state import ModelParts, TrainState
 
@@ -27,8 +30,14 @@ def random_params(parts: ModelParts, seed: int) -> nnx.State:
   return param_names.from_named_arrays(arrays, parts.abstract_params, 'random')
 
 
-def save_tiny_run(workdir: str, **data_overrides):
-  """Writes `<workdir>/checkpoints/STEP`; returns the config it saved."""
+def save_tiny_run(workdir: str, class_names=None, **data_overrides):
+  """Writes `<workdir>/checkpoints/STEP`; returns the config it saved.
+  With `class_names`, a label map of them (`<workdir>/label_map.txt`) is
+  the run's."""
+  if class_names is not None:
+    os.makedirs(workdir, exist_ok=True)
+    data_overrides['label_map'] = os.path.join(workdir, 'label_map.txt')
+    dmvr.write_label_map(data_overrides['label_map'], class_names)
   config = tiny.get_config()
   config.data.update(data_overrides)
   parts, tx = ModelParts(config), optim.make_optimizer(config)

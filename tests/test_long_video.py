@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 import export_testlib
-from data import dmvr
 from stat_jax.deploy import long_video, predict
 from test_predict import CLASSES, write_video
 
@@ -49,10 +48,8 @@ def test_nearest_window_of_each_frame():
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
   folder = tmp_path_factory.mktemp('long_video')
-  label_map = str(folder / 'label_map.txt')
-  dmvr.write_label_map(label_map, CLASSES)
   workdir = str(folder / 'run')
-  export_testlib.save_tiny_run(workdir, label_map=label_map)
+  export_testlib.save_tiny_run(workdir, CLASSES)
   video = str(folder / 'long.mp4')
   write_video(video, num_frames=30)  # 3 s at 10 fps, 48x64
   return {'folder': folder, 'workdir': workdir, 'video': video}

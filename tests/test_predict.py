@@ -7,7 +7,7 @@ import pytest
 
 import export_testlib
 import video_testlib
-from data import convert, dmvr, pipeline
+from data import convert, pipeline
 from stat_jax import trainer
 from stat_jax.deploy import export, predict
 
@@ -28,13 +28,10 @@ def write_video(path, num_frames=20, height=48, width=64):
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
   folder = tmp_path_factory.mktemp('predict')
-  label_map = str(folder / 'label_map.txt')
-  dmvr.write_label_map(label_map, CLASSES)
   workdir = str(folder / 'run')
   # 2 clips x 3 crops: crops along the long side of the 4:3 video.
-  config = export_testlib.save_tiny_run(workdir, label_map=label_map,
-                                        num_clips=2, num_crops=3,
-                                        eval_batch_size=1)
+  config = export_testlib.save_tiny_run(workdir, CLASSES, num_clips=2,
+                                        num_crops=3, eval_batch_size=1)
   video = str(folder / 'clip.mp4')
   write_video(video)
   corrupt = str(folder / 'corrupt.mp4')

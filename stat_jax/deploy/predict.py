@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import onnxruntime
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from data import convert, sampling
 from stat_jax import cli
@@ -206,9 +206,7 @@ def _predict(videos: list[str]) -> int:
 
 def run(videos: list[str]) -> int:
   """The tool, FLAGS parsed; `videos`: the arguments that are not flags."""
-  if not videos:
-    raise app.UsageError('give one or more video files')
-  return cli.report_user_errors(_PROGRAM, lambda: _predict(videos))
+  return cli.run_on_videos(_PROGRAM, _predict, videos)
 
 
 def main(argv: list[str]) -> int:
