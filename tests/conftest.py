@@ -15,13 +15,22 @@ import os
 import shutil
 import tempfile
 
-# XLA:CPU's LLVM optimisations make the tiny programs of the tests run a
-# little faster but compile several times slower; no test is about speed.
+# XLA:CPU's LLVM optimisations and its fusion emitters make the tiny
+# programs of the tests run a little faster but compile several times slower
+# (the tiny train step: 4x with the emitters); no test is about speed.
 FAST_COMPILE = ('--xla_backend_optimization_level=0 '
-                '--xla_llvm_disable_expensive_passes=true')
-os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+                '--xla_llvm_disable_expensive_passes=true '
+                '--xla_cpu_use_fusion_emitters=false')
+if FAST_COMPILE not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
-_CACHE_DIR = tempfile.mkdtemp(prefix='stat-jax-tests-xla-cache-')
+# pytest-xdist's workers inherit the variable, so they share the cache that
+# the main process made (and removes).
+_OWNS_CACHE = 'STAT_JAX_TESTS_XLA_CACHE' not in os.environ
+if _OWNS_CACHE:
+  os.environ['STAT_JAX_TESTS_XLA_CACHE'] = tempfile.mkdtemp(
+      prefix='stat-jax-tests-xla-cache-')
+_CACHE_DIR = os.environ['STAT_JAX_TESTS_XLA_CACHE']
 os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE_DIR
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
@@ -39,7 +48,8 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
-  shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+  if _OWNS_CACHE:
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
@@ -48,3 +58,17 @@ def motion(tmp_path_factory):
   ({'train', 'val', 'label_map'}: specs and the label map path)."""
   return synthetic.generate(str(tmp_path_factory.mktemp('motion')), 48, 7,
                             num_frames=16, size=32, seed=0)
+
+
+# The modules that start training subprocesses or train several times run
+# first: pytest-xdist (pytest.ini) hands out whole modules in this order, so
+# the two workers end close together instead of one waiting on a late start.
+_RUN_FIRST = ('test_distributed.py', 'test_training.py',
+              'test_faults_training.py', 'test_faults_data.py',
+              'test_remat.py', 'test_model.py', 'test_paper_tables.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = lambda item: (_RUN_FIRST.index(item.path.name)
+                       if item.path.name in _RUN_FIRST else len(_RUN_FIRST))
+  items.sort(key=rank)  # stable: the order within a module stays

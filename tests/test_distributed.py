@@ -1,16 +1,15 @@
 """Scale-out: jax.distributed jobs of local CPU processes (stat_jax.launch).
 
-The runs compared (module fixtures, each one or two subprocesses; the slow
-part):
-  one_process     1 process x 4 devices trains the tiny config, evaluates;
+The runs compared (module fixtures; the slow part):
+  one_device      this process (1 device) trains the tiny config, evaluates;
   two_processes   2 processes x 2 devices (mesh data=2, fsdp=2) train it
                   with train.py; process 1 is killed after the first
                   checkpoint, and the job is run again: it resumes, ends,
                   evaluates;
-  restored        1 process x 2 devices restores the 2-process checkpoint
-                  (eval.py's path) and evaluates it.
+  restored        this process restores the 2-process checkpoint on its one
+                  device (eval.py's path) and evaluates it.
 Mixup and drop path are off: process k reads clips k, k + 2, ... so the
-2-process batch is a permutation of the 1-process one, and the mean loss
+2-process batch is a permutation of the 1-device one, and the mean loss
 only sees the order through rounding.
 """
 
@@ -29,7 +28,8 @@ import pytest
 from configs import tiny
 from conftest import FAST_COMPILE
 from data import synthetic
-from stat_jax import checkpoint, distributed, launch, trainer
+from stat_jax import (checkpoint, distributed, launch, sharding, train_state,
+                      trainer)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -39,7 +39,7 @@ ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_COMPILE,
            PYTHONPATH=ROOT)
 
 RUN_SCRIPT = r'''
-"""argv: mode (train | restore), overrides (JSON), workdir, out prefix.
+"""argv: overrides (JSON), workdir, out prefix. Trains.
 Writes <out>.json (losses, eval) and <out>.npz (the parameters) on process 0."""
 import json, sys
 from stat_jax import distributed
@@ -47,22 +47,15 @@ distributed.initialize()
 import jax, numpy as np
 from jax.experimental import multihost_utils
 from configs import tiny
-from stat_jax import checkpoint, sharding, train_state, trainer
+from stat_jax import trainer
 
-mode, overrides, workdir, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+overrides, workdir, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 config = tiny.get_config()
 for key, value in overrides.items():
   section, _, name = key.rpartition('.')
   (config[section] if section else config)[name] = value
-if mode == 'train':
-  result = trainer.train_and_evaluate(config, workdir)
-  report, state = {'losses': result['losses'], 'eval': result['eval']}, result['state']
-else:
-  report = {'eval': trainer.evaluate_checkpoint(config, workdir)}
-  mesh = sharding.make_mesh(config)
-  _, _, abstract, shardings = train_state.abstract_train_state(config, mesh)
-  ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), 1, read_only=True)
-  state = ckpt.restore_state(ckpt.latest_step(), train_state.with_shardings(abstract, shardings))
+result = trainer.train_and_evaluate(config, workdir)
+report, state = {'losses': result['losses'], 'eval': result['eval']}, result['state']
 params = multihost_utils.process_allgather(state.params, tiled=True)
 if jax.process_index() == 0:
   np.savez(out + '.npz', *jax.tree.leaves(params))
@@ -96,21 +89,14 @@ def launcher(num_processes, devices, *command) -> list[str]:
           '--', *command]
 
 
-def run_script(tmp_path, overrides, mode, workdir, *, processes=1,
-               devices=2) -> dict:
-  """RUN_SCRIPT as `processes` local processes (1: no launcher) of
-  `devices` CPU devices each: {'report': its JSON, 'params': leaves,
-  'output': stdout}."""
-  script, out = tmp_path / 'run.py', str(tmp_path / mode)
+def run_two_processes(tmp_path, overrides, workdir) -> dict:
+  """RUN_SCRIPT as 2 local processes of 2 CPU devices each: {'report': its
+  JSON, 'params': leaves, 'output': stdout}."""
+  script, out = tmp_path / 'run.py', str(tmp_path / 'train')
   script.write_text(RUN_SCRIPT)
-  args = [str(script), mode, json.dumps(overrides), str(workdir), out]
-  if processes == 1:
-    env = dict(ENV, XLA_FLAGS=f'{FAST_COMPILE} '
-               f'--xla_force_host_platform_device_count={devices}')
-    command = [sys.executable, *args]
-  else:
-    env, command = ENV, launcher(processes, devices, *args)
-  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
+  command = launcher(2, 2, str(script), json.dumps(overrides), str(workdir),
+                     out)
+  result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True,
                           text=True)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   with open(out + '.json') as f:
@@ -118,6 +104,11 @@ def run_script(tmp_path, overrides, mode, workdir, *, processes=1,
   with np.load(out + '.npz') as arrays:
     params = [arrays[f'arr_{i}'] for i in range(len(arrays.files))]
   return {'report': report, 'params': params, 'output': result.stdout}
+
+
+def as_json(report: dict) -> dict:
+  """`report` as RUN_SCRIPT's JSON gives it (string step keys, lists)."""
+  return json.loads(json.dumps(report))
 
 
 def collect_output(process) -> list[str]:
@@ -163,9 +154,13 @@ def kill_process_1_after_a_checkpoint(command, workdir) -> dict:
 
 
 @pytest.fixture(scope='module')
-def one_process(tmp_path_factory, overrides):
-  tmp = tmp_path_factory.mktemp('one_process')
-  return run_script(tmp, overrides, 'train', tmp / 'run', devices=4)
+def one_device(tmp_path_factory, overrides):
+  workdir = str(tmp_path_factory.mktemp('one_device'))
+  result = trainer.train_and_evaluate(
+      tiny_config(dict(overrides, **{'mesh.fsdp': 1})), workdir)
+  return {'report': as_json({'losses': result['losses'],
+                             'eval': result['eval']}),
+          'params': jax.tree.leaves(jax.device_get(result['state'].params))}
 
 
 @pytest.fixture(scope='module')
@@ -177,14 +172,23 @@ def two_processes(tmp_path_factory, overrides):
                f'--workdir={workdir}',
                *[f'--config.{k}={v}' for k, v in overrides.items()]),
       workdir)
-  rerun = run_script(tmp, overrides, 'train', workdir, processes=2, devices=2)
+  rerun = run_two_processes(tmp, overrides, workdir)
   return dict(rerun, killed=killed, workdir=workdir)
 
 
 @pytest.fixture(scope='module')
-def restored(tmp_path_factory, overrides, two_processes):
-  return run_script(tmp_path_factory.mktemp('restored'), overrides, 'restore',
-                    two_processes['workdir'], devices=2)
+def restored(overrides, two_processes):
+  """eval.py's path in this process, on one device."""
+  config = tiny_config(dict(overrides, **{'mesh.fsdp': 1}))
+  report = trainer.evaluate_checkpoint(config, two_processes['workdir'])
+  mesh = sharding.make_mesh(config)
+  _, _, abstract, shardings = train_state.abstract_train_state(config, mesh)
+  ckpt = checkpoint.Checkpointer(
+      checkpoint.checkpoint_dir(two_processes['workdir']), 1, read_only=True)
+  state = ckpt.restore_state(ckpt.latest_step(),
+                             train_state.with_shardings(abstract, shardings))
+  return {'report': as_json({'eval': report}),
+          'params': jax.tree.leaves(jax.device_get(state.params))}
 
 
 def read_loss_log(workdir) -> dict:
@@ -204,20 +208,20 @@ def in_step_order(losses: dict) -> np.ndarray:
 
 # ---------------------------------------------------------------- training ---
 
-def test_two_processes_train_like_one_process_with_four_devices(
-    one_process, two_processes):
-  one = in_step_order(one_process['report']['losses'])
+def test_two_processes_train_like_one_device(
+    one_device, two_processes):
+  one = in_step_order(one_device['report']['losses'])
   two = in_step_order(read_loss_log(two_processes['workdir']))
   assert np.isfinite(one).all() and len(set(one.tolist())) == STEPS
   difference = np.abs(two - one).max()
-  print(f'max |loss(2 processes) - loss(1 process)| = {difference:.2e}')
+  print(f'max |loss(2 processes) - loss(1 device)| = {difference:.2e}')
   assert difference < 1e-5
-  for a, b in zip(one_process['params'], two_processes['params']):
+  for a, b in zip(one_device['params'], two_processes['params']):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_killing_a_process_stops_the_job_and_a_rerun_resumes(
-    one_process, two_processes):
+    one_device, two_processes):
   killed = two_processes['killed']
   print(f'the job stopped {killed["seconds"]:.2f}s after process 1 was killed')
   assert killed['returncode'] != 0
@@ -230,7 +234,7 @@ def test_killing_a_process_stops_the_job_and_a_rerun_resumes(
   start = int(output.split('[p0] Resuming from step ')[1].split()[0])
   resumed = two_processes['report']['losses']
   assert sorted(map(int, resumed)) == list(range(start + 1, STEPS + 1))
-  reference = one_process['report']['losses']
+  reference = one_device['report']['losses']
   for step, loss in resumed.items():
     assert loss == pytest.approx(reference[step], abs=1e-5)
 
@@ -252,7 +256,7 @@ def test_launcher_stops_the_others_when_one_process_fails():
 # -------------------------------------------------------------- evaluation ---
 
 def test_multi_process_eval_counts_every_video_once(
-    one_process, two_processes, restored):
+    one_device, two_processes, restored):
   multi = two_processes['report']['eval']
   single = restored['report']['eval']  # the same parameters, 1 process
   assert multi['num_videos'] == single['num_videos'] == 7
@@ -260,7 +264,7 @@ def test_multi_process_eval_counts_every_video_once(
   assert np.sum(multi['confusion_matrix']) == 7  # counted once over processes
   assert multi['skipped'] == 0
   assert multi['per_class_videos'] == single['per_class_videos']
-  assert one_process['report']['eval']['per_class_videos'] == \
+  assert one_device['report']['eval']['per_class_videos'] == \
       multi['per_class_videos']
   views = lambda result: {p['video_id']: p['views']
                           for p in result['predictions']}
@@ -272,7 +276,7 @@ def test_multi_process_eval_counts_every_video_once(
 
 # ------------------------------------------------------------- checkpoints ---
 
-def test_two_process_checkpoint_restores_in_one_process_with_two_devices(
+def test_two_process_checkpoint_restores_on_one_device(
     two_processes, restored):
   state_dir = os.path.join(two_processes['workdir'], 'checkpoints',
                            str(STEPS), 'state')

@@ -94,14 +94,17 @@ def run(tmp_path_factory):
           'restored': inference.restore(workdir)}
 
 
-def test_capturing_the_attention_leaves_the_logits_bit_equal(run):
+def test_capturing_the_attention_leaves_the_logits_unchanged(run):
   restored = run['restored']
   video = np.random.default_rng(0).integers(0, 256, (2, 8, 32, 32, 3),
                                             np.uint8)  # tiny's clip shape
   plain, _ = restored.classify(video)
   captured, summary = jax.jit(attention_maps.capture_fn(
       restored.parts, restored.config.data))(restored.params, video)
-  np.testing.assert_array_equal(np.asarray(plain), np.asarray(captured))
+  # The same model, compiled with more outputs: XLA may fuse it otherwise,
+  # so equal up to float32 rounding.
+  np.testing.assert_allclose(np.asarray(captured), np.asarray(plain),
+                             rtol=1e-5, atol=1e-5)
   assert summary['frame_maps'].shape == (3, 2, 4, 4)  # [L, B, nt, nt]
   assert summary['timeline'].shape == (2, 4)
 

@@ -18,6 +18,12 @@ from stat_jax.model import STAT, abstract_model, build_model
 forward = nnx.jit(lambda model, video: model(video))
 
 
+def built(config, build=build_model):
+  """`build(config, rngs=nnx.Rngs(0))` initialised by one compiled program
+  (eager initialisation dispatches each op on its own: several times slower)."""
+  return nnx.jit(lambda: build(config, rngs=nnx.Rngs(0)))()
+
+
 def token_shapes(config):
   """Shape of the tokens after the stem and after every block (abstractly)."""
   model = abstract_model(config)
@@ -118,7 +124,7 @@ def test_table5_stems(stem_layers, grid):
 def test_tiny_forward_train_and_eval_modes():
   config = tiny.get_config()
   config.model.dropout = 0.5
-  model = build_model(config, nnx.Rngs(0))
+  model = built(config)
   video = jax.random.normal(jax.random.key(0), (3, 8, 32, 32, 3))
   model.eval()
   first, second = forward(model, video), forward(model, video)
@@ -131,7 +137,7 @@ def test_tiny_forward_train_and_eval_modes():
 
 
 def test_clips_are_independent_in_a_batch():
-  model = build_model(tiny.get_config(), nnx.Rngs(0))
+  model = built(tiny.get_config())
   model.eval()
   video = jax.random.normal(jax.random.key(1), (2, 8, 32, 32, 3))
   together = forward(model, video)
@@ -140,7 +146,7 @@ def test_clips_are_independent_in_a_batch():
 
 
 def test_wrong_input_shape_is_named():
-  model = build_model(tiny.get_config(), nnx.Rngs(0))
+  model = built(tiny.get_config())
   with pytest.raises(ValueError, match=r'expects video \[B, 8, 32, 32, 3\].*got'):
     forward(model, jnp.zeros((1, 8, 64, 64, 3)))  # refused while tracing
 
@@ -148,7 +154,7 @@ def test_wrong_input_shape_is_named():
 def test_bfloat16_compute_keeps_float32_params():
   config = tiny.get_config()
   config.dtype = 'bfloat16'
-  model = build_model(config, nnx.Rngs(0))
+  model = built(config)
   model.eval()
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert all(x.dtype == jnp.float32 for x in leaves)
@@ -162,7 +168,7 @@ def test_bfloat16_forward_follows_float32():
   logits = {}
   for dtype in ('float32', 'bfloat16'):
     config.dtype = dtype
-    model = build_model(config, nnx.Rngs(0))  # the same parameters
+    model = built(config)  # the same parameters
     model.eval()
     logits[dtype] = np.asarray(forward(model, video), np.float32)
   scale = np.abs(logits['float32']).max()
@@ -190,7 +196,7 @@ def test_every_conv_impl_gives_the_same_logits_and_gradients():
   results = {}
   for impl in ('cpu', 'xla'):
     config.model.conv_impl = impl
-    model = build_model(config, nnx.Rngs(0))
+    model = built(config)
     model.eval()
     value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
     results[impl] = value, jax.tree.leaves(nnx.state(grads, nnx.Param))
@@ -224,7 +230,7 @@ def test_every_attention_impl_gives_the_same_logits(monkeypatch):
   logits = {}
   for impl in ('xla', 'cudnn', 'auto'):
     config.model.attention_impl = impl
-    model = STAT(config, rngs=nnx.Rngs(0))  # validation would refuse float32 cudnn
+    model = built(config, STAT)  # validation would refuse float32 cudnn
     model.eval()
     logits[impl] = forward(model, video)
   np.testing.assert_allclose(logits['cudnn'], logits['xla'], rtol=1e-5, atol=1e-5)

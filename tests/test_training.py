@@ -21,6 +21,7 @@ from stat_jax.train_step import make_eval_step, make_train_step
 from stat_jax.transfer import load_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 12  # of the runs here; long enough that a SIGTERM lands mid-run
 
 
 def run_config(motion, **overrides):
@@ -28,7 +29,7 @@ def run_config(motion, **overrides):
   config.data.train_spec, config.data.eval_spec = motion['train'], motion['val']
   config.data.label_map = motion['label_map']
   config.data.eval_batch_size = 4
-  config.total_steps = 6
+  config.total_steps = STEPS
   config.checkpoint_every = 3
   config.eval_every = 1000
   config.log_every = 1
@@ -60,7 +61,7 @@ def test_loss_decreases_on_a_fixed_batch(motion):
   config.optimizer.warmup_epochs = 0.0
   config.optimizer.base_lr = 0.5  # x 4/512 -> 4e-3
   parts, tx = ModelParts(config), optim.make_optimizer(config)
-  state = init_train_state(parts, config.seed, tx)
+  state = jax.jit(lambda: init_train_state(parts, config.seed, tx))()
   step = jax.jit(make_train_step(config, parts, tx))
   batch = fixed_batch(config)
   losses = []
@@ -87,9 +88,9 @@ def params_of(result):
 
 @pytest.fixture(scope='module')
 def straight(motion, tmp_path_factory):
-  """The tiny run of run_config(motion), 6 steps without a stop (the
-  reference of the resume tests, the source of init_from): train_and_evaluate's
-  result plus its 'workdir'."""
+  """The tiny run of run_config(motion) without a stop (the reference of
+  the resume tests, the source of init_from): train_and_evaluate's result
+  plus its 'workdir'."""
   workdir = str(tmp_path_factory.mktemp('straight'))
   return dict(trainer.train_and_evaluate(run_config(motion), workdir),
               workdir=workdir)
@@ -97,24 +98,25 @@ def straight(motion, tmp_path_factory):
 
 def test_exact_resume_after_a_stop(motion, straight, tmp_path):
   config = run_config(motion)
-  assert sorted(straight['losses']) == list(range(1, 7))
-  assert os.path.isdir(os.path.join(straight['workdir'], 'checkpoints', '6'))
+  assert sorted(straight['losses']) == list(range(1, STEPS + 1))
+  assert os.path.isdir(os.path.join(straight['workdir'], 'checkpoints',
+                                    str(STEPS)))
 
   first = trainer.train_and_evaluate(config, str(tmp_path / 'resumed'),
                                      stop_after=3)
   assert sorted(first['losses']) == [1, 2, 3]
   second = trainer.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  assert sorted(second['losses']) == [4, 5, 6]
+  assert sorted(second['losses']) == list(range(4, STEPS + 1))
   resumed = {**first['losses'], **second['losses']}
   assert resumed == straight['losses']  # bit for bit
   for a, b in zip(params_of(straight), params_of(second)):
     np.testing.assert_array_equal(a, b)
 
 
-def train_command(motion, workdir, total_steps):
+def train_command(motion, workdir):
   """train.py on the tiny config and the motion set, logging every step."""
   return [sys.executable, 'train.py', '--config=configs/tiny.py',
-          f'--workdir={workdir}', f'--config.total_steps={total_steps}',
+          f'--workdir={workdir}', f'--config.total_steps={STEPS}',
           '--config.checkpoint_every=3', '--config.eval_every=1000',
           '--config.log_every=1',
           f'--config.data.train_spec={motion["train"]}',
@@ -132,7 +134,7 @@ def wait_for(condition, process, seconds=120):
 
 def test_sigkill_then_rerun_gives_the_same_losses(motion, straight, tmp_path):
   workdir = str(tmp_path / 'killed')
-  command = train_command(motion, workdir, total_steps=6)
+  command = train_command(motion, workdir)
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   wait_for(lambda: os.path.isdir(os.path.join(workdir, 'checkpoints', '3')),
@@ -143,11 +145,10 @@ def test_sigkill_then_rerun_gives_the_same_losses(motion, straight, tmp_path):
   assert read_loss_log(workdir) == straight['losses']
 
 
-def test_sigterm_saves_the_current_step_and_a_rerun_resumes(motion, tmp_path):
-  config = run_config(motion, total_steps=16)
-  reference = trainer.train_and_evaluate(config, str(tmp_path / 'reference'))
+def test_sigterm_saves_the_current_step_and_a_rerun_resumes(motion, straight,
+                                                           tmp_path):
   workdir = str(tmp_path / 'preempted')
-  command = train_command(motion, workdir, total_steps=16)
+  command = train_command(motion, workdir)
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
   log = os.path.join(workdir, 'train_log.jsonl')
@@ -156,12 +157,12 @@ def test_sigterm_saves_the_current_step_and_a_rerun_resumes(motion, tmp_path):
   output, _ = process.communicate(timeout=120)
   assert process.returncode == 128 + signal.SIGTERM, output
   stopped = max(read_loss_log(workdir))
-  assert stopped < 16 and 'Pre-empted (SIGTERM) after step' in output
+  assert stopped < STEPS and 'Pre-empted (SIGTERM) after step' in output
   saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
                  if d.isdigit())
   assert saved[-1] == stopped  # saved where it stopped, not at a multiple of 3
   subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
-  assert read_loss_log(workdir) == reference['losses']
+  assert read_loss_log(workdir) == straight['losses']
 
 
 SHARDING_SCRIPT = r'''
@@ -215,7 +216,7 @@ def test_one_device_and_a_data_fsdp_mesh_agree():
 def test_gradient_accumulation_equals_the_full_batch(motion):
   config = no_randomness(run_config(motion, batch_size=8))
   parts, tx = ModelParts(config), optim.make_optimizer(config)
-  state = init_train_state(parts, config.seed, tx)
+  state = jax.jit(lambda: init_train_state(parts, config.seed, tx))()
   batch = fixed_batch(config)
   full, full_metrics = jax.jit(make_train_step(config, parts, tx))(state, batch)
   config.grad_accum_steps = 4
@@ -305,11 +306,12 @@ def test_init_from_reinitialises_a_head_of_another_size(motion, straight):
   # eval.py's path: restore the best checkpoint (the one evaluated, at the
   # last step) and evaluate every video once.
   report = trainer.evaluate_checkpoint(source, straight['workdir'], 'best')
-  assert report['checkpoint_step'] == 6 and report['num_videos'] == 7
+  assert report['checkpoint_step'] == STEPS and report['num_videos'] == 7
   assert report['top1'] == straight['eval']['top1']
-  assert os.path.exists(os.path.join(straight['workdir'], 'eval_step6.json'))
-  with pytest.raises(FileNotFoundError,
-                     match=r"no checkpoint '5'.*steps: \[3, 6\]"):
+  assert os.path.exists(os.path.join(straight['workdir'],
+                                     f'eval_step{STEPS}.json'))
+  with pytest.raises(FileNotFoundError,  # 3 kept (config.keep_checkpoints)
+                     match=r"no checkpoint '5'.*steps: \[6, 9, 12\]"):
     trainer.evaluate_checkpoint(source, straight['workdir'], '5')
 
   target = run_config(motion)
