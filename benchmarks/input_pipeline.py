@@ -1,5 +1,6 @@
 """Train-pipeline throughput in clips/s per core, 224² crops from
-256-short-side JPEG shards (results in benchmarks/RESULTS.md).
+256-short-side JPEG shards, and the bytes per clip a batch carries to the
+device (results in benchmarks/RESULTS.md).
 
   python -m benchmarks.input_pipeline [--frames 16,32,64] [--clips 32]
 
@@ -47,11 +48,12 @@ def clips_per_second(spec, num_frames, crop, batch_size, num_batches):
   config.data.flip = False
   config.batch_size = batch_size
   iterator = pipeline.make_train_iterator(config)
-  next(iterator)  # tracing and pipeline start-up
+  first = next(iterator)  # tracing and pipeline start-up
   start = time.perf_counter()
   for _ in range(num_batches):
     next(iterator)
-  return num_batches * batch_size / (time.perf_counter() - start)
+  rate = num_batches * batch_size / (time.perf_counter() - start)
+  return rate, sum(value.nbytes for value in first.values()) / batch_size
 
 
 def main(argv):
@@ -61,10 +63,11 @@ def main(argv):
     spec = FLAGS.spec or write_shards(folder, FLAGS.clips, FLAGS.video_frames,
                                       256)
     for frames in map(int, FLAGS.frames):
-      rate = clips_per_second(spec, frames, FLAGS.crop, FLAGS.batch_size,
-                              FLAGS.batches)
+      rate, clip_bytes = clips_per_second(spec, frames, FLAGS.crop,
+                                          FLAGS.batch_size, FLAGS.batches)
       print(f'T={frames:3d} {FLAGS.crop}x{FLAGS.crop}: {rate:7.1f} clips/s, '
-            f'{rate / cores:6.1f} clips/s per core ({cores} cores)', flush=True)
+            f'{rate / cores:6.1f} clips/s per core ({cores} cores), '
+            f'{clip_bytes / 2**20:.2f} MiB per clip to the device', flush=True)
 
 
 if __name__ == '__main__':
