@@ -11,8 +11,11 @@ the subprocesses too. The cache starts empty every session, so nothing
 carries over between runs.
 """
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # XLA:CPU's LLVM optimisations make the tiny programs of the tests run a
@@ -35,6 +38,19 @@ from data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-p
 jax.config.update('jax_compilation_cache_dir', _CACHE_DIR)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_on_cpu_devices(script: str, count: int):
+  """Runs the Python `script` from the repository root in a subprocess that
+  sees `count` CPU devices; returns its last stdout line, parsed as JSON."""
+  env = dict(os.environ, XLA_FLAGS=f'{FAST_COMPILE} '
+             f'--xla_force_host_platform_device_count={count}')
+  out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
+                       check=True, capture_output=True, text=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def pytest_sessionfinish(session, exitstatus):
