@@ -37,19 +37,13 @@ def clip_key(key_data: jax.Array) -> jax.Array:
   return jax.random.wrap_key_data(key_data, impl='threefry2x32')
 
 
-def normalisation(data) -> tuple[np.ndarray, np.ndarray]:
-  """(scale, offset), float32 [3]: (x / 255 - mean) / std = x * scale +
-  offset per channel, for x in [0, 255]."""
-  std = np.asarray(data.std, np.float64)
-  scale = 1 / (255 * std)
-  offset = -np.asarray(data.mean, np.float64) / std
-  return scale.astype(np.float32), offset.astype(np.float32)
-
-
 def normalise(video: jax.Array, data) -> jax.Array:
-  """uint8 (or [0, 255] float) video [..., 3] -> the model's float32 input.
-  Train and eval steps, exports and attention capture all call it."""
-  scale, offset = normalisation(data)
+  """uint8 (or [0, 255] float) video [..., 3] -> the model's float32 input
+  (x / 255 - mean) / std = x * scale + offset per channel. The train and
+  eval steps, exports and attention capture all call it."""
+  std = np.asarray(data.std, np.float64)
+  scale = (1 / (255 * std)).astype(np.float32)  # [3]
+  offset = (-np.asarray(data.mean, np.float64) / std).astype(np.float32)
   return video.astype(jnp.float32) * scale + offset
 
 
