@@ -10,12 +10,13 @@ follow in the train step, stat_jax/mixup.py).
 Every random parameter is drawn once per clip and applied to all its
 frames. RandAugment follows timm's `rand-m7-n4-mstd0.5-inc1` (the MViT
 recipe): each of `num_layers` ops is drawn uniformly (with replacement)
-from the 15 of `OPS`, applied with probability 0.5 at a magnitude ~ N(m,
+from the 15 of `apply_op`, applied with probability 0.5 at a magnitude ~ N(m,
 mstd) clipped to [0, 10], geometric and signed ops taking a random sign.
 AutoContrast, Equalize and Contrast use statistics of the whole clip,
 computed so that a clip gets the same bits on any mesh.
 Under vmap `lax.switch` computes every op and selects one per clip, which
-suits an accelerator; the CPU cost is in benchmarks/RESULTS.md.
+suits an accelerator (the five geometric ops share one warp); the CPU cost
+is in benchmarks/RESULTS.md.
 """
 
 import functools
@@ -94,22 +95,27 @@ def affine(clip, transform):
   return (1 - wy) * top + wy * bottom
 
 
-def rotate(clip, degrees):
-  """Rotation about the frame centre, grey fill."""
-  height, width = clip.shape[1:3]
+_IDENTITY = (1., 0., 0., 0., 1., 0.)  # the `affine` transform that keeps
+
+
+def rotation(degrees, height, width):
+  """`affine` transform [6]: rotation about the frame centre."""
   cy, cx = (height - 1) / 2, (width - 1) / 2
   radians = degrees * math.pi / 180
   cos, sin = jnp.cos(radians), jnp.sin(radians)
-  return affine(clip, jnp.stack([cos, -sin, cx - cos * cx + sin * cy,
-                                 sin, cos, cy - sin * cx - cos * cy]))
+  return jnp.stack([cos, -sin, cx - cos * cx + sin * cy,
+                    sin, cos, cy - sin * cx - cos * cy])
 
 
-def translate(clip, pixels, axis):
-  """Content shifted by round(pixels) along axis (1 = y, 2 = x; positive:
-  towards 0), grey fill: a whole-pixel `affine`, exact."""
-  shift = jnp.round(pixels)
-  transform = jnp.array([1., 0., 0., 0., 1., 0.])
-  return affine(clip, transform.at[2 if axis == 2 else 5].set(shift))
+def shear(amount, axis):
+  """`affine` transform [6]: x += amount y (axis 2) or y += amount x (1)."""
+  return jnp.array(_IDENTITY).at[1 if axis == 2 else 3].set(amount)
+
+
+def translation(pixels, axis):
+  """`affine` transform [6]: content shifted by round(pixels) along axis (1
+  = y, 2 = x; positive: towards 0); whole pixels, so the warp is exact."""
+  return jnp.array(_IDENTITY).at[2 if axis == 2 else 5].set(jnp.round(pixels))
 
 
 def equalize(clip):
@@ -160,36 +166,58 @@ def _signed(level, sign):
   return sign * level / MAX_LEVEL
 
 
-# The 15 ops as op(clip [T, H, W, 3] float in [0, 255], level, sign).
-OPS = (
-    lambda clip, level, sign: autocontrast(clip),
-    lambda clip, level, sign: equalize(clip),
-    lambda clip, level, sign: 255. - clip,  # Invert
-    lambda clip, level, sign: rotate(clip, _signed(level, sign) * 30.),
-    lambda clip, level, sign: posterize(clip, level),
-    lambda clip, level, sign: jnp.where(  # Solarize
+# timm's 15 ops by number: the pixel ops as op(clip [T, H, W, 3] float in
+# [0, 255], level, sign), the geometric ones as the `affine` transform
+# [6] of (level, sign, height, width).
+PIXEL_OPS = {
+    0: lambda clip, level, sign: autocontrast(clip),
+    1: lambda clip, level, sign: equalize(clip),
+    2: lambda clip, level, sign: 255. - clip,  # Invert
+    4: lambda clip, level, sign: posterize(clip, level),
+    5: lambda clip, level, sign: jnp.where(  # Solarize
         clip >= 256. - level / MAX_LEVEL * 256., 255. - clip, clip),
-    lambda clip, level, sign: jnp.where(  # SolarizeAdd
+    6: lambda clip, level, sign: jnp.where(  # SolarizeAdd
         clip < 128., jnp.minimum(clip + level / MAX_LEVEL * 110., 255.), clip),
-    lambda clip, level, sign: _blend(  # Color
+    7: lambda clip, level, sign: _blend(  # Color
         _grey(clip)[..., None], clip, 1. + _signed(level, sign) * 0.9),
-    lambda clip, level, sign: _blend(  # Contrast
+    8: lambda clip, level, sign: _blend(  # Contrast
         _clip_mean(_grey(clip)), clip, 1. + _signed(level, sign) * 0.9),
-    lambda clip, level, sign: _blend(  # Brightness
+    9: lambda clip, level, sign: _blend(  # Brightness
         0., clip, 1. + _signed(level, sign) * 0.9),
-    lambda clip, level, sign: sharpness(clip, 1. + _signed(level, sign) * 0.9),
-    lambda clip, level, sign: affine(  # ShearX
-        clip, jnp.array([1., 0., 0., 0., 1., 0.]).at[1].set(
-            _signed(level, sign) * 0.3)),
-    lambda clip, level, sign: affine(  # ShearY
-        clip, jnp.array([1., 0., 0., 0., 1., 0.]).at[3].set(
-            _signed(level, sign) * 0.3)),
-    lambda clip, level, sign: translate(  # TranslateX, 45 % of the width
-        clip, _signed(level, sign) * 0.45 * clip.shape[2], axis=2),
-    lambda clip, level, sign: translate(  # TranslateY
-        clip, _signed(level, sign) * 0.45 * clip.shape[1], axis=1),
-)
-NUM_OPS = len(OPS)
+    10: lambda clip, level, sign: sharpness(
+        clip, 1. + _signed(level, sign) * 0.9),
+}
+GEOMETRIC_OPS = {
+    3: lambda level, sign, height, width: rotation(  # Rotate, 30 deg at 10
+        _signed(level, sign) * 30., height, width),
+    11: lambda level, sign, height, width: shear(  # ShearX
+        _signed(level, sign) * 0.3, axis=2),
+    12: lambda level, sign, height, width: shear(  # ShearY
+        _signed(level, sign) * 0.3, axis=1),
+    13: lambda level, sign, height, width: translation(  # TranslateX, 45 %
+        _signed(level, sign) * 0.45 * width, axis=2),
+    14: lambda level, sign, height, width: translation(  # TranslateY
+        _signed(level, sign) * 0.45 * height, axis=1),
+}
+NUM_OPS = len(PIXEL_OPS) + len(GEOMETRIC_OPS)
+
+
+def apply_op(clip, op, level, sign):
+  """Op number `op` (int32, may be traced) on clip [T, H, W, 3]. One switch
+  picks the warp's transform (the identity for a pixel op), a second the
+  pixel op or the warped clip: under vmap, where a switch runs every
+  branch, that is one warp a layer, not five."""
+  height, width = clip.shape[1:3]
+  transforms = [
+      functools.partial(GEOMETRIC_OPS[i], height=height, width=width)
+      if i in GEOMETRIC_OPS else lambda level, sign: jnp.array(_IDENTITY)
+      for i in range(NUM_OPS)]
+  warped = affine(clip, jax.lax.switch(op, transforms, level, sign))
+  results = [
+      functools.partial(PIXEL_OPS[i], level=level, sign=sign)
+      if i in PIXEL_OPS else lambda clip: warped
+      for i in range(NUM_OPS)]
+  return jax.lax.switch(op, results, clip)
 
 
 def draw_layers(key, num_layers, magnitude, magnitude_std) -> dict:
@@ -211,10 +239,8 @@ def rand_augment(clip, key, num_layers, magnitude, magnitude_std):
   """RandAugment of clip float32 [T, H, W, 3] in [0, 255] (module doc)."""
   plan = draw_layers(key, num_layers, magnitude, magnitude_std)
   for layer in range(num_layers):
-    level, sign = plan['level'][layer], plan['sign'][layer]
-    out = jax.lax.switch(plan['op'][layer],
-                         [functools.partial(op, level=level, sign=sign)
-                          for op in OPS], clip)
+    out = apply_op(clip, plan['op'][layer], plan['level'][layer],
+                   plan['sign'][layer])
     clip = jnp.where(plan['apply'][layer], out, clip)
   return clip
 

@@ -41,8 +41,8 @@ def test_each_op_matches_the_tf_image_version(op):
   level, sign = 7.3, (-1.0) ** op  # both signs among the signed ops
   expected = reference.rand_augment_ops(
       tf.constant(clip), tf.constant(level), tf.constant(sign))[op]().numpy()
-  out = np.asarray(augment_device.OPS[op](jnp.asarray(clip),
-                                          jnp.float32(level), jnp.float32(sign)))
+  out = np.asarray(augment_device.apply_op(
+      jnp.asarray(clip), jnp.int32(op), jnp.float32(level), jnp.float32(sign)))
   np.testing.assert_allclose(
       out, expected, atol=CONTRAST_TOLERANCE if op == CONTRAST else TOLERANCE)
   assert not np.allclose(out, clip)  # the op did something
@@ -50,10 +50,12 @@ def test_each_op_matches_the_tf_image_version(op):
 
 def test_warps_read_grey_outside_the_frame():
   clip = jnp.zeros((1, 8, 10, 3))
-  shifted = np.asarray(augment_device.translate(clip, 3.4, axis=2))
+  shifted = np.asarray(augment_device.affine(
+      clip, augment_device.translation(3.4, axis=2)))
   assert (shifted[:, :, -3:] == augment_device.FILL).all()
   assert (shifted[:, :, :-3] == 0).all()
-  turned = np.asarray(augment_device.rotate(clip, jnp.float32(45.)))
+  turned = np.asarray(augment_device.affine(
+      clip, augment_device.rotation(jnp.float32(45.), 8, 10)))
   assert turned[0, 0, 0, 0] == augment_device.FILL
   assert turned[0, 4, 5, 0] == 0  # the centre stays inside
 
