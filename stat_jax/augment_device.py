@@ -28,6 +28,12 @@ import numpy as np
 
 MAX_LEVEL = 10.0
 FILL = 128.0  # grey fill of the geometric ops, as timm
+# timm's ranges at MAX_LEVEL (`_signed` scales them by level / MAX_LEVEL).
+_ROTATE_DEGREES = 30.
+_SHEAR = 0.3  # of the other coordinate
+_TRANSLATE = 0.45  # of the side
+_ENHANCE = 0.9  # Color / Contrast / Brightness / Sharpness factor 1 +- this
+_SOLARIZE_ADD = 110.
 _PROBABILITY = 0.5  # each drawn op is applied with this probability
 _GREY = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale's weights
 _SHARPEN = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13
@@ -177,27 +183,28 @@ PIXEL_OPS = {
     5: lambda clip, level, sign: jnp.where(  # Solarize
         clip >= 256. - level / MAX_LEVEL * 256., 255. - clip, clip),
     6: lambda clip, level, sign: jnp.where(  # SolarizeAdd
-        clip < 128., jnp.minimum(clip + level / MAX_LEVEL * 110., 255.), clip),
+        clip < 128.,
+        jnp.minimum(clip + level / MAX_LEVEL * _SOLARIZE_ADD, 255.), clip),
     7: lambda clip, level, sign: _blend(  # Color
-        _grey(clip)[..., None], clip, 1. + _signed(level, sign) * 0.9),
+        _grey(clip)[..., None], clip, 1. + _signed(level, sign) * _ENHANCE),
     8: lambda clip, level, sign: _blend(  # Contrast
-        _clip_mean(_grey(clip)), clip, 1. + _signed(level, sign) * 0.9),
+        _clip_mean(_grey(clip)), clip, 1. + _signed(level, sign) * _ENHANCE),
     9: lambda clip, level, sign: _blend(  # Brightness
-        0., clip, 1. + _signed(level, sign) * 0.9),
+        0., clip, 1. + _signed(level, sign) * _ENHANCE),
     10: lambda clip, level, sign: sharpness(
-        clip, 1. + _signed(level, sign) * 0.9),
+        clip, 1. + _signed(level, sign) * _ENHANCE),
 }
 GEOMETRIC_OPS = {
-    3: lambda level, sign, height, width: rotation(  # Rotate, 30 deg at 10
-        _signed(level, sign) * 30., height, width),
+    3: lambda level, sign, height, width: rotation(  # Rotate
+        _signed(level, sign) * _ROTATE_DEGREES, height, width),
     11: lambda level, sign, height, width: shear(  # ShearX
-        _signed(level, sign) * 0.3, axis=2),
+        _signed(level, sign) * _SHEAR, axis=2),
     12: lambda level, sign, height, width: shear(  # ShearY
-        _signed(level, sign) * 0.3, axis=1),
-    13: lambda level, sign, height, width: translation(  # TranslateX, 45 %
-        _signed(level, sign) * 0.45 * width, axis=2),
+        _signed(level, sign) * _SHEAR, axis=1),
+    13: lambda level, sign, height, width: translation(  # TranslateX
+        _signed(level, sign) * _TRANSLATE * width, axis=2),
     14: lambda level, sign, height, width: translation(  # TranslateY
-        _signed(level, sign) * 0.45 * height, axis=1),
+        _signed(level, sign) * _TRANSLATE * height, axis=1),
 }
 NUM_OPS = len(PIXEL_OPS) + len(GEOMETRIC_OPS)
 

@@ -64,12 +64,13 @@ def test_autocontrast_and_equalize_match_pil():
   pil_ops = pytest.importorskip('PIL.ImageOps')
   pil_image = pytest.importorskip('PIL.Image')
   rng = np.random.default_rng(3)
-  image = rng.integers([20, 0, 90], [200, 256, 150], (16, 16, 3)).astype(np.uint8)
+  image = rng.integers([20, 0, 90], [200, 256, 150], (16, 16, 3), np.uint8)
   frame = jnp.asarray(image[None], jnp.float32)  # a one-frame clip
   for ours, theirs in ((augment_device.autocontrast, pil_ops.autocontrast),
                        (augment_device.equalize, pil_ops.equalize)):
     expected = np.asarray(theirs(pil_image.fromarray(image)), np.float32)
-    np.testing.assert_allclose(ours(frame)[0], expected, atol=1.0)  # PIL truncates
+    # PIL truncates to whole levels.
+    np.testing.assert_allclose(ours(frame)[0], expected, atol=1.0)
 
 
 def test_a_plan_draws_the_m7_n4_mstd05_recipe():
@@ -89,7 +90,8 @@ def test_rand_augment_applies_its_plan_like_the_tf_image_version():
   clip = _clip(frames=2, height=16, width=20, seed=5)
   for seed in range(3):
     key = augment_device.clip_key(_key_data(1, seed)[0])
-    plan = jax.tree.map(np.asarray, augment_device.draw_layers(key, 4, 7.0, 0.5))
+    plan = jax.tree.map(np.asarray,
+                        augment_device.draw_layers(key, 4, 7.0, 0.5))
     assert plan['apply'].any()
     out = jax.jit(augment_device.rand_augment, static_argnums=(2, 3, 4))(
         jnp.asarray(clip), key, 4, 7.0, 0.5)
@@ -111,7 +113,7 @@ def _recipe(**overrides):
 def test_uint8_in_normalised_float_out():
   data = _recipe(flip=False, randaugment_layers=0, random_erasing=0.0,
                  mean=(0.4, 0.45, 0.5), std=(0.2, 0.25, 0.3))
-  video = _clip(frames=2, static=False).astype(np.uint8)[None]  # [1, T, H, W, 3]
+  video = _clip(frames=2).astype(np.uint8)[None]  # [1, T, H, W, 3]
   out = augment_device.augment_batch(jnp.asarray(video), _key_data(1), data)
   assert out.dtype == jnp.float32
   expected = (video / 255. - np.array(data.mean)) / np.array(data.std)
