@@ -177,7 +177,7 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   c.batch_size = 64  # global, in clips
   c.total_steps = 0  # 0 = derive from num_epochs
   c.num_epochs = 200
-  c.train_examples = 240_000  # used with num_epochs to derive total_steps
+  c.train_examples = 240_000  # train videos; with num_epochs: total_steps
   c.grad_accum_steps = 1
   c.dtype = 'float32'  # compute dtype; params are always float32
   c.remat = False  # rematerialise each STA block in the backward pass
