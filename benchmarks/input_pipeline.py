@@ -1,23 +1,29 @@
 """Train-pipeline throughput in clips/s per core, 224² crops from
-256-short-side JPEG shards (results in benchmarks/RESULTS.md).
+256-short-side JPEG shards, the bytes per clip a batch carries to the
+device, and what the device half of the recipe costs per clip on this
+machine's CPU (results in benchmarks/RESULTS.md).
 
   python -m benchmarks.input_pipeline [--frames 16,32,64] [--clips 32]
+      [--spec SPEC] [--repeated_augment 2]
 
 Writes temporary shards of synthetic 256x256 video (or reads --spec), then
-times the full train recipe (segment sampling, random resized crop, RandAugment
-m7-n4-mstd0.5, random erasing 0.25, normalisation) after a warm-up batch.
+times the host pipeline (segment sampling, random resized crop, uint8
+batches) after a warm-up batch, then the device augmentation of the train
+step (flip, RandAugment m7-n4-mstd0.5, normalisation, random erasing 0.25)
+jitted on the XLA:CPU backend, on the last batch.
 """
 
 import os
 import tempfile
 import time
 
+import jax
 from absl import app, flags
 
 from data import dmvr
 from data import pipeline
 from data import synthetic
-from stat_jax import defaults
+from stat_jax import augment_device, defaults
 
 flags.DEFINE_string('spec', '', 'Existing shards to read.')
 flags.DEFINE_list('frames', ['16', '32', '64'], 'Clip lengths T to time.')
@@ -26,6 +32,9 @@ flags.DEFINE_integer('clips', 32, 'Synthetic clips to write.')
 flags.DEFINE_integer('video_frames', 64, 'Frames of each synthetic video.')
 flags.DEFINE_integer('batch_size', 8, 'Clips per batch.')
 flags.DEFINE_integer('batches', 6, 'Batches timed.')
+flags.DEFINE_integer('repeated_augment', 1,
+                     'data.repeated_augment: clips per decoded video.')
+flags.DEFINE_integer('device_clips', 2, 'Clips the device augmentation times.')
 FLAGS = flags.FLAGS
 
 
@@ -41,17 +50,35 @@ def write_shards(folder, num_clips, num_frames, size):
 
 
 def clips_per_second(spec, num_frames, crop, batch_size, num_batches):
+  """(host clips/s, bytes per clip of a batch, device augmentation seconds
+  per clip)."""
   config = defaults.base_config(num_frames, len(synthetic.CLASSES))
+  config.data.repeated_augment = FLAGS.repeated_augment
   config.data.train_spec = spec
   config.data.crop_size = crop
-  config.data.flip = False
   config.batch_size = batch_size
   iterator = pipeline.make_train_iterator(config)
-  next(iterator)  # tracing and pipeline start-up
+  batch = next(iterator)  # tracing and pipeline start-up
+  clip_bytes = sum(value.nbytes for value in batch.values()) / batch_size
   start = time.perf_counter()
   for _ in range(num_batches):
-    next(iterator)
-  return num_batches * batch_size / (time.perf_counter() - start)
+    batch = next(iterator)
+  rate = num_batches * batch_size / (time.perf_counter() - start)
+  clips = {key: value[:FLAGS.device_clips] for key, value in batch.items()}
+  return rate, clip_bytes, device_seconds_per_clip(config, clips)
+
+
+def device_seconds_per_clip(config, batch):
+  """The device augmentation of `batch`, jitted on this backend, best of 3."""
+  augment = jax.jit(lambda video, key: augment_device.augment_batch(
+      video, key, config.data))
+  jax.block_until_ready(augment(batch['video'], batch['key']))  # compile
+  times = []
+  for _ in range(3):
+    start = time.perf_counter()
+    jax.block_until_ready(augment(batch['video'], batch['key']))
+    times.append(time.perf_counter() - start)
+  return min(times) / len(batch['video'])
 
 
 def main(argv):
@@ -61,10 +88,13 @@ def main(argv):
     spec = FLAGS.spec or write_shards(folder, FLAGS.clips, FLAGS.video_frames,
                                       256)
     for frames in map(int, FLAGS.frames):
-      rate = clips_per_second(spec, frames, FLAGS.crop, FLAGS.batch_size,
-                              FLAGS.batches)
+      rate, clip_bytes, device_s = clips_per_second(
+          spec, frames, FLAGS.crop, FLAGS.batch_size, FLAGS.batches)
       print(f'T={frames:3d} {FLAGS.crop}x{FLAGS.crop}: {rate:7.1f} clips/s, '
-            f'{rate / cores:6.1f} clips/s per core ({cores} cores)', flush=True)
+            f'{rate / cores:6.1f} clips/s per core ({cores} cores), '
+            f'{clip_bytes / 2**20:.2f} MiB per clip to the device; device '
+            f'augmentation on {jax.default_backend()}: '
+            f'{1e3 * device_s:.0f} ms per clip', flush=True)
 
 
 if __name__ == '__main__':

@@ -41,8 +41,9 @@ class Program:
 
 
 def random_video(config, batch: int) -> jax.Array:
+  """uint8 clips [batch, T, S, S, 3], as the input pipeline ships them."""
   shape = (batch, *defaults.clip_shape(config.data))
-  return jax.random.normal(jax.random.key(0), shape, jnp.float32)
+  return jax.random.randint(jax.random.key(0), shape, 0, 256).astype(jnp.uint8)
 
 
 def _arguments(make, shapes_only: bool):
@@ -55,16 +56,18 @@ def forward_program(config, batch: int, shapes_only: bool = False) -> Program:
   parts = ModelParts(config)
   args = _arguments(lambda: (parts.init_params(config.seed),
                              random_video(config, batch)), shapes_only)
-  return Program(jax.jit(make_eval_step(parts)), args, train=False, clips=batch)
+  return Program(jax.jit(make_eval_step(parts, config.data)), args, train=False, clips=batch)
 
 
 def train_program(config, batch: int, shapes_only: bool = False) -> Program:
-  """The full train step (mixup, forward, backward, AdamW), state donated."""
+  """The full train step (augmentation, mixup, forward, backward, AdamW),
+  state donated."""
   parts = ModelParts(config)
   tx = optim.make_optimizer(config)
   args = _arguments(lambda: (
       init_train_state(parts, config.seed, tx),
       {'video': random_video(config, batch),
+       'key': jax.random.bits(jax.random.key(1), (batch, 2), jnp.uint32),
        'label': jnp.zeros((batch,), jnp.int32)}), shapes_only)
   return Program(jax.jit(make_train_step(config, parts, tx), donate_argnums=0),
                  args, train=True, clips=batch)

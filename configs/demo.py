@@ -38,6 +38,7 @@ def get_config(arg: str = ''):
   d.flip = False
   d.randaugment_layers = 0
   d.random_erasing = 0.0
+  d.repeated_augment = 1  # every clip of a batch its own video
   d.num_clips, d.num_crops = 1, 1
   d.eval_batch_size = 48
 

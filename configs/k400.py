@@ -52,6 +52,7 @@ def get_config(arg: str = '16'):
   d.randaugment_layers, d.randaugment_magnitude = 4, 7.0
   d.randaugment_magnitude_std = 0.5
   d.random_erasing = 0.25
+  d.repeated_augment = 2  # AUG.NUM_SAMPLE
   config.model.dropout = 0.5  # MODEL.DROPOUT_RATE
   # MVIT.DROPPATH_RATE: 0.2 at 16 frames; 0.3 at 32 (MViT-B 32x3,
   # configs/Kinetics/MVIT_B_32x3_CONV.yaml), which 64 frames keeps.

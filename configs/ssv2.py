@@ -33,6 +33,7 @@ def get_config(arg: str = '16'):
   d.randaugment_layers, d.randaugment_magnitude = 4, 7.0
   d.randaugment_magnitude_std = 0.5
   d.random_erasing = 0.25
+  d.repeated_augment = 2  # AUG.NUM_SAMPLE of the K400 recipe
   # The yaml crops 224 from a short side jittered in [256, 320]
   # (DATA.TRAIN_JITTER_SCALES); this pipeline has only the inception-style
   # crop, kept at the K400 setting (d.area_range).

@@ -23,6 +23,7 @@ def get_config(arg: str = ''):
   config.data.num_clips, config.data.num_crops = 2, 1
   config.data.randaugment_layers = 0
   config.data.random_erasing = 0.0
+  config.data.repeated_augment = 1  # every clip of a batch its own video
   m = config.model
   m.stem_hidden = (8, 16)
   m.stage_depths = (1, 1, 1, 1)

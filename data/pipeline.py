@@ -1,6 +1,9 @@
 """tf.data train and eval pipelines over DMVR shards (docs/design.md#data).
 
-Phases: index -> order -> read -> parse -> sample -> decode -> augment -> batch.
+Phases: index -> order -> read -> parse -> sample -> decode -> crop -> batch.
+Batches are uint8 clips; the train augmentation after the crop (flip,
+RandAugment, normalisation, random erasing) runs on the device
+(stat_jax/augment_device.py), from per-clip key data shipped with them.
 
 Index: every shard is indexed once by a header scan into (file, offset,
 length) triples. Train order: epoch e permutes the global index with
@@ -9,8 +12,11 @@ positions k, k + P, ... of it (a strided slice of the record index, so any
 number of shards works for any number of processes), n // P records per
 process per epoch (batches run on across epoch ends). Records are read with FixedLengthRecordDataset under a deterministic
 parallel interleave. The iterator state is (epoch, position), a few ints:
-resuming skips index entries, never data. Per-clip randomness comes from the
-stateless seed fold_in(fold_in((seed, 0), epoch), global position).
+resuming skips index entries, never data. Per-record randomness comes from
+the stateless seed fold_in(fold_in((seed, 0), epoch), global position): the
+frames, the crop windows and the uint32 [2] key data of each clip's device
+augmentation. With data.repeated_augment = k each record gives k clips of
+the same frames, each with its own crop and key (batch_size counts clips).
 
 A record that fails to parse, lacks a label, or has a JPEG that fails to
 decode is dropped and counted in `num_skipped` (and by reason, SKIP_REASONS),
@@ -39,7 +45,6 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from data import augment
 from data import dmvr
 from data import sampling
 from stat_jax import defaults
@@ -248,61 +253,35 @@ def _checked_jpegs(jpegs):
     return tf.identity(jpegs)
 
 
-def normalisation(data) -> tuple[np.ndarray, np.ndarray]:
-  """(scale, offset), float32 [3]: (x / 255 - mean) / std = x * scale +
-  offset per channel, for x in [0, 255]. The model's input; exports apply
-  it inside the model (stat_jax/deploy/inference.py)."""
-  std = np.asarray(data.std, np.float64)
-  scale = 1 / (255 * std)
-  offset = -np.asarray(data.mean, np.float64) / std
-  return scale.astype(np.float32), offset.astype(np.float32)
-
-
-def _normalise(video, data):
-  """normalisation() of a [0, 255] video (scalars when all channels agree:
-  broadcasting a [3] vector is ~4x slower on CPU)."""
-  scale, offset = normalisation(data)
-  if (scale == scale[0]).all() and (offset == offset[0]).all():
-    return video * scale[0] + offset[0]
-  return video * scale + offset
-
-
 # ------------------------------------------------------------------- train ---
 
-def _train_clip(element, data, seed, table, num_classes):
-  """One augmented clip: video float32 [T, crop, crop, 3], label int32."""
-  key = tf.random.experimental.stateless_fold_in(
+def _train_clips(element, data, seed, table, num_classes):
+  """The data.repeated_augment clips of one record: video uint8 [k, T, crop,
+  crop, 3], key uint32 [k, 2] (each clip's device augmentation), label."""
+  count = data.repeated_augment
+  record_seed = tf.random.experimental.stateless_fold_in(
       tf.random.experimental.stateless_fold_in(
           tf.constant([seed, 0], tf.int64), element['epoch']),
       element['global_position'])
-  time_key, crop_key, flip_key, rand_key, erase_key = tf.unstack(
-      tf.random.experimental.stateless_split(key, 5))
+  time_seed, crop_seed, device_seed = tf.unstack(
+      tf.random.experimental.stateless_split(record_seed, 3))
   parsed = dmvr.parse_tf(element['record'])
   label = _label(parsed, table, num_classes)
-  indices = sampling.train_indices(tf.size(parsed['frames']), data, time_key)
+  indices = sampling.train_indices(tf.size(parsed['frames']), data, time_seed)
   jpegs = _checked_jpegs(tf.gather(parsed['frames'], indices))  # [T]
-  window = augment.random_crop_window(tf.io.extract_jpeg_shape(jpegs[0]),
-                                      crop_key, data.area_range,
-                                      data.aspect_range)
-  frames = sampling.decode_frames(jpegs, data.num_frames, window)
-  video = tf.image.resize(frames, [data.crop_size, data.crop_size])
-  if data.flip:
-    video = augment.random_flip(video, flip_key)
-  if data.randaugment_layers:
-    video = augment.rand_augment(video, rand_key, data.randaugment_layers,
-                                 data.randaugment_magnitude,
-                                 data.randaugment_magnitude_std)
-  video = _normalise(video, data)
-  if data.random_erasing:
-    video = augment.random_erasing(video, erase_key, data.random_erasing)
-  return {'video': video, 'label': label, 'epoch': element['epoch'],
-          'position': element['position'], 'file': element['file'],
-          'reason': tf.constant(0, tf.int32)}
+  video = sampling.random_resized_crops(jpegs, data, crop_seed, count)
+  key = tf.random.stateless_uniform([count, 2], device_seed, minval=None,
+                                    maxval=None, dtype=tf.uint32)
+  return {'video': video, 'key': key, 'label': label,
+          'epoch': element['epoch'], 'position': element['position'],
+          'file': element['file'], 'reason': tf.constant(0, tf.int32)}
 
 
 def _skipped(element, data, reason):
   """The stream element of a skipped record: a zero video, never yielded."""
-  return {'video': tf.zeros(defaults.clip_shape(data), tf.float32),
+  count = data.repeated_augment
+  return {'video': tf.zeros([count, *defaults.clip_shape(data)], tf.uint8),
+          'key': tf.zeros([count, 2], tf.uint32),
           'label': tf.constant(-1, tf.int32), 'epoch': element['epoch'],
           'position': element['position'], 'file': element['file'],
           'reason': tf.constant(reason, tf.int32)}
@@ -323,7 +302,7 @@ def _train_element(entry, read_one, data, seed, table, num_classes):
     return _skipped(element, data, 3)
 
   attempts = [
-      record.map(lambda e: _train_clip(e, data, seed, table, num_classes)),
+      record.map(lambda e: _train_clips(e, data, seed, table, num_classes)),
       record.map(labelled), record.map(parses)]
   elements = tf.data.Dataset.from_tensors(_skipped(entry, data, 1))
   for attempt in reversed(attempts):
@@ -332,17 +311,22 @@ def _train_element(entry, read_one, data, seed, table, num_classes):
 
 
 class TrainIterator:
-  """Infinite iterator of {'video' float32 [b, T, crop, crop, 3], 'label'
-  int32 [b]} numpy batches, b = batch_size // process_count; exact resume via
+  """Infinite iterator of {'video' uint8 [b, T, crop, crop, 3], 'key'
+  uint32 [b, 2] (augment_device's key data), 'label' int32 [b]} numpy
+  batches, b = batch_size // process_count clips from b / k records (k =
+  data.repeated_augment, a record's clips side by side); exact resume via
   get_state() / set_state()."""
 
   def __init__(self, config, process_index, process_count):
-    if config.batch_size % process_count:
+    clips_per_record = config.data.repeated_augment
+    if config.batch_size % (process_count * clips_per_record):
       raise UserError(f'batch_size {config.batch_size} is not divisible by '
-                       f'process_count {process_count}')
+                       f'process_count {process_count} x '
+                       f'data.repeated_augment {clips_per_record}')
     self._data = config.data
     self._num_classes = config.model.num_classes
-    self._batch = config.batch_size // process_count
+    self._records_per_batch = (config.batch_size // process_count
+                               // clips_per_record)
     self._process = (process_index, process_count)
     self._index = RecordIndex(self._data.train_spec)
     self.records_per_epoch = len(self._index) // process_count
@@ -394,7 +378,7 @@ class TrainIterator:
         cycle_length=parallel if parallel > 0 else max(_READ_PARALLELISM,
                                                        os.cpu_count() or 1),
         num_parallel_calls=parallel, deterministic=True)
-    return (elements.batch(self._batch, drop_remainder=True)
+    return (elements.batch(self._records_per_batch, drop_remainder=True)
             .prefetch(_PREFETCH_BATCHES))
 
   def __iter__(self):
@@ -413,9 +397,10 @@ class TrainIterator:
     return next(self._batches)
 
   def __next__(self) -> dict:
-    """The next `batch` clips; skipped records are counted on the way. The
-    state changes only when a batch is returned."""
-    chunk, offset, parts, need = self._chunk, self._offset, [], self._batch
+    """The clips of the next `batch` records; skipped records are counted on
+    the way. The state changes only when a batch is returned."""
+    chunk, offset, parts = self._chunk, self._offset, []
+    need = self._records_per_batch
     skipped, run, run_files = collections.Counter(), 0, collections.Counter()
     per_epoch, run_start = self.records_per_epoch, 0
     try:
@@ -441,8 +426,8 @@ class TrainIterator:
               raise self._too_many_skips(run, run_files, skipped, whole_epoch)
           else:
             run, run_files = 0, collections.Counter()
-        parts.append({key: chunk[key][offset + good]
-                      for key in ('video', 'label', 'epoch', 'position')})
+        parts.append({key: chunk[key][offset + good] for key in
+                      ('video', 'key', 'label', 'epoch', 'position')})
         offset += end
         need -= len(good)
     except BaseException:
@@ -457,7 +442,7 @@ class TrainIterator:
     for reason, count in skipped.items():
       self.skipped[reason] += count
     self.num_skipped += sum(skipped.values())
-    return {'video': batch['video'], 'label': batch['label']}
+    return _clips(batch, self._data.repeated_augment)
 
   def _too_many_skips(self, run, run_files, skipped, whole_epoch) -> UserError:
     files = ', '.join(f'{self._index.files[f]} ({n})'
@@ -541,6 +526,14 @@ class TrainIterator:
     self._batches, self._chunk, self._offset = None, None, 0
 
 
+def _clips(records: dict, count: int) -> dict:
+  """Records' video [n, k, ...], key [n, k, 2], label [n] -> the batch of
+  their n k clips, a record's clips side by side."""
+  return {'video': records['video'].reshape(-1, *records['video'].shape[2:]),
+          'key': records['key'].reshape(-1, 2),
+          'label': np.repeat(records['label'], count)}
+
+
 def make_train_iterator(config, *, process_index=0,
                         process_count=1) -> TrainIterator:
   """Train batches for this process (see TrainIterator)."""
@@ -550,7 +543,7 @@ def make_train_iterator(config, *, process_index=0,
 # -------------------------------------------------------------------- eval ---
 
 def _eval_views(element, data, table, num_classes):
-  """All views of one video: video float32 [V, T, crop, crop, 3], V = clips x
+  """All views of one video: video uint8 [V, T, crop, crop, 3], V = clips x
   crops, with label, video_id, view, mask [V]."""
   parsed = dmvr.parse_tf(element['record'])
   label = _label(parsed, table, num_classes)
@@ -564,7 +557,7 @@ def _eval_views(element, data, table, num_classes):
       [[data.num_clips, data.num_frames], tf.shape(frames)[1:]], 0))
   views = sampling.spatial_crops(clips, data.crop_size, data.num_crops)
   num_views = data.num_clips * data.num_crops
-  views = tf.ensure_shape(_normalise(views, data), [
+  views = tf.ensure_shape(tf.cast(tf.round(views), tf.uint8), [
       num_views, data.num_frames, data.crop_size, data.crop_size, 3])
   return {'video': views, 'label': tf.fill([num_views], label),
           'video_id': tf.fill([num_views], tf.cast(element['video_id'],
@@ -574,8 +567,9 @@ def _eval_views(element, data, table, num_classes):
 
 
 class EvalIterator:
-  """Finite iterator of view batches {'video' [b, T, crop, crop, 3], 'label',
-  'video_id', 'view' int32 [b], 'mask' bool [b]}; see the module doc."""
+  """Finite iterator of view batches {'video' uint8 [b, T, crop, crop, 3],
+  'label', 'video_id', 'view' int32 [b], 'mask' bool [b]}; see the module
+  doc. The model normalises them on the device (make_eval_step)."""
 
   def __init__(self, config, process_index, process_count):
     data = self._data = config.data
@@ -610,8 +604,7 @@ class EvalIterator:
 
   def _padding(self):
     data = self._data
-    return {'video': tf.zeros([data.num_frames, data.crop_size,
-                               data.crop_size, 3]),
+    return {'video': tf.zeros(defaults.clip_shape(data), tf.uint8),
             'label': tf.constant(-1), 'video_id': tf.constant(-1),
             'view': tf.constant(-1), 'mask': tf.constant(False)}
 

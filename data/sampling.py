@@ -1,8 +1,9 @@
 """Per-clip phases of the pipelines: temporal sampling, decoding, cropping.
 
-Only the sampled frames are decoded. Train decodes each frame straight into
-its random crop window (`decode_and_crop_jpeg`); eval decodes whole frames,
-resizes the short side and takes spatial crops.
+Only the sampled frames are decoded. Train decodes each frame only inside
+its random crop windows (`decode_and_crop_jpeg`: the union of the windows
+of the clips it gives) and resizes each window to the crop size; eval
+decodes whole frames, resizes the short side and takes spatial crops.
 """
 
 import tensorflow as tf
@@ -67,6 +68,15 @@ def eval_indices(num_frames, data):
   return tf.stack(clips)
 
 
+def random_crop_window(image_shape, seed, area_range, aspect_range):
+  """Inception-style crop [y, x, h, w] (int32) inside an [H, W, C] image."""
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      image_shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=seed,
+      area_range=area_range, aspect_ratio_range=aspect_range,
+      max_attempts=10, use_image_if_no_bounding_boxes=True)
+  return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+
 def decode_frames(jpegs, count, crop_window=None):
   """uint8 [count, h, w, 3] from `count` JPEGs (all frames the same size);
   crop_window [y, x, h, w] decodes only that window of each frame."""
@@ -77,6 +87,28 @@ def decode_frames(jpegs, count, crop_window=None):
     else:
       frames.append(tf.io.decode_and_crop_jpeg(jpeg, crop_window, channels=3))
   return tf.stack(frames)
+
+
+def random_resized_crops(jpegs, data, seed, count):
+  """uint8 [count, T, crop, crop, 3]: `count` random resized crops of the
+  T frames `jpegs` (data.area_range, aspect_range, crop_size). Each frame
+  is decoded once, inside the union of the crop windows."""
+  shape = tf.io.extract_jpeg_shape(jpegs[0])
+  windows = tf.stack([
+      random_crop_window(shape, window_seed, data.area_range,
+                         data.aspect_range)
+      for window_seed in tf.unstack(
+          tf.random.experimental.stateless_split(seed, count))])  # [k, 4]
+  start = tf.reduce_min(windows[:, :2], 0)  # [2]: y, x of the union
+  end = tf.reduce_max(windows[:, :2] + windows[:, 2:], 0)
+  frames = decode_frames(jpegs, data.num_frames,
+                         tf.concat([start, end - start], 0))  # [T, h, w, 3]
+  crops = []
+  for window in tf.unstack(windows, num=count):
+    y, x = window[0] - start[0], window[1] - start[1]
+    crop = frames[:, y:y + window[2], x:x + window[3]]
+    crops.append(tf.image.resize(crop, [data.crop_size, data.crop_size]))
+  return tf.cast(tf.round(tf.stack(crops)), tf.uint8)
 
 
 def resize_short_side(frames, short_side):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from data import pipeline
+from stat_jax import augment_device
 from stat_jax.attention import ShrinkingTemporalAttention
 from stat_jax.model import TemporalBlock
 from stat_jax.train_state import ModelParts
@@ -86,24 +86,12 @@ def capture_fn(parts: ModelParts, data):
   """apply(params, uint8 video [B, T, H, W, 3]) -> (logits float32 [B,
   classes], summarise(...)): the eval-mode model, normalisation inside (as
   inference.serving_fn), with its attention captured."""
-  scale, offset = pipeline.normalisation(data)
 
   def apply(params, video):
     model = nnx.merge(parts.eval_graph, params, parts.fresh_rngs())
     logits, maps = forward_with_attention(
-        model, video.astype(jnp.float32) * scale + offset)
+        model, augment_device.normalise(video, data))
     return logits.astype(jnp.float32), summarise(maps)
-
-  return apply
-
-
-def normalised_capture_fn(parts: ModelParts):
-  """apply(params, normalised float video) -> summarise(...) (TensorBoard:
-  the eval batches are normalised already)."""
-
-  def apply(params, video):
-    model = nnx.merge(parts.eval_graph, params, parts.fresh_rngs())
-    return summarise(forward_with_attention(model, video)[1])
 
   return apply
 

@@ -161,6 +161,10 @@ def check_training(config: ml_collections.ConfigDict) -> None:
            'keep_checkpoints', config.keep_checkpoints,
            'must be an integer >= 1 (0 would delete each checkpoint as soon '
            'as it is written)')
+  k = config.data.repeated_augment
+  _require(_is_int(k) and k >= 1 and config.batch_size % k == 0,
+           'data.repeated_augment', k, 'must be an integer >= 1 that divides '
+           f'batch_size ({config.batch_size}): the clips of a video')
   _require(config.grad_accum_steps >= 1
            and config.batch_size % config.grad_accum_steps == 0,
            'grad_accum_steps', config.grad_accum_steps,

@@ -116,11 +116,18 @@ def data_config(num_frames: int) -> ml_collections.ConfigDict:
   d.eval_short_side = 224  # eval: resize short side, then take crops
   d.area_range = (0.08, 1.0)  # inception-style random resized crop
   d.aspect_range = (3 / 4, 4 / 3)
+  # The augmentation after the crop (flip, RandAugment, normalisation,
+  # random erasing) runs on the device, in the train step.
   d.flip = True
   d.randaugment_layers = 4  # RandAugment m7-n4-mstd0.5; 0 disables
   d.randaugment_magnitude = 7.0
   d.randaugment_magnitude_std = 0.5
   d.random_erasing = 0.25
+  # Repeated augmentation (MViT's AUG.NUM_SAMPLE): each train video is
+  # decoded once and gives this many differently augmented clips, side by
+  # side in the batch (batch_size counts clips, and must be divisible by
+  # it); an epoch still reads each video once. 1 = off.
+  d.repeated_augment = 1
   d.mean = KINETICS_MEAN
   d.std = KINETICS_STD
   d.num_clips = 5  # eval views: clips x crops
@@ -170,7 +177,7 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   c.batch_size = 64  # global, in clips
   c.total_steps = 0  # 0 = derive from num_epochs
   c.num_epochs = 200
-  c.train_examples = 240_000  # used with num_epochs to derive total_steps
+  c.train_examples = 240_000  # train videos; with num_epochs: total_steps
   c.grad_accum_steps = 1
   c.dtype = 'float32'  # compute dtype; params are always float32
   c.remat = False  # rematerialise each STA block in the backward pass

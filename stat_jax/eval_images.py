@@ -17,7 +17,7 @@ from stat_jax import attention_maps, plots
 
 
 def fixed_clips(config, count: int) -> np.ndarray:
-  """float32 [<= count, T, H, W, 3] normalised views of distinct videos."""
+  """uint8 [<= count, T, H, W, 3] views of distinct videos."""
   batch = next(iter(pipeline.make_eval_iterator(config)))
   rows, seen = [], set()
   for row, (video, real) in enumerate(zip(batch['video_id'], batch['mask'])):
@@ -37,7 +37,7 @@ class EvalImages:
       replicated = NamedSharding(mesh, PartitionSpec())
       self.clips = jax.make_array_from_process_local_data(
           replicated, fixed_clips(config, config.attention_images))
-      self.capture = jax.jit(attention_maps.normalised_capture_fn(parts),
+      self.capture = jax.jit(attention_maps.capture_fn(parts, config.data),
                              out_shardings=replicated)
 
   def write(self, writer, step: int, params, result: dict) -> None:
@@ -45,7 +45,7 @@ class EvalImages:
     images = {'val_confusion_matrix': plots.to_image(plots.confusion_figure(
         result['confusion_matrix'], self.class_names))}
     if self.clips is not None:
-      summary = self.capture(params, self.clips)
+      _, summary = self.capture(params, self.clips)
       maps, shares = np.asarray(summary['frame_maps']), np.asarray(
           summary['shares'])  # [L, n, nt, nt], [L, n, 3]
       for clip in range(maps.shape[1]):

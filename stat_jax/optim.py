@@ -14,19 +14,25 @@ REFERENCE_BATCH = 512
 NO_DECAY_NAMES = ('pos_spatial', 'pos_temporal', 'cls_token', 'video_cls')
 
 
+def steps_per_epoch(config: ml_collections.ConfigDict) -> float:
+  """Steps that read `train_examples` videos: a step reads batch_size /
+  data.repeated_augment of them."""
+  videos_per_step = config.batch_size / config.data.repeated_augment
+  return config.train_examples / videos_per_step
+
+
 def total_steps(config: ml_collections.ConfigDict) -> int:
-  """`config.total_steps`, or `num_epochs` over `train_examples` clips."""
+  """`config.total_steps`, or `num_epochs` over `train_examples` videos."""
   if config.total_steps:
     return config.total_steps
-  return math.ceil(config.num_epochs * config.train_examples / config.batch_size)
+  return math.ceil(config.num_epochs * steps_per_epoch(config))
 
 
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
   opt = config.optimizer
   scale = config.batch_size / REFERENCE_BATCH
   steps = total_steps(config)
-  steps_per_epoch = config.train_examples / config.batch_size
-  warmup = min(round(opt.warmup_epochs * steps_per_epoch), steps - 1)
+  warmup = min(round(opt.warmup_epochs * steps_per_epoch(config)), steps - 1)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=opt.base_lr * scale, warmup_steps=warmup,
       decay_steps=steps, end_value=opt.min_lr * scale)

@@ -1,9 +1,11 @@
 """The jitted train / eval steps (pure functions of the train state and
 model parts of stat_jax/train_state.py).
 
-Randomness depends only on (seed, step): the dropout / drop-path streams
-are reseeded from it every step, and so is mixup, which makes a resumed run
-replay the same random numbers.
+Batches arrive as uint8 clips with per-clip key data; the step augments
+them (stat_jax/augment_device.py, randomness from the host's per-clip keys),
+then mixes them. The rest of the randomness depends only on (seed, step):
+the dropout / drop-path streams are reseeded from it every step, and so is
+mixup, which makes a resumed run replay the same random numbers.
 """
 
 import zlib
@@ -14,7 +16,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from stat_jax import mixup
+from stat_jax import augment_device, mixup
 from stat_jax.train_state import ModelParts, TrainState
 
 
@@ -26,7 +28,8 @@ def _stream_key(path, key, shape):
 
 def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
                     tx: optax.GradientTransformation):
-  """train_step(state, batch) -> (state, metrics); batch {'video', 'label'}."""
+  """train_step(state, batch) -> (state, metrics); batch {'video' uint8
+  [B, T, S, S, 3], 'key' uint32 [B, 2], 'label' int32 [B]}."""
   num_classes = config.model.num_classes
   accum = config.grad_accum_steps
   base_key = jax.random.key(config.seed)
@@ -59,8 +62,10 @@ def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
   def train_step(state: TrainState, batch: dict):
     step_key = jax.random.fold_in(base_key, state.step)
     mixup_key, dropout_key = jax.random.split(step_key)
+    video = augment_device.augment_batch(batch['video'], batch['key'],
+                                         config.data)
     video, targets = mixup.mixup_cutmix(
-        mixup_key, batch['video'], batch['label'], num_classes=num_classes,
+        mixup_key, video, batch['label'], num_classes=num_classes,
         **config.mixup)
     loss, grads = accumulated_grads(state.params, video, targets, dropout_key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -72,11 +77,13 @@ def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
   return train_step
 
 
-def make_eval_step(parts: ModelParts):
-  """eval_step(params, video) -> class probabilities [B, num_classes]."""
+def make_eval_step(parts: ModelParts, data: ml_collections.ConfigDict):
+  """eval_step(params, video uint8 [B, T, S, S, 3]) -> class probabilities
+  [B, num_classes]."""
 
   def eval_step(params, video):
     model = nnx.merge(parts.eval_graph, params, parts.fresh_rngs())
-    return jax.nn.softmax(model(video).astype(jnp.float32), axis=-1)
+    logits = model(augment_device.normalise(video, data))
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
   return eval_step

@@ -87,19 +87,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     start = 0
 
   # ----------------------------------------------------------- compile ---
-  batch_shardings = {'video': sharding.batch_sharding(mesh),
-                     'label': sharding.batch_sharding(mesh)}
+  abstract_batch = {  # uint8 clips, augmented in the step
+      'video': jax.ShapeDtypeStruct(
+          (config.batch_size, *defaults.clip_shape(config.data)), jnp.uint8),
+      'key': jax.ShapeDtypeStruct((config.batch_size, 2), jnp.uint32),
+      'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
+  batch_shardings = {key: sharding.batch_sharding(mesh)
+                     for key in abstract_batch}
   train_step = jax.jit(make_train_step(config, parts, tx),
                        in_shardings=(state_shardings, batch_shardings),
                        out_shardings=(state_shardings, None), donate_argnums=0)
-  abstract_batch = {
-      'video': jax.ShapeDtypeStruct(
-          (config.batch_size, *defaults.clip_shape(config.data)), jnp.float32),
-      'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
   compile_start = time.perf_counter()
   train_step = train_step.lower(abstract_state, abstract_batch).compile()
   report_memory(train_step, time.perf_counter() - compile_start)
-  eval_step = jax.jit(make_eval_step(parts))
+  eval_step = jax.jit(make_eval_step(parts, config.data))
   eval_images = EvalImages(config, parts, mesh) if config.data.eval_spec else None
 
   # -------------------------------------------------------------- loop ---
@@ -309,7 +310,8 @@ def evaluate_checkpoint(config, workdir: str, which: str = 'latest') -> dict:
   parts, _, abstract_state, state_shardings = abstract_train_state(config, mesh)
   step, state = ckpt.newest_whole(which, lambda step: ckpt.restore_state(
       step, with_shardings(abstract_state, state_shardings)))
-  result = evaluate(config, jax.jit(make_eval_step(parts)), state.params, mesh)
+  result = evaluate(config, jax.jit(make_eval_step(parts, config.data)),
+                    state.params, mesh)
   result['checkpoint_step'] = step
   if jax.process_index() == 0:
     path = os.path.join(workdir, f'eval_step{step}.json')

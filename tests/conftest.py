@@ -11,8 +11,11 @@ the subprocesses too. The cache starts empty every session, so nothing
 carries over between runs.
 """
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # XLA:CPU's LLVM optimisations and its fusion emitters make the tiny
@@ -46,6 +49,19 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_on_cpu_devices(script: str, count: int):
+  """Runs the Python `script` from the repository root in a subprocess that
+  sees `count` CPU devices; returns its last stdout line, parsed as JSON."""
+  env = dict(os.environ, XLA_FLAGS=f'{FAST_COMPILE} '
+             f'--xla_force_host_platform_device_count={count}')
+  out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
+                       check=True, capture_output=True, text=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if _OWNS_CACHE:
@@ -65,7 +81,8 @@ def motion(tmp_path_factory):
 # the two workers end close together instead of one waiting on a late start.
 _RUN_FIRST = ('test_distributed.py', 'test_training.py',
               'test_faults_training.py', 'test_faults_data.py',
-              'test_remat.py', 'test_model.py', 'test_paper_tables.py')
+              'test_remat.py', 'test_augment_device.py', 'test_model.py',
+              'test_paper_tables.py')
 
 
 def pytest_collection_modifyitems(items):

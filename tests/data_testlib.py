@@ -18,10 +18,10 @@ def level_clip(num_frames, height=24, width=32):
                          (num_frames, height, width, 3)).copy()
 
 
-def frame_numbers(video, data):
-  """Recovers level_clip frame numbers [.., T] from a normalised video."""
-  pixels = (video * np.array(data.std) + np.array(data.mean)) * 255
-  return np.round(pixels.mean(axis=(-3, -2, -1)) / LEVEL_STEP).astype(int)
+def frame_numbers(video):
+  """Recovers level_clip frame numbers [.., T] from a uint8 video."""
+  pixels = video.astype(np.float64).mean(axis=(-3, -2, -1))
+  return np.round(pixels / LEVEL_STEP).astype(int)
 
 
 def write_level_shards(folder, name, lengths, num_shards=3, bad=None):

@@ -5,6 +5,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import k400, ssv2, tiny
+from stat_jax import optim
 from stat_jax.config_validation import ConfigError, validate
 from stat_jax.model import abstract_model
 
@@ -24,6 +25,14 @@ def test_eval_views_follow_the_paper():
   assert (k400.get_config('64').data.num_clips, k400.get_config('64').data.num_crops) == (3, 3)
   assert (ssv2.get_config('32').data.num_clips, ssv2.get_config('32').data.num_crops) == (1, 3)
   assert not ssv2.get_config('16').data.flip
+
+
+def test_repeated_augmentation_keeps_an_epoch_one_pass_over_the_videos():
+  config = k400.get_config('16')
+  assert config.data.repeated_augment == 2 == ssv2.get_config('16').data.repeated_augment
+  assert tiny.get_config().data.repeated_augment == 1
+  config.batch_size, config.train_examples, config.num_epochs = 64, 6400, 3
+  assert optim.total_steps(config) == 3 * 6400 // 32  # 32 videos a step
 
 
 def parse(*overrides):
@@ -73,6 +82,10 @@ def test_unknown_key_in_a_config_file_is_named_with_a_suggestion():
     ('grad_accum_steps', 3, r'grad_accum_steps = 3: must be >= 1 and divide batch_size \(64\)'),
     ('model.stem5_hidden', (144, 256), r'model.stem5_hidden = \(144, 256\): must hold the 4'),
     ('attention_images', -1, r'attention_images = -1: must be an integer >= 0'),
+    ('data.repeated_augment', 3,
+     r'data.repeated_augment = 3: must be an integer >= 1 that divides '
+     r'batch_size \(64\)'),
+    ('data.repeated_augment', 0, r'data.repeated_augment = 0'),
 ])
 def test_invalid_values_are_refused_with_key_and_allowed(key, value, message):
   config = k400.get_config('16')

@@ -98,3 +98,37 @@ def test_centre_crop_and_view_order():
 def test_resize_short_side():
   frames = tf.zeros([2, 30, 50, 3], tf.uint8)
   assert sampling.resize_short_side(frames, 12).shape == (2, 12, 20, 3)
+
+
+def test_crop_window_inside_image():
+  for seed in range(10):
+    y, x, h, w = sampling.random_crop_window(
+        tf.constant([40, 60, 3]), tf.constant([seed, 0]), (0.08, 1.0),
+        (3 / 4, 4 / 3)).numpy()
+    assert 0 <= y and y + h <= 40 and 0 <= x and x + w <= 60
+    assert 0.08 * 2400 * 0.8 <= h * w
+
+
+def test_random_resized_crops_cut_each_window_from_the_frames():
+  data = ml_collections.ConfigDict({
+      'num_frames': 2, 'crop_size': 8, 'area_range': (0.1, 0.5),
+      'aspect_range': (0.5, 2.0)})
+  # Frame t: pixel (y, x) = 2 y + 50 t, smooth enough for JPEG to keep.
+  rows = 2 * np.arange(48)[:, None, None]
+  frames = [np.broadcast_to(rows + 50 * t, (48, 64, 3)).astype(np.uint8)
+            for t in range(2)]
+  jpegs = tf.stack([tf.io.encode_jpeg(f, quality=100) for f in frames])
+  seed = tf.constant([3, 4], tf.int64)
+  crops = sampling.random_resized_crops(jpegs, data, seed, 3).numpy()
+  assert crops.shape == (3, 2, 8, 8, 3) and crops.dtype == np.uint8
+  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  for crop, window_seed in zip(crops, seeds):
+    y, _, h, _ = sampling.random_crop_window(
+        tf.constant([48, 64, 3]), window_seed, data.area_range,
+        data.aspect_range).numpy()
+    # Rows y .. y + h - 1 resized to 8: the first and last rows' levels.
+    for t in range(2):
+      assert abs(int(crop[t, 0, 0, 0]) - (2 * y + 50 * t)) <= 2 * h / 8 + 2
+      assert abs(int(crop[t, -1, 0, 0]) - (2 * (y + h - 1) + 50 * t)) <= (
+          2 * h / 8 + 2)
+  assert len({crop.tobytes() for crop in crops}) == 3  # three windows

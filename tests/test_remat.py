@@ -76,7 +76,8 @@ def test_bfloat16_train_step_with_remat_runs():
   parts = ModelParts(config)
   tx = optim.make_optimizer(config)
   state = jax.jit(lambda: init_train_state(parts, config.seed, tx))()
-  batch = {'video': jax.random.normal(jax.random.key(1), (4, 8, 32, 32, 3)),
+  batch = {'video': jnp.full((4, 8, 32, 32, 3), 100, jnp.uint8),
+           'key': jnp.zeros((4, 2), jnp.uint32),
            'label': jnp.array([0, 1, 2, 3])}
   state, metrics = jax.jit(make_train_step(config, parts, tx))(state, batch)
   assert np.isfinite(float(metrics['loss'])) and float(metrics['grad_norm']) > 0

@@ -8,19 +8,19 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import tiny
-from conftest import FAST_COMPILE
+from conftest import ROOT, run_on_cpu_devices
 from data import pipeline, synthetic
-from stat_jax import optim, trainer
+from stat_jax import augment_device, optim, trainer
 from stat_jax.config_validation import ConfigError
 from stat_jax.train_state import ModelParts, init_train_state
 from stat_jax.train_step import make_eval_step, make_train_step
 from stat_jax.transfer import load_pretrained
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12  # of the runs here; long enough that a SIGTERM lands mid-run
 
 
@@ -47,13 +47,13 @@ def no_randomness(config):
 
 
 def fixed_batch(config, seed=0):
-  data = config.data
+  """A pipeline-like batch: uint8 clips, per-clip key data, labels."""
+  data, size = config.data, config.batch_size
   rng = np.random.default_rng(seed)
-  return {'video': rng.normal(size=(config.batch_size, data.num_frames,
-                                    data.crop_size, data.crop_size, 3)
-                              ).astype(np.float32),
-          'label': rng.integers(0, config.model.num_classes,
-                                config.batch_size).astype(np.int32)}
+  return {'video': rng.integers(0, 256, (size, data.num_frames, data.crop_size,
+                                         data.crop_size, 3), np.uint8),
+          'key': rng.integers(0, 2**32, (size, 2), np.uint32),
+          'label': rng.integers(0, config.model.num_classes, size, np.int32)}
 
 
 def test_loss_decreases_on_a_fixed_batch(motion):
@@ -189,7 +189,8 @@ def losses(data, fsdp, devices):
   rng = np.random.default_rng(0)
   out = []
   for _ in range(3):
-    batch = {'video': rng.normal(size=(8, 8, 32, 32, 3)).astype(np.float32),
+    batch = {'video': rng.integers(0, 256, (8, 8, 32, 32, 3), np.uint8),
+             'key': rng.integers(0, 2**32, (8, 2), np.uint32),
              'label': rng.integers(0, 10, 8).astype(np.int32)}
     state, metrics = step(state, sharding.global_batch(batch, mesh))
     out.append(float(metrics['loss']))
@@ -204,11 +205,7 @@ print(json.dumps({'one': one, 'four': four, 'sharded_params': sharded}))
 
 
 def test_one_device_and_a_data_fsdp_mesh_agree():
-  env = dict(os.environ, XLA_FLAGS=f'{FAST_COMPILE} '
-             '--xla_force_host_platform_device_count=4')
-  out = subprocess.run([sys.executable, '-c', SHARDING_SCRIPT], cwd=ROOT, env=env,
-                       check=True, capture_output=True, text=True)
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+  result = run_on_cpu_devices(SHARDING_SCRIPT, 4)
   assert result['sharded_params'] > 0  # fsdp really split parameters
   np.testing.assert_allclose(result['four'], result['one'], rtol=1e-5, atol=1e-5)
 
@@ -236,7 +233,7 @@ def test_evaluation_counts_every_video_once_and_averages_views(motion):
   config.data.dataset = 'another_dataset'
   parts = ModelParts(config)
   params = jax.jit(lambda: parts.init_params(0))()
-  eval_step = jax.jit(make_eval_step(parts))
+  eval_step = jax.jit(make_eval_step(parts, config.data))
   mesh = trainer.sharding.make_mesh(config)
   result = trainer.evaluate(config, eval_step, params, mesh)
   assert result['num_videos'] == 7 and result['num_views'] == 14
@@ -266,9 +263,15 @@ def test_evaluation_counts_every_video_once_and_averages_views(motion):
 
 def test_nan_loss_stops_naming_the_step(motion, tmp_path, monkeypatch):
   real = pipeline.make_train_iterator
+  real_augment = augment_device.augment_batch
+  poison = np.uint32(2**32 - 1)  # key data that marks a clip for NaN pixels
+
+  def augment_or_nan(video, key, data):  # uint8 clips cannot hold a NaN
+    marked = (key == poison).all(axis=1)[:, None, None, None, None]
+    return jnp.where(marked, jnp.nan, real_augment(video, key, data))
 
   class Poisoned:
-    """The real iterator, with NaN pixels in its 5th batch."""
+    """The real iterator, whose 5th batch gets NaN pixels on the device."""
 
     def __init__(self, *args, **kwargs):
       self._inner, self._count = real(*args, **kwargs), 0
@@ -277,13 +280,14 @@ def test_nan_loss_stops_naming_the_step(motion, tmp_path, monkeypatch):
       batch = next(self._inner)
       self._count += 1
       if self._count == 5:
-        batch = dict(batch, video=np.full_like(batch['video'], np.nan))
+        batch = dict(batch, key=np.full_like(batch['key'], poison))
       return batch
 
     def __getattr__(self, name):  # the rest of the real iterator
       return getattr(self._inner, name)
 
   monkeypatch.setattr(pipeline, 'make_train_iterator', Poisoned)
+  monkeypatch.setattr(augment_device, 'augment_batch', augment_or_nan)
   with pytest.raises(trainer.NonFiniteLoss,
                      match=r'at step 5.*Last good checkpoint: step 3'):
     trainer.train_and_evaluate(run_config(motion), str(tmp_path))

@@ -6,7 +6,7 @@ is the one function every export format serves:
 
   uint8 RGB video [B, T, H, W, 3] -> (logits, probabilities) [B, classes]
 
-with the normalisation of data/pipeline.py inside, the model in eval mode
+with the normalisation of stat_jax/augment_device.py inside, the model in eval mode
 (no dropout, no drop path), float32 compute whatever `config.dtype` the run
 trained with, and the portable 'xla' attention (model.attention_impl).
 """
@@ -21,7 +21,7 @@ import ml_collections
 from flax import nnx
 
 from data import pipeline
-from stat_jax import checkpoint, defaults, sharding
+from stat_jax import augment_device, checkpoint, defaults, sharding
 from stat_jax.config_validation import validate
 from stat_jax.train_state import ModelParts, abstract_train_state, with_shardings
 
@@ -46,11 +46,10 @@ class Restored:
 
 def serving_fn(parts: ModelParts, data):
   """apply(params, video uint8 [B, T, H, W, 3]) -> (logits, probabilities)."""
-  scale, offset = pipeline.normalisation(data)
 
   def apply(params, video):
     model = nnx.merge(parts.eval_graph, params, parts.fresh_rngs())
-    logits = model(video.astype(jnp.float32) * scale + offset)
+    logits = model(augment_device.normalise(video, data))
     logits = logits.astype(jnp.float32)  # [B, classes]
     return logits, jax.nn.softmax(logits, axis=-1)
 

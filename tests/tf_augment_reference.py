@@ -1,19 +1,13 @@
-"""Clip-consistent video augmentations (tf ops, stateless seeds).
+"""The tf / tf.image RandAugment that ran on the host before the device
+one (stat_jax/augment_device.py) replaced it: the reference its tests
+compare against, op by op and for whole plans.
 
-Every function draws its random parameters once per clip from a stateless
-seed (shape [2] int) and applies them identically to all frames, so a clip is
-augmented like a single image and replays exactly from its seed.
-
-RandAugment follows timm's `rand-m7-n4-mstd0.5-inc1` (the MViT recipe): each
-of `num_layers` ops is drawn uniformly (with replacement) from the 15 below,
-applied with probability 0.5 at a magnitude ~ N(m, mstd) clipped to [0, 10],
-geometric and signed ops taking a random sign. Ops, all over tf / tf.image:
-AutoContrast, Equalize, Invert, Rotate (30 deg at m=10), Posterize (4 - 4m/10
-bits kept), Solarize (threshold 256 - 25.6m), SolarizeAdd (+11m below 128),
-Color / Contrast / Brightness / Sharpness (factor 1 +- 0.09m), ShearX /
-ShearY (0.03m), TranslateX / TranslateY (4.5m % of the side, rounded to
-whole pixels). AutoContrast and
-Equalize use statistics of the whole clip, not of each frame.
+Ops (timm's `rand-m7-n4-mstd0.5-inc1`): AutoContrast, Equalize, Invert,
+Rotate (30 deg at m=10), Posterize (4 - 4m/10 bits kept), Solarize
+(threshold 256 - 25.6m), SolarizeAdd (+11m below 128), Color / Contrast /
+Brightness / Sharpness (factor 1 +- 0.09m), ShearX / ShearY (0.03m),
+TranslateX / TranslateY (4.5m % of the side, rounded to whole pixels).
+AutoContrast and Equalize use statistics of the whole clip.
 """
 
 import math
@@ -22,63 +16,7 @@ import tensorflow as tf
 
 _MAX_LEVEL = 10.0
 _FILL = 128.0  # grey fill for geometric ops, as timm
-_PROBABILITY = 0.5  # each drawn op is applied with this probability
-NUM_OPS = 15
 
-
-def _keys(seed, count):
-  return tf.unstack(tf.random.experimental.stateless_split(seed, count))
-
-
-def _uniform(seed, shape=()):
-  return tf.random.stateless_uniform(shape, seed)
-
-
-# ------------------------------------------------------- crop, flip, erase ---
-
-def random_crop_window(image_shape, seed, area_range, aspect_range):
-  """Inception-style crop [y, x, h, w] (int32) inside an [H, W, C] image."""
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      image_shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=seed,
-      area_range=area_range, aspect_ratio_range=aspect_range,
-      max_attempts=10, use_image_if_no_bounding_boxes=True)
-  return tf.stack([begin[0], begin[1], size[0], size[1]])
-
-
-def random_flip(clip, seed):
-  """Flips all frames of clip [T, H, W, C] left-right with probability 0.5."""
-  return tf.cond(_uniform(seed) < 0.5, lambda: tf.reverse(clip, [2]),
-                 lambda: clip)
-
-
-def random_erasing(clip, seed, probability, area_range=(0.02, 1 / 3),
-                   log_aspect_range=(math.log(0.3), math.log(1 / 0.3))):
-  """timm's pixel-mode RandomErasing (one box) on a normalised clip
-  [T, H, W, C]: the same box and N(0, 1) noise in every frame."""
-  keys = _keys(seed, 5)
-  height, width = tf.shape(clip)[1], tf.shape(clip)[2]
-  area = tf.cast(height * width, tf.float32) * tf.random.stateless_uniform(
-      [], keys[0], *area_range)
-  aspect = tf.exp(tf.random.stateless_uniform([], keys[1], *log_aspect_range))
-  box_h = tf.minimum(tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32),
-                     height)
-  box_w = tf.minimum(tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32), width)
-  corner = _uniform(keys[2], [2]) * tf.cast(
-      tf.stack([height - box_h + 1, width - box_w + 1]), tf.float32)
-  top, left = tf.unstack(tf.cast(corner, tf.int32))
-
-  def erase():
-    noise = tf.random.stateless_normal(
-        tf.stack([box_h, box_w, tf.shape(clip)[3]]), keys[3])  # [h, w, C]
-    padding = [[top, height - top - box_h], [left, width - left - box_w],
-               [0, 0]]
-    inside = tf.pad(tf.ones_like(noise), padding)  # [H, W, C] 1 in the box
-    return clip * (1. - inside) + tf.pad(noise, padding)
-
-  return tf.cond(_uniform(keys[4]) < probability, erase, lambda: clip)
-
-
-# ------------------------------------------------------------- RandAugment ---
 
 def _blend(degenerate, clip, factor):
   return tf.clip_by_value(degenerate + factor * (clip - degenerate), 0., 255.)
@@ -192,16 +130,12 @@ def rand_augment_ops(clip, level, sign):
   ]
 
 
-def rand_augment(clip, seed, num_layers, magnitude, magnitude_std):
-  """RandAugment on clip float32 [T, H, W, 3] in [0, 255] (see module doc)."""
-  for layer_seed in _keys(seed, num_layers):
-    keys = _keys(layer_seed, 4)
-    op = tf.random.stateless_uniform([], keys[0], 0, NUM_OPS, tf.int32)
-    level = tf.clip_by_value(
-        magnitude + magnitude_std * tf.random.stateless_normal([], keys[1]),
-        0., _MAX_LEVEL)
-    sign = tf.where(_uniform(keys[2]) < 0.5, -1., 1.)
-    clip = tf.cond(_uniform(keys[3]) < _PROBABILITY,
-                   lambda: tf.switch_case(op, rand_augment_ops(clip, level, sign)),
-                   lambda: clip)
+def rand_augment(clip, plan):
+  """RandAugment of clip float32 [T, H, W, 3] in [0, 255] by a plan of
+  augment_device.draw_layers (numpy arrays [num_layers] each)."""
+  for op, level, sign, apply in zip(plan['op'], plan['level'], plan['sign'],
+                                    plan['apply']):
+    if apply:
+      clip = rand_augment_ops(clip, tf.constant(level, tf.float32),
+                              tf.constant(sign, tf.float32))[op]()
   return clip
