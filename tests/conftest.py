@@ -52,10 +52,11 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_on_cpu_devices(script: str, count: int):
+def run_on_cpu_devices(script: str, count: int, xla_flags: str = FAST_COMPILE):
   """Runs the Python `script` from the repository root in a subprocess that
-  sees `count` CPU devices; returns its last stdout line, parsed as JSON."""
-  env = dict(os.environ, XLA_FLAGS=f'{FAST_COMPILE} '
+  sees `count` CPU devices (and compiles with `xla_flags`); returns its last
+  stdout line, parsed as JSON."""
+  env = dict(os.environ, XLA_FLAGS=f'{xla_flags} '
              f'--xla_force_host_platform_device_count={count}')
   out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
                        check=True, capture_output=True, text=True)
