@@ -1,7 +1,7 @@
 """Faults of the training loop and of checkpoints that used to lose work:
 a crash while a checkpoint is being written, NaN states, corrupt checkpoints,
 a resume under another config, unchecked config values, duplicated log
-lines. The runs share one tiny config (tests/test_training.py's run_config),
+lines. The runs share one tiny config (tests/training_testlib.py's run_config),
 so they share one compiled train step (checkpoint_every and eval_every are
 not part of it). One run crashes at step 4 (its evaluation fails); its
 checkpoints (2 and 4) and logged losses serve the other tests."""
@@ -24,9 +24,10 @@ from stat_jax.config_validation import ConfigError, validate
 from stat_jax.deploy import inference, predict
 from stat_jax.errors import UserError
 from stat_jax.train_state import abstract_train_state, with_shardings
-from tests.test_training import ROOT, run_config
+from conftest import ROOT
+from training_testlib import run_config
 
-STOP = 4  # run_config: 6 steps; here a checkpoint every 2, stopped at 4
+STOP = 4  # here a checkpoint every 2, stopped at 4
 
 
 def config_of(motion):

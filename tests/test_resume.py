@@ -1,0 +1,128 @@
+"""Exact resume: after a stop, a SIGKILL, a SIGTERM (pre-emption); and
+the checkpoints a run leaves (eval.py's restore, init_from)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from stat_jax import trainer
+from stat_jax.train_state import ModelParts
+from stat_jax.transfer import load_pretrained
+from training_testlib import STEPS, read_loss_log, run_config
+
+
+def params_of(result):
+  return jax.tree.leaves(jax.device_get(result['state'].params))
+
+
+@pytest.fixture(scope='module')
+def straight(motion, tmp_path_factory):
+  """The tiny run of run_config(motion) without a stop (the reference of
+  the resume tests, the source of init_from): train_and_evaluate's result
+  plus its 'workdir'."""
+  workdir = str(tmp_path_factory.mktemp('straight'))
+  return dict(trainer.train_and_evaluate(run_config(motion), workdir),
+              workdir=workdir)
+
+
+def test_exact_resume_after_a_stop(motion, straight, tmp_path):
+  config = run_config(motion)
+  assert sorted(straight['losses']) == list(range(1, STEPS + 1))
+  assert os.path.isdir(os.path.join(straight['workdir'], 'checkpoints',
+                                    str(STEPS)))
+
+  first = trainer.train_and_evaluate(config, str(tmp_path / 'resumed'),
+                                     stop_after=3)
+  assert sorted(first['losses']) == [1, 2, 3]
+  second = trainer.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert sorted(second['losses']) == list(range(4, STEPS + 1))
+  resumed = {**first['losses'], **second['losses']}
+  assert resumed == straight['losses']  # bit for bit
+  for a, b in zip(params_of(straight), params_of(second)):
+    np.testing.assert_array_equal(a, b)
+
+
+def train_command(motion, workdir):
+  """train.py on the tiny config and the motion set, logging every step."""
+  return [sys.executable, 'train.py', '--config=configs/tiny.py',
+          f'--workdir={workdir}', f'--config.total_steps={STEPS}',
+          '--config.checkpoint_every=3', '--config.eval_every=1000',
+          '--config.log_every=1',
+          f'--config.data.train_spec={motion["train"]}',
+          f'--config.data.eval_spec={motion["val"]}',
+          f'--config.data.label_map={motion["label_map"]}',
+          '--config.data.eval_batch_size=4']
+
+
+def wait_for(condition, process, seconds=120):
+  deadline = time.time() + seconds
+  while not condition():
+    assert time.time() < deadline and process.poll() is None
+    time.sleep(0.05)
+
+
+def test_sigkill_then_rerun_gives_the_same_losses(motion, straight, tmp_path):
+  workdir = str(tmp_path / 'killed')
+  command = train_command(motion, workdir)
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  wait_for(lambda: os.path.isdir(os.path.join(workdir, 'checkpoints', '3')),
+           process)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+  assert read_loss_log(workdir) == straight['losses']
+
+
+def test_sigterm_saves_the_current_step_and_a_rerun_resumes(motion, straight,
+                                                           tmp_path):
+  workdir = str(tmp_path / 'preempted')
+  command = train_command(motion, workdir)
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  log = os.path.join(workdir, 'train_log.jsonl')
+  wait_for(lambda: os.path.exists(log), process)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 128 + signal.SIGTERM, output
+  stopped = max(read_loss_log(workdir))
+  assert stopped < STEPS and 'Pre-empted (SIGTERM) after step' in output
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
+                 if d.isdigit())
+  assert saved[-1] == stopped  # saved where it stopped, not at a multiple of 3
+  subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+  assert read_loss_log(workdir) == straight['losses']
+
+
+def test_init_from_reinitialises_a_head_of_another_size(motion, straight):
+  source = run_config(motion)
+  # eval.py's path: restore the best checkpoint (the one evaluated, at the
+  # last step) and evaluate every video once.
+  report = trainer.evaluate_checkpoint(source, straight['workdir'], 'best')
+  assert report['checkpoint_step'] == STEPS and report['num_videos'] == 7
+  assert report['top1'] == straight['eval']['top1']
+  assert os.path.exists(os.path.join(straight['workdir'],
+                                     f'eval_step{STEPS}.json'))
+  with pytest.raises(FileNotFoundError,  # 3 kept (config.keep_checkpoints)
+                     match=r"no checkpoint '5'.*steps: \[6, 9, 12\]"):
+    trainer.evaluate_checkpoint(source, straight['workdir'], '5')
+
+  target = run_config(motion)
+  target.model.num_classes = 5
+  parts = ModelParts(target)
+  fresh = jax.jit(lambda: parts.init_params(1))()
+  messages = []
+  loaded = load_pretrained(straight['workdir'], fresh, log=messages.append)
+  assert 're-initialised 2: head.bias, head.kernel' in messages[0]
+  np.testing.assert_array_equal(loaded['head']['kernel'][...],
+                                fresh['head']['kernel'][...])
+  np.testing.assert_array_equal(
+      loaded['blocks'][0]['attn']['qkv']['kernel'][...],
+      straight['state'].params['blocks'][0]['attn']['qkv']['kernel'][...])
