@@ -68,37 +68,61 @@ def wait_for(condition, process, seconds=120):
     time.sleep(0.05)
 
 
-def test_sigkill_then_rerun_gives_the_same_losses(motion, straight, tmp_path):
-  workdir = str(tmp_path / 'killed')
+def log_lines(workdir) -> int:
+  path = os.path.join(workdir, 'train_log.jsonl')
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    return len(f.readlines())
+
+
+@pytest.fixture(scope='module')
+def killed_then_preempted(motion, tmp_path_factory):
+  """One workdir through the faults a job meets, as train.py processes:
+  SIGKILLed after its checkpoint 3; rerun, and SIGTERMed once it logged a
+  step; rerun to the end. What each phase left."""
+  workdir = str(tmp_path_factory.mktemp('killed_then_preempted'))
   command = train_command(motion, workdir)
-  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+  killed = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
   wait_for(lambda: os.path.isdir(os.path.join(workdir, 'checkpoints', '3')),
-           process)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
-  assert read_loss_log(workdir) == straight['losses']
-
-
-def test_sigterm_saves_the_current_step_and_a_rerun_resumes(motion, straight,
-                                                           tmp_path):
-  workdir = str(tmp_path / 'preempted')
-  command = train_command(motion, workdir)
-  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-  log = os.path.join(workdir, 'train_log.jsonl')
-  wait_for(lambda: os.path.exists(log), process)
-  process.send_signal(signal.SIGTERM)
-  output, _ = process.communicate(timeout=120)
-  assert process.returncode == 128 + signal.SIGTERM, output
-  stopped = max(read_loss_log(workdir))
-  assert stopped < STEPS and 'Pre-empted (SIGTERM) after step' in output
+           killed)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  lines = log_lines(workdir)
+  preempted = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+  wait_for(lambda: log_lines(workdir) > lines, preempted)
+  preempted.send_signal(signal.SIGTERM)
+  output, _ = preempted.communicate(timeout=120)
   saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
                  if d.isdigit())
-  assert saved[-1] == stopped  # saved where it stopped, not at a multiple of 3
   subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
-  assert read_loss_log(workdir) == straight['losses']
+  return {'killed_status': killed.returncode,
+          'preempted_status': preempted.returncode,
+          'preempted_output': output, 'saved_when_preempted': saved,
+          'losses': read_loss_log(workdir)}
+
+
+def test_sigkill_then_rerun_gives_the_same_losses(killed_then_preempted,
+                                                  straight):
+  run = killed_then_preempted
+  assert run['killed_status'] == -signal.SIGKILL
+  assert 'Resuming from step' in run['preempted_output']
+  assert run['losses'] == straight['losses']
+
+
+def test_sigterm_saves_the_current_step_and_a_rerun_resumes(
+    killed_then_preempted, straight):
+  run = killed_then_preempted
+  output = run['preempted_output']
+  assert run['preempted_status'] == 128 + signal.SIGTERM, output
+  assert 'Pre-empted (SIGTERM) after step' in output
+  stopped = int(output.split('Pre-empted (SIGTERM) after step ')[1].split(':')[0])
+  assert stopped < STEPS
+  # Saved where it stopped, not only at a multiple of checkpoint_every.
+  assert run['saved_when_preempted'][-1] == stopped
+  assert run['losses'] == straight['losses']
 
 
 def test_init_from_reinitialises_a_head_of_another_size(motion, straight):
