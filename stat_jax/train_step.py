@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
-from stat_jax import mixup
+from stat_jax import defaults, mixup, sharding
 from stat_jax.train_state import ModelParts, TrainState
 
 
@@ -70,6 +71,26 @@ def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
                       opt_state=opt_state), metrics
 
   return train_step
+
+
+def jit_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
+                   tx: optax.GradientTransformation, mesh: Mesh,
+                   state_shardings) -> jax.stages.Wrapped:
+  """The train step as training runs it: the state laid out as
+  `state_shardings` and donated (updated in place), the batch split over
+  every device of `mesh`."""
+  batch = sharding.batch_sharding(mesh)
+  return jax.jit(make_train_step(config, parts, tx),
+                 in_shardings=(state_shardings, {'video': batch, 'label': batch}),
+                 out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def abstract_batch(config: ml_collections.ConfigDict) -> dict:
+  """Shapes and dtypes of one global batch of `config.batch_size` clips."""
+  return {
+      'video': jax.ShapeDtypeStruct(
+          (config.batch_size, *defaults.clip_shape(config.data)), jnp.float32),
+      'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
 
 
 def make_eval_step(parts: ModelParts):
