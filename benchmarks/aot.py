@@ -133,7 +133,10 @@ def slice_report(config: ml_collections.ConfigDict, compiled, compile_s: float,
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   bytes_per_chip = measure.planned_memory(compiled)
-  step_s = cost.get('optimal_seconds')
+  # The compiler's estimate; it is negative (no estimate) for some programs
+  # (STAT-16 on v5e: -383 s), and absent off TPUs.
+  optimal = cost.get('optimal_seconds')
+  step_s = optimal if optimal and optimal > 0 else None
   step_flops = measure.flops_per_clip(config, train=True) * batch
   collectives = collective_summary(compiled.as_text(), chip)
   hbm = chip.hbm_bytes if chip else None
@@ -147,7 +150,7 @@ def slice_report(config: ml_collections.ConfigDict, compiled, compile_s: float,
       'alias_bytes': memory.alias_size_in_bytes,
       'bytes_per_chip': bytes_per_chip, 'hbm_bytes': hbm,
       'fits': bytes_per_chip <= hbm if hbm else None,
-      'compile_s': compile_s, 'est_step_s': step_s,
+      'compile_s': compile_s, 'optimal_seconds': optimal, 'est_step_s': step_s,
       'est_mfu': (step_flops / (step_s * n * chip.bf16_flops)
                   if step_s and chip else None),
       'est_clips_per_s': batch / step_s if step_s else None,
@@ -163,23 +166,35 @@ def _or_na(value, spec: str, scale: float = 1.0) -> str:
   return 'n/a' if value is None else f'{value * scale:{spec}}'
 
 
+FITS = {True: 'fits', False: 'does NOT fit', None: 'HBM unknown'}
+
+
+def _memory_line(report: dict) -> str:
+  gib = lambda key: f'{report[key] / 2**30:.2f}'
+  return (f'memory per chip: {gib("bytes_per_chip")} GiB of '
+          f'{_or_na(report["hbm_bytes"], ".1f", 2**-30)} GiB HBM '
+          f'({FITS[report["fits"]]}): arguments {gib("argument_bytes")}, '
+          f'outputs {gib("output_bytes")}, temporaries {gib("temp_bytes")}, '
+          f'donated {gib("alias_bytes")} GiB')
+
+
+def _estimate_line(report: dict) -> str:
+  refused = (f' (it gave {report["optimal_seconds"]:.4g} s)'
+             if report['est_step_s'] is None and report['optimal_seconds']
+             else '')
+  return (f'compiler estimate: {_or_na(report["est_step_s"], ".1f", 1e3)} '
+          f'ms/step{refused}, MFU {_or_na(report["est_mfu"], ".1%")}, '
+          f'{_or_na(report["est_clips_per_s"], ".0f")} clips/s on the slice; '
+          f'{report["bytes_per_clip"] / 1e9:.2f} GB moved per clip')
+
+
 def format_report(report: dict, topology: str) -> str:
-  gib = 2**-30
   lines = [
       f'{topology}: {report["chips"]} x {report["device_kind"]}, mesh '
       f'{report["mesh"]}; train step of {report["batch"]} clips '
       f'({report["batch_per_chip"]} per chip), {report["dtype"]}, remat '
       f'{report["remat"]}; compiled in {report["compile_s"]:.0f} s',
-      f'memory per chip: {report["bytes_per_chip"] * gib:.2f} GiB of '
-      f'{_or_na(report["hbm_bytes"], ".1f", gib)} GiB HBM ('
-      f'{ {True: "fits", False: "does NOT fit", None: "HBM unknown"}[report["fits"]]}'
-      f'): arguments {report["argument_bytes"] * gib:.2f}, outputs '
-      f'{report["output_bytes"] * gib:.2f}, temporaries '
-      f'{report["temp_bytes"] * gib:.2f}, donated {report["alias_bytes"] * gib:.2f} GiB',
-      f'compiler estimate: {_or_na(report["est_step_s"], ".1f", 1e3)} ms/step, '
-      f'MFU {_or_na(report["est_mfu"], ".1%")}, '
-      f'{_or_na(report["est_clips_per_s"], ".0f")} clips/s on the slice; '
-      f'{report["bytes_per_clip"] / 1e9:.2f} GB moved per clip',
+      _memory_line(report), _estimate_line(report),
       f'config recipe: {report["recipe_steps"]} steps, '
       f'{_or_na(report["est_recipe_s"], ".1f", 1 / 3600)} h at that rate',
       'collectives per step, per chip:']

@@ -15,13 +15,16 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import jax
+import numpy as np
 import pytest
 
 from benchmarks import aot
 from configs import tiny
 from conftest import FAST_COMPILE
+from stat_jax import flops
 from stat_jax.train_state import ModelParts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,3 +163,62 @@ def test_the_tiny_config_compiles_for_a_v5e_slice():
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 1
   assert "benchmarks.aot: unknown topology 'v5p:3x3x3'" in bad.stderr
+
+
+class FakeCompiled:
+  """What slice_report reads of a compiled program, set by hand: 1 GiB of
+  temporaries, an all-reduce of 1000 float32 values, a step estimate."""
+
+  def __init__(self, optimal_seconds):
+    self.optimal_seconds = optimal_seconds
+
+  def memory_analysis(self):
+    return types.SimpleNamespace(
+        argument_size_in_bytes=0, output_size_in_bytes=0, alias_size_in_bytes=0,
+        temp_size_in_bytes=2**30, peak_memory_in_bytes=0)
+
+  def cost_analysis(self):
+    return {'optimal_seconds': self.optimal_seconds, 'bytes accessed': 4e9}
+
+  def as_text(self):
+    return '''HloModule fake
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+ENTRY %main (p: f32[1000]) -> f32[1000] {
+  %p = f32[1000]{0} parameter(0)
+  ROOT %all-reduce = f32[1000]{0} all-reduce(%p), to_apply=%add
+}
+'''
+
+
+def fake_v5e_slice(chips: int):
+  """A mesh-like object of `chips` TPU v5e chips (197 TFLOP/s bf16, 16 GB,
+  200 GB/s of ICI one way: cloud.google.com/tpu/docs/v5e)."""
+  chip = types.SimpleNamespace(device_kind='TPU v5 lite')
+  return types.SimpleNamespace(devices=np.array([chip] * chips), size=chips,
+                               shape={'data': chips, 'fsdp': 1})
+
+
+def test_the_estimate_gives_mfu_clips_per_s_and_ici_time_by_hand():
+  config = tiny.get_config()
+  config.batch_size = 8
+  report = aot.slice_report(config, FakeCompiled(0.01), 1.0, fake_v5e_slice(4))
+  step_flops = 8 * 3 * 2 * flops.model_macs(config)  # 8 clips, 3 passes
+  assert report['est_mfu'] == pytest.approx(step_flops / (0.01 * 4 * 197e12))
+  assert report['est_clips_per_s'] == pytest.approx(800)
+  assert report['bytes_per_chip'] == 2**30 and report['fits']
+  assert report['bytes_per_clip'] == 4e9 * 4 / 8
+  all_reduce = report['collectives']['all-reduce']
+  assert all_reduce['count'] == 1 and all_reduce['bytes'] == 4000
+  assert all_reduce['seconds'] == pytest.approx(2 * 4000 / 200e9)
+
+
+def test_a_negative_compiler_estimate_is_no_estimate():
+  report = aot.slice_report(tiny.get_config(), FakeCompiled(-383.0), 1.0,
+                            fake_v5e_slice(4))
+  assert report['est_step_s'] is None and report['est_mfu'] is None
+  assert report['optimal_seconds'] == -383.0
+  assert 'n/a ms/step (it gave -383 s)' in aot.format_report(report, 'v5e:2x2')
