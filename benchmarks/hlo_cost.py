@@ -12,6 +12,10 @@ forward convolution's FLOPs, as cuDNN computes it); element-wise arithmetic
 is not counted (it never bounds a kernel next to the bytes it moves).
 Layout-only instructions (bitcast, tuple, get-tuple-element, parameter,
 constant) are free.
+
+Collectives (all-gather, reduce-scatter, all-reduce, all-to-all,
+collective-permute) are listed apart, with their bytes and how many times a
+call runs them (benchmarks/aot.py).
 """
 
 import dataclasses
@@ -244,3 +248,61 @@ class Module:
           found.append(self.kernel(instruction))
     return found
 
+
+
+# ------------------------------------------------------------ collectives ---
+
+COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all',
+               'collective-permute')
+
+
+@dataclasses.dataclass
+class Collective:
+  name: str
+  kind: str  # one of COLLECTIVES
+  # The larger of its operands and its results: the whole of what it
+  # gathers, reduces or exchanges, as each device holds it before or after.
+  bytes: float
+  count: int  # runs per call of the program (while loops' trip counts)
+
+
+def collective_kind(opcode: str) -> str | None:
+  """'all-gather' for 'all-gather' and its async 'all-gather-start' (the
+  '-done' half moves nothing); None for other opcodes."""
+  kind = opcode.removesuffix('-start')
+  return kind if kind in COLLECTIVES else None
+
+
+def trip_count(loop: Instruction) -> int:
+  """The trip count XLA proved for a while loop, else 1."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attributes)
+  return int(known.group(1)) if known else 1
+
+
+def collective_bytes(instruction: Instruction, shapes: dict[str, str]) -> float:
+  operands = sum(shape_bytes(shapes[name]) for name in instruction.operands)
+  results = shape_bytes(instruction.shape)
+  if instruction.opcode.endswith('-start'):  # its shape may hold the operands
+    results = max(results - operands, 0.0)
+  return max(operands, results)
+
+
+def collectives(module: Module) -> list[Collective]:
+  """Every collective the program runs: in the entry computation, in the
+  computations it calls (fusions, async wrappers) and in while bodies."""
+  found = []
+
+  def walk(computation: str, runs: int) -> None:
+    for instruction in module.computations[computation]:
+      kind = collective_kind(instruction.opcode)
+      if kind:
+        found.append(Collective(instruction.name, kind,
+                                collective_bytes(instruction, module.shapes),
+                                runs))
+      elif instruction.opcode == 'while':
+        walk(instruction.attribute('body'), runs * trip_count(instruction))
+      elif instruction.attribute('calls') in module.computations:
+        walk(instruction.attribute('calls'), runs)
+
+  walk(module.entry, 1)
+  return found

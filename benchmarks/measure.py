@@ -1,4 +1,4 @@
-"""Measuring code shared by speed.py and scaling.py.
+"""Measuring code shared by speed.py, scaling.py and roofline.py.
 
 For one config: compile the jitted forward pass (the eval step) or the train
 step, then report the time per clip (the minimum over repeats: other load on
@@ -17,11 +17,13 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from stat_jax import defaults, optim
+from stat_jax import defaults, sharding
 from stat_jax.flops import model_macs
-from stat_jax.train_state import ModelParts, init_train_state
-from stat_jax.train_step import make_eval_step, make_train_step
+from stat_jax.train_state import (ModelParts, abstract_train_state,
+                                  init_train_state)
+from stat_jax.train_step import jit_train_step, make_eval_step
 
 MATMUL_SIZE = 4096  # the peak: one [n, n] x [n, n] product at the config dtype
 
@@ -51,34 +53,48 @@ def _arguments(make, shapes_only: bool):
   return jax.eval_shape(make) if shapes_only else jax.jit(make)()
 
 
-def forward_program(config, batch: int, shapes_only: bool = False) -> Program:
+def one_device_mesh(config: ml_collections.ConfigDict,
+                    device: jax.Device | None) -> jax.sharding.Mesh:
+  """A (data=1, fsdp=1) mesh of `device` (None: the default device)."""
+  config.mesh.data, config.mesh.fsdp = 1, 1
+  return sharding.make_mesh(config, [device or jax.devices()[0]])
+
+
+def forward_program(config, batch: int, device: jax.Device | None = None,
+                    shapes_only: bool = False) -> Program:
   """The eval step (forward pass + softmax) on a random clip batch."""
   parts = ModelParts(config)
+  on_device = NamedSharding(one_device_mesh(config, device), P())
   args = _arguments(lambda: (parts.init_params(config.seed),
                              random_video(config, batch)), shapes_only)
-  return Program(jax.jit(make_eval_step(parts, config.data)), args, train=False, clips=batch)
+  return Program(jax.jit(make_eval_step(parts, config.data),
+                         in_shardings=on_device),
+                 args, train=False, clips=batch)
 
 
-def train_program(config, batch: int, shapes_only: bool = False) -> Program:
-  """The full train step (augmentation, mixup, forward, backward, AdamW),
-  state donated."""
-  parts = ModelParts(config)
-  tx = optim.make_optimizer(config)
+def train_program(config, batch: int, device: jax.Device | None = None,
+                  shapes_only: bool = False) -> Program:
+  """The train step as training runs it (augmentation, mixup, forward,
+  backward, AdamW; the state donated) on `device`."""
+  mesh = one_device_mesh(config, device)
+  parts, tx, _, state_shardings = abstract_train_state(config, mesh)
   args = _arguments(lambda: (
       init_train_state(parts, config.seed, tx),
       {'video': random_video(config, batch),
        'key': jax.random.bits(jax.random.key(1), (batch, 2), jnp.uint32),
        'label': jnp.zeros((batch,), jnp.int32)}), shapes_only)
-  return Program(jax.jit(make_train_step(config, parts, tx), donate_argnums=0),
+  return Program(jit_train_step(config, parts, tx, mesh, state_shardings),
                  args, train=True, clips=batch)
 
 
 def make_program(config: ml_collections.ConfigDict, *, batch: int,
-                 train: bool, shapes_only: bool = False) -> Program:
-  """The forward or train program of `config` at `batch` (not compiled)."""
+                 train: bool, device: jax.Device | None = None,
+                 shapes_only: bool = False) -> Program:
+  """The forward or train program of `config` at `batch` for `device` (None:
+  the default device), not compiled."""
   config = ml_collections.ConfigDict(config)
   config.batch_size = batch
-  return (train_program if train else forward_program)(config, batch,
+  return (train_program if train else forward_program)(config, batch, device,
                                                         shapes_only)
 
 

@@ -32,7 +32,7 @@ import jax
 import ml_collections
 
 from benchmarks import hlo_cost, measure, step_flags
-from stat_jax import conv, metrics
+from stat_jax import chips, conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +71,17 @@ device_description_str: "{self.name}"
 '''
 
 
-GPUS = {  # NVIDIA datasheets: SXM parts; the FLOP/s peak of metrics.py
-    'h100': Gpu('NVIDIA H100 80GB HBM3',
-                bf16_tflops=metrics.PEAK_FLOPS['H100'] / 1e12,
-                bandwidth_gbs=3350, memory_bytes=80 * 2**30, clock_ghz=1.98),
-    'h200': Gpu('NVIDIA H200', bf16_tflops=metrics.PEAK_FLOPS['H200'] / 1e12,
-                bandwidth_gbs=4800, memory_bytes=141 * 10**9, clock_ghz=1.98),
+def datasheet(kind: str) -> dict:
+  """The peaks of stat_jax/chips.py for `kind`, in Gpu's units."""
+  chip = chips.CHIPS[kind]
+  return {'bf16_tflops': chip.bf16_flops / 1e12,
+          'bandwidth_gbs': chip.hbm_bandwidth / 1e9,
+          'memory_bytes': int(chip.hbm_bytes)}
+
+
+GPUS = {
+    'h100': Gpu('NVIDIA H100 80GB HBM3', **datasheet('H100'), clock_ghz=1.98),
+    'h200': Gpu('NVIDIA H200', **datasheet('H200'), clock_ghz=1.98),
 }
 
 flags.DEFINE_enum('target', 'h100', [*GPUS, 'attached'], 'What to compile for.')
@@ -107,13 +112,8 @@ def compiled_step(config: ml_collections.ConfigDict, batch: int, train: bool,
   """The forward or train program of `config`, compiled for `device`
   (None: the default device) from shapes alone."""
   program = measure.make_program(config, batch=batch, train=train,
-                                 shapes_only=True)
-  args = program.args
-  if device is not None:
-    on_device = jax.sharding.SingleDeviceSharding(device)
-    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=on_device), args)
-  return program.step.lower(*args).compile()
+                                 device=device, shapes_only=True)
+  return program.step.lower(*program.args).compile()
 
 
 def phase(kernel: hlo_cost.Kernel, train: bool) -> str:

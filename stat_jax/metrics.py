@@ -7,19 +7,14 @@ import time
 import jax
 from clu import metric_writers
 
-# Dense bf16 peak FLOP/s per device, by `device_kind` substring.
-PEAK_FLOPS = {
-    'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L4': 121e12,
-    'TPU v6': 918e12, 'TPU v5p': 459e12, 'TPU v5': 197e12, 'TPU v4': 275e12,
-}
+from stat_jax import chips
 
 
 def peak_flops(device) -> float | None:
-  """Peak FLOP/s of one device, or None where unknown (e.g. CPUs)."""
-  for kind, flops in PEAK_FLOPS.items():
-    if kind.lower() in device.device_kind.lower():
-      return flops
-  return None
+  """Dense bf16 peak FLOP/s of one device (stat_jax/chips.py), or None
+  where unknown (e.g. CPUs)."""
+  figures = chips.chip(device)
+  return figures.bf16_flops if figures else None
 
 
 def make_writer(workdir: str) -> metric_writers.MetricWriter:

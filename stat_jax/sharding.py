@@ -49,6 +49,14 @@ def state_shardings(abstract_state, mesh: Mesh, min_size: int):
       abstract_state)
 
 
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+  """Refuses a global batch that the mesh's devices cannot share equally."""
+  if batch_size % mesh.size:
+    raise UserError(f'config.batch_size={batch_size} is not divisible by the '
+                    f'{mesh.size} devices of the mesh: give a multiple of '
+                    f'{mesh.size}')
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 

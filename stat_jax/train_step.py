@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
-from stat_jax import augment_device, mixup
+from stat_jax import augment_device, defaults, mixup, sharding
 from stat_jax.train_state import ModelParts, TrainState
 
 
@@ -75,6 +76,30 @@ def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
                       opt_state=opt_state), metrics
 
   return train_step
+
+
+def jit_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
+                   tx: optax.GradientTransformation, mesh: Mesh,
+                   state_shardings) -> jax.stages.Wrapped:
+  """The train step as training runs it: the state laid out as
+  `state_shardings` and donated (updated in place), the batch split over
+  every device of `mesh`."""
+  batch = sharding.batch_sharding(mesh)
+  return jax.jit(make_train_step(config, parts, tx),
+                 in_shardings=(state_shardings,
+                               {key: batch for key in abstract_batch(config)}),
+                 out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def abstract_batch(config: ml_collections.ConfigDict) -> dict:
+  """Shapes and dtypes of one global batch of `config.batch_size` clips:
+  uint8 clips, augmented in the step, with their key data."""
+  size = config.batch_size
+  return {
+      'video': jax.ShapeDtypeStruct(
+          (size, *defaults.clip_shape(config.data)), jnp.uint8),
+      'key': jax.ShapeDtypeStruct((size, 2), jnp.uint32),
+      'label': jax.ShapeDtypeStruct((size,), jnp.int32)}
 
 
 def make_eval_step(parts: ModelParts, data: ml_collections.ConfigDict):

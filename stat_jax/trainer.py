@@ -11,16 +11,14 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
 from data import pipeline
-from stat_jax import checkpoint, confusion, defaults, metrics, optim, sharding
+from stat_jax import checkpoint, confusion, metrics, optim, sharding
 from stat_jax import config_compare, preflight
 from stat_jax.config_validation import validate
-from stat_jax.errors import UserError
 from stat_jax.eval_images import EvalImages
 from stat_jax.evaluation import (EVAL_SCALARS, ViewAccumulator, format_accuracy,
                                  format_summary, time_reversed, write_report)
@@ -28,7 +26,7 @@ from stat_jax.flops import model_macs
 from stat_jax.preemption import watch as watch_preemption
 from stat_jax.train_state import (abstract_train_state, init_train_state,
                                   with_shardings)
-from stat_jax.train_step import make_eval_step, make_train_step
+from stat_jax.train_step import abstract_batch, jit_train_step, make_eval_step
 from stat_jax.transfer import load_pretrained
 
 
@@ -58,9 +56,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config)
   total_steps = optim.total_steps(config)
-  if config.batch_size % mesh.size:
-    raise UserError(f'config.batch_size={config.batch_size} is not divisible '
-                     f'by the {mesh.size} devices of the mesh')
+  sharding.check_batch(config.batch_size, mesh)
   train_data = pipeline.make_train_iterator(
       config, process_index=jax.process_index(),
       process_count=jax.process_count())
@@ -87,18 +83,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     start = 0
 
   # ----------------------------------------------------------- compile ---
-  abstract_batch = {  # uint8 clips, augmented in the step
-      'video': jax.ShapeDtypeStruct(
-          (config.batch_size, *defaults.clip_shape(config.data)), jnp.uint8),
-      'key': jax.ShapeDtypeStruct((config.batch_size, 2), jnp.uint32),
-      'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
-  batch_shardings = {key: sharding.batch_sharding(mesh)
-                     for key in abstract_batch}
-  train_step = jax.jit(make_train_step(config, parts, tx),
-                       in_shardings=(state_shardings, batch_shardings),
-                       out_shardings=(state_shardings, None), donate_argnums=0)
+  train_step = jit_train_step(config, parts, tx, mesh, state_shardings)
   compile_start = time.perf_counter()
-  train_step = train_step.lower(abstract_state, abstract_batch).compile()
+  train_step = train_step.lower(abstract_state, abstract_batch(config)).compile()
   report_memory(train_step, time.perf_counter() - compile_start)
   eval_step = jax.jit(make_eval_step(parts, config.data))
   eval_images = EvalImages(config, parts, mesh) if config.data.eval_spec else None

@@ -1,0 +1,247 @@
+"""Will a config fit on a TPU slice, and how fast would it train there?
+Compiled ahead of time on this machine, without the slice.
+
+  python -m benchmarks.aot --config=configs/k400.py:16 --config.dtype=bfloat16 \
+      --topology=v5p:4x4x8 --batch_per_chip=8 [--config.mesh.fsdp=4] [--json]
+
+Compiles the very train step train.py runs (stat_jax/train_step.py:
+jit_train_step: the state laid out by stat_jax/sharding.py over the mesh of
+`config.mesh`, the batch split over every chip, the state donated) for the
+devices of --topology: `<kind>:<shape>` with kind v4, v5e, v5p or v6e
+(e.g. v5p:4x4x8, v5e:16x16, v6e:8x8), or `cpu` for this process's own
+devices. A TPU topology needs libtpu: `pip install "jax[tpu]"` at this jax
+version, in a separate virtual environment (~700 MB); no TPU is needed.
+
+Reported per chip: the memory XLA plans (arguments, outputs, temporaries)
+against the chip's HBM; per step: the TPU compiler's own time estimate
+(cost_analysis 'optimal_seconds'), the MFU and clips/s it implies (model
+FLOPs of stat_jax.flops), the bytes moved per clip, and each kind of
+collective with its bytes and its time at the chip's ICI bandwidth
+(bytes / one-direction bandwidth, twice that for an all-reduce: a ring's
+cost on a large slice, with no overlap). Chip figures: stat_jax/chips.py.
+A `cpu` topology has none of them, nor a time estimate: those are null.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+
+from absl import app, flags
+import jax
+import ml_collections
+from ml_collections import config_flags
+
+from benchmarks import hlo_cost, measure
+from stat_jax import chips, cli, conv, optim, sharding
+from stat_jax.config_validation import validate
+from stat_jax.errors import UserError
+from stat_jax.train_state import abstract_train_state, with_shardings
+from stat_jax.train_step import abstract_batch, jit_train_step
+
+# kind -> how libtpu lays out its chips: one device per chip, its two
+# TensorCores as one (megacore), as v4 and v5p run.
+TPU_KINDS = {'v4': 'megacore', 'v5e': 'default', 'v5p': 'megacore',
+             'v6e': 'default'}
+TOPOLOGY = re.compile(rf'^({"|".join(TPU_KINDS)}):\d+(x\d+)+$')
+
+FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
+config_flags.DEFINE_config_file('config', None, 'Experiment config.',
+                                flag_values=FLAGS)
+flags.DEFINE_string('topology', None, "'<kind>:<shape>' (v5p:4x4x8, v5e:16x16) "
+                    "or 'cpu' (this process's devices).", flag_values=FLAGS)
+flags.DEFINE_integer('batch_per_chip', None, 'Clips per chip per step '
+                     '(default: config.batch_size over the chips).',
+                     lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_string('hlo_out', None, 'Also write the optimized HLO here.',
+                    flag_values=FLAGS)
+flags.DEFINE_bool('json', False, 'End with the report as one JSON line.',
+                  flag_values=FLAGS)
+flags.mark_flags_as_required(['config', 'topology'], flag_values=FLAGS)
+
+
+def libtpu_installed() -> bool:
+  return importlib.util.find_spec('libtpu') is not None
+
+
+def slice_devices(topology: str) -> list[jax.Device]:
+  """The devices to compile for: those of a TPU slice (compile only), or
+  this process's for 'cpu'."""
+  if topology == 'cpu':
+    return jax.devices()
+  if not TOPOLOGY.match(topology):
+    raise UserError(f'unknown topology {topology!r}: give <kind>:<shape> with '
+                    f'kind one of {", ".join(TPU_KINDS)} (e.g. v5p:4x4x8, '
+                    'v5e:16x16), or cpu')
+  if not libtpu_installed():
+    raise UserError(f'--topology={topology} compiles for a TPU slice and needs '
+                    f'libtpu: pip install "jax[tpu]=={jax.__version__}" (in a '
+                    'separate virtual environment; no TPU needed)')
+  kind = topology.split(':')[0]
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')  # quiets libtpu
+  os.environ.setdefault('TPU_ACCELERATOR_TYPE', f'{kind}-8')
+  jax.config.update('jax_platforms', 'cpu')  # no TPU here to start
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    return topologies.get_topology_desc(
+        platform='tpu', topology_name=topology,
+        chip_config_name=TPU_KINDS[kind]).devices
+  except jax.errors.JaxRuntimeError as error:
+    reason = ' '.join(str(error).split())
+    raise UserError(f'unknown topology {topology!r} ({reason}): see the slice '
+                    f'shapes of cloud.google.com/tpu/docs/{kind}') from error
+
+
+def compile_train_step(config: ml_collections.ConfigDict,
+                       devices: list[jax.Device]):
+  """(the train step compiled for `devices`, seconds the compile took, the
+  mesh). `config.batch_size` is the global batch."""
+  mesh = sharding.make_mesh(config, devices)
+  sharding.check_batch(config.batch_size, mesh)
+  parts, tx, abstract, shardings = abstract_train_state(config, mesh)
+  step = jit_train_step(config, parts, tx, mesh, shardings)
+  start = time.perf_counter()
+  compiled = step.lower(with_shardings(abstract, shardings),
+                        abstract_batch(config)).compile()
+  return compiled, time.perf_counter() - start, mesh
+
+
+def collective_summary(hlo_text: str, chip: chips.Chip | None) -> dict:
+  """{kind: {'count', 'bytes', 'seconds'}} per step, per chip; seconds
+  None without an ICI figure."""
+  summary = {kind: {'count': 0, 'bytes': 0.0, 'seconds': None}
+             for kind in hlo_cost.COLLECTIVES}
+  for found in hlo_cost.collectives(hlo_cost.Module(hlo_text)):
+    summary[found.kind]['count'] += found.count
+    summary[found.kind]['bytes'] += found.count * found.bytes
+  if chip and chip.ici_bandwidth:
+    for kind, entry in summary.items():
+      passes = 2 if kind == 'all-reduce' else 1  # reduce-scatter + all-gather
+      entry['seconds'] = passes * entry['bytes'] / chip.ici_bandwidth
+  return summary
+
+
+def slice_report(config: ml_collections.ConfigDict, compiled, compile_s: float,
+                 mesh) -> dict:
+  """What one train step costs on the slice, from the compiled program."""
+  devices = mesh.devices.flat
+  device = next(iter(devices))
+  chip = chips.chip(device)
+  n, batch = mesh.size, config.batch_size
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  bytes_per_chip = measure.planned_memory(compiled)
+  # The compiler's estimate; it is negative (no estimate) for some programs
+  # (STAT-16 on v5e: -383 s), and absent off TPUs.
+  optimal = cost.get('optimal_seconds')
+  step_s = optimal if optimal and optimal > 0 else None
+  step_flops = measure.flops_per_clip(config, train=True) * batch
+  collectives = collective_summary(compiled.as_text(), chip)
+  hbm = chip.hbm_bytes if chip else None
+  return {
+      'chips': n, 'device_kind': device.device_kind,
+      'mesh': dict(mesh.shape), 'batch': batch, 'batch_per_chip': batch // n,
+      'dtype': config.dtype, 'remat': config.remat,
+      'argument_bytes': memory.argument_size_in_bytes,
+      'output_bytes': memory.output_size_in_bytes,
+      'temp_bytes': memory.temp_size_in_bytes,
+      'alias_bytes': memory.alias_size_in_bytes,
+      'bytes_per_chip': bytes_per_chip, 'hbm_bytes': hbm,
+      'fits': bytes_per_chip <= hbm if hbm else None,
+      'compile_s': compile_s, 'optimal_seconds': optimal, 'est_step_s': step_s,
+      'est_mfu': (step_flops / (step_s * n * chip.bf16_flops)
+                  if step_s and chip else None),
+      'est_clips_per_s': batch / step_s if step_s else None,
+      'bytes_per_clip': cost['bytes accessed'] * n / batch,
+      'collectives': collectives,
+      'collective_bytes': sum(c['bytes'] for c in collectives.values()),
+      'recipe_steps': optim.total_steps(config),
+      'est_recipe_s': optim.total_steps(config) * step_s if step_s else None,
+  }
+
+
+def _or_na(value, spec: str, scale: float = 1.0) -> str:
+  return 'n/a' if value is None else f'{value * scale:{spec}}'
+
+
+FITS = {True: 'fits', False: 'does NOT fit', None: 'HBM unknown'}
+
+
+def _memory_line(report: dict) -> str:
+  gib = lambda key: f'{report[key] / 2**30:.2f}'
+  return (f'memory per chip: {gib("bytes_per_chip")} GiB of '
+          f'{_or_na(report["hbm_bytes"], ".1f", 2**-30)} GiB HBM '
+          f'({FITS[report["fits"]]}): arguments {gib("argument_bytes")}, '
+          f'outputs {gib("output_bytes")}, temporaries {gib("temp_bytes")}, '
+          f'donated {gib("alias_bytes")} GiB')
+
+
+def _estimate_line(report: dict) -> str:
+  refused = (f' (it gave {report["optimal_seconds"]:.4g} s)'
+             if report['est_step_s'] is None and report['optimal_seconds']
+             else '')
+  return (f'compiler estimate: {_or_na(report["est_step_s"], ".1f", 1e3)} '
+          f'ms/step{refused}, MFU {_or_na(report["est_mfu"], ".1%")}, '
+          f'{_or_na(report["est_clips_per_s"], ".0f")} clips/s on the slice; '
+          f'{report["bytes_per_clip"] / 1e9:.2f} GB moved per clip')
+
+
+def format_report(report: dict, topology: str) -> str:
+  lines = [
+      f'{topology}: {report["chips"]} x {report["device_kind"]}, mesh '
+      f'{report["mesh"]}; train step of {report["batch"]} clips '
+      f'({report["batch_per_chip"]} per chip), {report["dtype"]}, remat '
+      f'{report["remat"]}; compiled in {report["compile_s"]:.0f} s',
+      _memory_line(report), _estimate_line(report),
+      f'config recipe: {report["recipe_steps"]} steps, '
+      f'{_or_na(report["est_recipe_s"], ".1f", 1 / 3600)} h at that rate',
+      'collectives per step, per chip:']
+  for kind, entry in report['collectives'].items():
+    lines.append(f'  {kind:18s} {entry["count"]:5d} x, '
+                 f'{entry["bytes"] / 2**20:10.1f} MiB, '
+                 f'{_or_na(entry["seconds"], ".2f", 1e3)} ms at ICI bandwidth')
+  return '\n'.join(lines)
+
+
+def _report() -> int:
+  devices = slice_devices(FLAGS.topology)
+  config = FLAGS.config
+  if FLAGS.batch_per_chip:
+    config.batch_size = FLAGS.batch_per_chip * len(devices)
+  config.model.conv_impl = conv.resolve_conv_impl(  # 'auto' for the slice
+      config.model.conv_impl, devices[0].platform)
+  validate(config)
+  compiled, compile_s, mesh = compile_train_step(config, devices)
+  report = slice_report(config, compiled, compile_s, mesh)
+  if FLAGS.hlo_out:
+    with open(FLAGS.hlo_out, 'w') as f:
+      f.write(compiled.as_text())
+  print(format_report(report, FLAGS.topology))
+  if FLAGS.json:
+    print(json.dumps(report))
+  return 0
+
+
+def run(args: list[str]) -> int:
+  """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
+  cli.no_positional(args)
+  return cli.report_user_errors('benchmarks.aot', _report)
+
+
+def main(argv: list[str]) -> int:
+  """The command line after the program name, run in this process."""
+  program, sys.argv = sys.argv, [sys.argv[0], *argv]
+  try:  # config_flags reads the --config.x overrides from sys.argv
+    args = cli.parse(FLAGS, argv)
+  finally:
+    sys.argv = program
+  return run(args)
+
+
+if __name__ == '__main__':
+  # Parsed by this tool's FLAGS, not absl's (cli.run): the --config.x
+  # overrides exist only once --config is parsed, on the FlagValues of it.
+  app.run(lambda argv: main(argv[1:]),
+          flags_parser=lambda argv: flags.FLAGS(argv[:1]) and argv)
