@@ -83,8 +83,7 @@ def motion(tmp_path_factory):
 _RUN_FIRST = ('test_distributed.py', 'test_resume.py', 'test_training.py',
               'test_faults_training.py', 'test_faults_data.py',
               'test_remat.py', 'test_augment_device.py', 'test_aot.py',
-              'test_model.py',
-              'test_paper_tables.py')
+              'test_model.py', 'test_paper_tables.py')
 
 
 def pytest_collection_modifyitems(items):

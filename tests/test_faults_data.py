@@ -18,7 +18,7 @@ import tensorflow as tf
 import data_testlib
 from configs import tiny
 from data import convert, dmvr, inspect, pipeline, synthetic
-from stat_jax import trainer
+from stat_jax import train_step, trainer
 from stat_jax.errors import UserError
 from stat_jax.preemption import watch
 
@@ -100,7 +100,7 @@ def test_skips_are_reported_and_sigterm_while_waiting_saves(
                       lambda *a: built.append(abstract(*a)) or built[0])
   monkeypatch.setattr(trainer, 'init_train_state', lambda *_: jax.tree.map(
       lambda a: jnp.zeros(a.shape, a.dtype), built[0][2]))
-  monkeypatch.setattr(trainer, 'make_train_step', lambda *_: lambda state, b: (
+  monkeypatch.setattr(train_step, 'make_train_step', lambda *_: lambda state, b: (
       state.replace(step=state.step + 1),
       {'loss': b['video'].mean() + 1.0, 'grad_norm': b['label'].sum() * 0.0}))
   workdir = str(tmp_path)
