@@ -126,8 +126,7 @@ def collective_summary(hlo_text: str, chip: chips.Chip | None) -> dict:
 def slice_report(config: ml_collections.ConfigDict, compiled, compile_s: float,
                  mesh) -> dict:
   """What one train step costs on the slice, from the compiled program."""
-  devices = mesh.devices.flat
-  device = next(iter(devices))
+  device = mesh.devices.flat[0]
   chip = chips.chip(device)
   n, batch = mesh.size, config.batch_size
   memory = compiled.memory_analysis()

@@ -25,7 +25,10 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
   if data * fsdp != len(devices):
     raise UserError(f'config.mesh data={config.mesh.data} x fsdp={fsdp} '
                      f'does not match the {len(devices)} devices')
-  grid = mesh_utils.create_device_mesh((data, fsdp), devices)
+  # Splitting a physical axis lets fsdp be any divisor of the device count
+  # (fsdp=8 on a 4x4x4 TPU slice), not only a product of its axis sizes.
+  grid = mesh_utils.create_device_mesh((data, fsdp), devices,
+                                       allow_split_physical_axes=True)
   return Mesh(grid, BATCH_AXES)
 
 
