@@ -23,7 +23,6 @@ With --json the last line is one JSON object {"videos": [{"video", "top5",
 import html
 import json
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 

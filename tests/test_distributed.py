@@ -27,7 +27,6 @@ import pytest
 
 from configs import tiny
 from conftest import FAST_COMPILE
-from data import synthetic
 from stat_jax import (checkpoint, distributed, launch, sharding, train_state,
                       trainer)
 
