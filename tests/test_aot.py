@@ -23,11 +23,10 @@ import pytest
 
 from benchmarks import aot
 from configs import tiny
-from conftest import FAST_COMPILE
+from conftest import FAST_COMPILE, ROOT
 from stat_jax import flops
 from stat_jax.train_state import ModelParts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_ENV = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
                XLA_FLAGS=f'{FAST_COMPILE} --xla_force_host_platform_device_count=8')
 TINY = '--config=configs/tiny.py'
