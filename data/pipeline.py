@@ -5,8 +5,7 @@ Batches are uint8 clips; the train augmentation after the crop (flip,
 RandAugment, normalisation, random erasing) runs on the device
 (stat_jax/augment_device.py), from per-clip key data shipped with them.
 
-Index: every shard is indexed once by a header scan into (file, offset,
-length) triples. Train order: epoch e permutes the global index with
+Index: data/records.py. Labels: data/labels.py. Train order: epoch e permutes the global index with
 tf.random.experimental.index_shuffle seeded (seed, e); process k of P takes
 positions k, k + P, ... of it (a strided slice of the record index, so any
 number of shards works for any number of processes), n // P records per
@@ -37,15 +36,15 @@ mask False (label and video_id -1).
 """
 
 import collections
-import concurrent.futures
 import math
 import os
-import zlib
 
 import numpy as np
 import tensorflow as tf
 
 from data import dmvr
+from data import labels
+from data import records
 from data import sampling
 from stat_jax import defaults
 from stat_jax.errors import UserError
@@ -54,192 +53,16 @@ from stat_jax.errors import UserError
 # checkpoint's (TrainIterator.set_state).
 DATA_CHANGE_KEY = 'data.allow_data_change'
 
-_READ_PARALLELISM = 8  # records read concurrently by the interleave
 _PREFETCH_BATCHES = 2
 # Why a train record was skipped: reason code -> what the logs call it.
 SKIP_REASONS = {1: 'unreadable or not a clip', 2: 'no label or label out of '
                 'range', 3: 'frames that do not decode as JPEG'}
 _SKIP_KEYS = {1: 'skipped_unreadable', 2: 'skipped_label', 3: 'skipped_jpeg'}
-_LABEL_SAMPLE = 64  # records whose labels check_label_space reads per spec
 
 
 class Interrupted(Exception):
   """A stop request (SIGTERM) arrived while the train iterator waited for
   valid clips; its state is still that after the last batch it returned."""
-
-
-# -------------------------------------------------------------------- index ---
-
-class RecordIndex:
-  """All records of a shard spec: files, file sizes, and per record the file
-  number, data offset and data length (int64 [n] each), in file order."""
-
-  def __init__(self, spec: str):
-    self.files = dmvr.resolve_spec(spec)
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-      tables = list(pool.map(dmvr.index_shard, self.files))
-    self.sizes = np.array([tf.io.gfile.stat(f).length for f in self.files],
-                          np.int64)
-    self.file = np.concatenate([np.full(len(t), i, np.int64)
-                                for i, t in enumerate(tables)])
-    rows = np.concatenate(tables)  # [n, 2]
-    self.offset, self.length = rows[:, 0], rows[:, 1]
-    if not len(self.file):
-      raise UserError(f'shard spec {spec!r}: no records in {self.files}')
-
-  def __len__(self):
-    return len(self.file)
-
-  def fingerprint(self) -> int:
-    """A 31-bit hash of the shard names, sizes and record counts (fits the
-    int32 of a checkpoint's data state)."""
-    counts = np.bincount(self.file, minlength=len(self.files))
-    text = '\n'.join(f'{os.path.basename(f)} {size} {count}' for f, size, count
-                     in zip(self.files, self.sizes, counts))
-    return zlib.crc32(text.encode()) & 0x7fffffff
-
-  def entries(self, records: np.ndarray) -> dict:
-    """The read arguments of the given record numbers."""
-    return {'file': self.file[records], 'offset': self.offset[records],
-            'length': self.length[records]}
-
-
-def _record_reader(index: RecordIndex):
-  """entry -> a dataset of one element: the entry plus 'record' (bytes)."""
-  files = tf.constant(index.files)
-  sizes = tf.constant(index.sizes)
-
-  def read_one(entry):
-    footer = tf.gather(sizes, entry['file']) - entry['offset'] - entry['length']
-    records = tf.data.FixedLengthRecordDataset(
-        tf.gather(files, entry['file']), record_bytes=entry['length'],
-        header_bytes=entry['offset'], footer_bytes=footer)
-    return records.map(lambda record: dict(entry, record=record))
-
-  return read_one
-
-
-def _read(entries: tf.data.Dataset, index: RecordIndex) -> tf.data.Dataset:
-  """Adds 'record' (bytes) to each element holding file/offset/length."""
-  return entries.interleave(_record_reader(index),
-                            cycle_length=_READ_PARALLELISM,
-                            num_parallel_calls=tf.data.AUTOTUNE,
-                            deterministic=True)
-
-
-# ------------------------------------------------------------------ labels ---
-
-def _label_table(data, spec):
-  """class name -> label from data.label_map (or label_map.txt beside the
-  shards); None when there is no such file (then records need an index)."""
-  path = data.label_map or os.path.join(dmvr.spec_directory(spec),
-                                        'label_map.txt')
-  if not tf.io.gfile.exists(path):
-    if data.label_map:
-      raise FileNotFoundError(f'data.label_map: no such file {path}')
-    return None
-  names = dmvr.load_label_map(path)
-  return tf.lookup.StaticHashTable(
-      tf.lookup.KeyValueTensorInitializer(names, tf.range(len(names))), -1)
-
-
-def _label_map_paths(data):
-  if data.label_map:
-    yield data.label_map
-  for spec in (data.eval_spec, data.train_spec):
-    if spec:
-      try:
-        yield os.path.join(dmvr.spec_directory(spec), 'label_map.txt')
-      except (FileNotFoundError, ValueError):  # shards moved or deleted
-        continue
-
-
-def class_names(config) -> list[str]:
-  """From data.label_map, else label_map.txt beside the eval (or train)
-  shards, else '0' .. 'N-1'."""
-  count = config.model.num_classes
-  for path in _label_map_paths(config.data):
-    if os.path.exists(path):
-      names = dmvr.load_label_map(path)
-      if len(names) != count:
-        raise UserError(f'{path}: {len(names)} class names, but '
-                         f'model.num_classes = {count}')
-      return names
-  return [str(i) for i in range(count)]
-
-
-def _sample_labels(index: RecordIndex, names: list | None, count: int):
-  """(labels, unknown label texts, records read) of up to `count` records
-  spread over the index; records that do not parse are left to the stream."""
-  labels, unknown, read = [], set(), 0
-  lookup = {name: i for i, name in enumerate(names or [])}
-  for record in np.unique(np.linspace(0, len(index) - 1, count).astype(int)):
-    with tf.io.gfile.GFile(index.files[index.file[record]], 'rb') as f:
-      f.seek(int(index.offset[record]))
-      serialized = f.read(int(index.length[record]))
-    try:
-      clip = dmvr.parse_example(serialized)
-    except ValueError:
-      continue
-    read += 1
-    if clip.label_indices:
-      labels.append(clip.label_indices[0])
-    elif clip.label_texts and clip.label_texts[0] in lookup:
-      labels.append(lookup[clip.label_texts[0]])
-    elif clip.label_texts and names is not None:
-      unknown.add(clip.label_texts[0])
-  return labels, unknown, read
-
-
-def check_label_space(config, train_index: RecordIndex | None = None) -> None:
-  """Before the first step: the label map (class_names' search order) has
-  model.num_classes names, and the labels of a sample of train and eval
-  records are in 0 .. num_classes - 1 (the stream would skip the others
-  silently, and the end-of-run report fail). UserError naming what differs."""
-  data, count = config.data, config.model.num_classes
-  for path in _label_map_paths(data):
-    if tf.io.gfile.exists(path):
-      names = dmvr.load_label_map(path)
-      if len(names) != count:
-        raise UserError(f'{path}: {len(names)} class names, but '
-                         f'model.num_classes = {count}; give the label map of '
-                         'this data set, or set model.num_classes')
-      break
-  for key, index in (('train_spec', train_index), ('eval_spec', None)):
-    spec = data[key]
-    if not spec:
-      continue
-    index = index or RecordIndex(spec)
-    path = data.label_map or os.path.join(dmvr.spec_directory(spec),
-                                          'label_map.txt')
-    names = (dmvr.load_label_map(path) if tf.io.gfile.exists(path) else None)
-    labels, unknown, read = _sample_labels(index, names, _LABEL_SAMPLE)
-    outside = sorted({label for label in labels if not 0 <= label < count})
-    if outside:
-      bad = sum(not 0 <= label < count for label in labels)
-      raise UserError(
-          f'data.{key} {spec!r}: {bad} of {read} sampled records have labels '
-          f'outside 0..{count - 1} (model.num_classes = {count}): '
-          f'{", ".join(map(str, outside[:10]))}; set model.num_classes to '
-          'the class count of the data set')
-    if unknown:
-      raise UserError(f'data.{key} {spec!r}: label(s) '
-                       f'{", ".join(map(repr, sorted(unknown)[:10]))} of sampled '
-                       f'records are not in the label map {path}')
-
-
-def _label(parsed, table, num_classes):
-  """int32 label: the first clip/label/index, else the label map entry of the
-  first text label; a record with neither (or out of range) fails."""
-  candidates = [tf.cast(parsed['label_index'], tf.int32)]
-  if table is not None:
-    candidates.append(table.lookup(parsed['label_text']))
-  label = tf.concat(candidates + [[-1]], 0)[0]
-  checks = [tf.debugging.assert_non_negative(label, message='no label'),
-            tf.debugging.assert_less(label, num_classes,
-                                     message='label >= num_classes')]
-  with tf.control_dependencies(checks):
-    return tf.identity(label)
 
 
 def _checked_jpegs(jpegs):
@@ -266,7 +89,7 @@ def _train_clips(element, data, seed, table, num_classes):
   time_seed, crop_seed, device_seed = tf.unstack(
       tf.random.experimental.stateless_split(record_seed, 3))
   parsed = dmvr.parse_tf(element['record'])
-  label = _label(parsed, table, num_classes)
+  label = labels.label(parsed, table, num_classes)
   indices = sampling.train_indices(tf.size(parsed['frames']), data, time_seed)
   jpegs = _checked_jpegs(tf.gather(parsed['frames'], indices))  # [T]
   video = sampling.random_resized_crops(jpegs, data, crop_seed, count)
@@ -298,7 +121,7 @@ def _train_element(entry, read_one, data, seed, table, num_classes):
     return _skipped(element, data, 2)
 
   def labelled(element):
-    _label(dmvr.parse_tf(element['record']), table, num_classes)
+    labels.label(dmvr.parse_tf(element['record']), table, num_classes)
     return _skipped(element, data, 3)
 
   attempts = [
@@ -328,13 +151,13 @@ class TrainIterator:
     self._records_per_batch = (config.batch_size // process_count
                                // clips_per_record)
     self._process = (process_index, process_count)
-    self._index = RecordIndex(self._data.train_spec)
+    self._index = records.RecordIndex(self._data.train_spec)
     self.records_per_epoch = len(self._index) // process_count
     if not self.records_per_epoch:
       raise UserError(f'{self._data.train_spec}: {len(self._index)} records '
                        f'for {process_count} processes')
     self._seed = int(config.seed)
-    self._table = _label_table(self._data, self._data.train_spec)
+    self._table = labels.label_table(self._data, self._data.train_spec)
     self._epoch, self._position, self.num_skipped = 0, 0, 0
     self.skipped = dict.fromkeys(SKIP_REASONS, 0)  # reason -> records
     self._report_mark = (0, 0)  # (stream position, skipped) at skip_report
@@ -370,12 +193,12 @@ class TrainIterator:
 
   def _dataset(self):
     """Chunks of `batch` stream elements, clips and skipped markers."""
-    read_one = _record_reader(self._index)
+    read_one = records.record_reader(self._index)
     parallel = self._data.num_parallel_calls
     elements = self._entries().interleave(
         lambda e: _train_element(e, read_one, self._data, self._seed,
                                  self._table, self._num_classes),
-        cycle_length=parallel if parallel > 0 else max(_READ_PARALLELISM,
+        cycle_length=parallel if parallel > 0 else max(records.READ_PARALLELISM,
                                                        os.cpu_count() or 1),
         num_parallel_calls=parallel, deterministic=True)
     return (elements.batch(self._records_per_batch, drop_remainder=True)
@@ -459,7 +282,7 @@ class TrainIterator:
         f'. Check them with python -m data.inspect')
 
   @property
-  def index(self) -> RecordIndex:
+  def index(self) -> records.RecordIndex:
     return self._index
 
   def skip_report(self) -> tuple[str, str | None]:
@@ -546,7 +369,7 @@ def _eval_views(element, data, table, num_classes):
   """All views of one video: video uint8 [V, T, crop, crop, 3], V = clips x
   crops, with label, video_id, view, mask [V]."""
   parsed = dmvr.parse_tf(element['record'])
-  label = _label(parsed, table, num_classes)
+  label = labels.label(parsed, table, num_classes)
   clip_frames = data.num_clips * data.num_frames
   indices = sampling.eval_indices(tf.size(parsed['frames']), data)  # [C, T]
   jpegs = _checked_jpegs(
@@ -582,13 +405,13 @@ class EvalIterator:
       raise UserError(f'eval_batch_size * views = {global_views} is not '
                        f'divisible by process_count {process_count}')
     self._batch = global_views // process_count
-    self._index = RecordIndex(data.eval_spec)
+    self._index = records.RecordIndex(data.eval_spec)
     total = len(self._index)
     self._first = process_index * total // process_count
     self._stop = (process_index + 1) * total // process_count
     self.num_batches = math.ceil(
         math.ceil(total / process_count) * self.num_views / self._batch)
-    self._table = _label_table(data, data.eval_spec)
+    self._table = labels.label_table(data, data.eval_spec)
     self._num_classes = config.model.num_classes
     self._seen, self._done = set(), False
     self._batches = iter(self._dataset().as_numpy_iterator())
@@ -611,7 +434,7 @@ class EvalIterator:
   def _dataset(self):
     records = np.arange(self._first, self._stop)
     entries = dict(self._index.entries(records), video_id=records)
-    views = _read(tf.data.Dataset.from_tensor_slices(entries), self._index).map(
+    views = records.read(tf.data.Dataset.from_tensor_slices(entries), self._index).map(
         lambda e: _eval_views(e, self._data, self._table, self._num_classes),
         num_parallel_calls=self._data.num_parallel_calls, deterministic=True)
     padded = views.ignore_errors().unbatch().concatenate(

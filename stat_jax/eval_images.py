@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from data import labels
 from data import pipeline
 from stat_jax import attention_maps, plots
 
@@ -31,7 +32,7 @@ class EvalImages:
   """write(writer, step, params, result): the images of one evaluation."""
 
   def __init__(self, config, parts, mesh):
-    self.class_names = pipeline.class_names(config)
+    self.class_names = labels.class_names(config)
     self.clips = None
     if config.attention_images and config.data.eval_spec:
       replicated = NamedSharding(mesh, PartitionSpec())

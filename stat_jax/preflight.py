@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import tensorflow as tf
 
-from data import pipeline
+from data import records
 from stat_jax.errors import UserError
 
 
@@ -24,7 +24,7 @@ def check_eval_spec(config: ml_collections.ConfigDict) -> None:
   if not spec:
     return
   try:
-    pipeline.RecordIndex(spec)
+    records.RecordIndex(spec)
   except (UserError, FileNotFoundError) as error:
     raise UserError(f'config.data.eval_spec: {error}') from error
   except (tf.errors.OpError, ValueError) as error:

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from data import labels
 from data import pipeline
 from stat_jax import checkpoint, confusion, metrics, optim, sharding
 from stat_jax import config_compare, preflight
@@ -60,7 +61,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_data = pipeline.make_train_iterator(
       config, process_index=jax.process_index(),
       process_count=jax.process_count())
-  pipeline.check_label_space(config, train_data.index)
+  labels.check_label_space(config, train_data.index)
 
   # ------------------------------------------ model, optimizer, state ---
   parts, tx, abstract_state, state_shardings = abstract_train_state(config, mesh)
@@ -161,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer.flush()
   if last_eval is not None and jax.process_index() == 0:
     write_report(last_eval, os.path.join(workdir, 'eval_report.json'),
-                 pipeline.class_names(config))
+                 labels.class_names(config))
   log(f'TensorBoard logs: {os.path.join(workdir, "tensorboard")}')
   preempted = step < last_step
   if preempted:
@@ -302,7 +303,7 @@ def evaluate_checkpoint(config, workdir: str, which: str = 'latest') -> dict:
   result['checkpoint_step'] = step
   if jax.process_index() == 0:
     path = os.path.join(workdir, f'eval_step{step}.json')
-    names = pipeline.class_names(config)
+    names = labels.class_names(config)
     write_report(result, path, names)
     log(format_summary(result, names))
     log(f'Report: {path}')

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 import data_testlib
 from configs import tiny
-from data import convert, dmvr, inspect, pipeline, synthetic
+from data import convert, dmvr, inspect, labels, pipeline, synthetic
 from stat_jax import train_step, trainer
 from stat_jax.errors import UserError
 from stat_jax.preemption import watch
@@ -152,12 +152,12 @@ def test_label_space_mismatches_are_refused_before_training(motion, tmp_path):
   spec = data_testlib.write_level_shards(str(tmp_path / 'level'), 'l',
                                          [6] * 12, 2)
   config = data_testlib.tiny_config(spec, eval_spec=spec)
-  pipeline.check_label_space(config)
+  labels.check_label_space(config)
   config.model.num_classes = 4
   with pytest.raises(UserError, match=r"train_spec .*: 8 of 12 sampled "
                      r"records have labels outside 0..3 \(model.num_classes "
                      r"= 4\): 4, 5, 6"):
-    pipeline.check_label_space(config)
+    labels.check_label_space(config)
 
 
 def test_resume_on_a_glob_with_a_deleted_shard_is_refused(tmp_path):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from data import pipeline
+from data import labels
 from stat_jax import augment_device, checkpoint, defaults, sharding
 from stat_jax.config_validation import validate
 from stat_jax.train_state import ModelParts, abstract_train_state, with_shardings
@@ -91,4 +91,4 @@ def restore(workdir: str, which: str = 'latest') -> Restored:
   step, (config, parts, state) = ckpt.newest_whole(which, attempt)
   ckpt.close()
   params = jax.device_put(state.params, jax.local_devices()[0])  # mesh-free
-  return Restored(config, parts, params, step, pipeline.class_names(config))
+  return Restored(config, parts, params, step, labels.class_names(config))

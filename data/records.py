@@ -1,0 +1,76 @@
+"""The record index of a DMVR shard spec, and reading records by it.
+
+Every shard is indexed once by a header scan into (file, offset, length)
+triples, so a pipeline can order, skip and split records by number and read
+each one alone (FixedLengthRecordDataset at its offset): resuming skips index
+entries, never data.
+"""
+
+import concurrent.futures
+import os
+import zlib
+
+import numpy as np
+import tensorflow as tf
+
+from data import dmvr
+from stat_jax.errors import UserError
+
+READ_PARALLELISM = 8  # records read concurrently by read()
+
+
+class RecordIndex:
+  """All records of a shard spec: files, file sizes, and per record the file
+  number, data offset and data length (int64 [n] each), in file order."""
+
+  def __init__(self, spec: str):
+    self.files = dmvr.resolve_spec(spec)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+      tables = list(pool.map(dmvr.index_shard, self.files))
+    self.sizes = np.array([tf.io.gfile.stat(f).length for f in self.files],
+                          np.int64)
+    self.file = np.concatenate([np.full(len(t), i, np.int64)
+                                for i, t in enumerate(tables)])
+    rows = np.concatenate(tables)  # [n, 2]
+    self.offset, self.length = rows[:, 0], rows[:, 1]
+    if not len(self.file):
+      raise UserError(f'shard spec {spec!r}: no records in {self.files}')
+
+  def __len__(self):
+    return len(self.file)
+
+  def fingerprint(self) -> int:
+    """A 31-bit hash of the shard names, sizes and record counts (fits the
+    int32 of a checkpoint's data state)."""
+    counts = np.bincount(self.file, minlength=len(self.files))
+    text = '\n'.join(f'{os.path.basename(f)} {size} {count}' for f, size, count
+                     in zip(self.files, self.sizes, counts))
+    return zlib.crc32(text.encode()) & 0x7fffffff
+
+  def entries(self, records: np.ndarray) -> dict:
+    """The read arguments of the given record numbers."""
+    return {'file': self.file[records], 'offset': self.offset[records],
+            'length': self.length[records]}
+
+
+def record_reader(index: RecordIndex):
+  """entry -> a dataset of one element: the entry plus 'record' (bytes)."""
+  files = tf.constant(index.files)
+  sizes = tf.constant(index.sizes)
+
+  def read_one(entry):
+    footer = tf.gather(sizes, entry['file']) - entry['offset'] - entry['length']
+    records = tf.data.FixedLengthRecordDataset(
+        tf.gather(files, entry['file']), record_bytes=entry['length'],
+        header_bytes=entry['offset'], footer_bytes=footer)
+    return records.map(lambda record: dict(entry, record=record))
+
+  return read_one
+
+
+def read(entries: tf.data.Dataset, index: RecordIndex) -> tf.data.Dataset:
+  """Adds 'record' (bytes) to each element holding file/offset/length."""
+  return entries.interleave(record_reader(index),
+                            cycle_length=READ_PARALLELISM,
+                            num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=True)
