@@ -349,12 +349,13 @@ class TrainIterator:
     self._batches, self._chunk, self._offset = None, None, 0
 
 
-def _clips(records: dict, count: int) -> dict:
+def _clips(per_record: dict, count: int) -> dict:
   """Records' video [n, k, ...], key [n, k, 2], label [n] -> the batch of
   their n k clips, a record's clips side by side."""
-  return {'video': records['video'].reshape(-1, *records['video'].shape[2:]),
-          'key': records['key'].reshape(-1, 2),
-          'label': np.repeat(records['label'], count)}
+  video = per_record['video']
+  return {'video': video.reshape(-1, *video.shape[2:]),
+          'key': per_record['key'].reshape(-1, 2),
+          'label': np.repeat(per_record['label'], count)}
 
 
 def make_train_iterator(config, *, process_index=0,
@@ -432,9 +433,10 @@ class EvalIterator:
             'view': tf.constant(-1), 'mask': tf.constant(False)}
 
   def _dataset(self):
-    records = np.arange(self._first, self._stop)
-    entries = dict(self._index.entries(records), video_id=records)
-    views = records.read(tf.data.Dataset.from_tensor_slices(entries), self._index).map(
+    video_ids = np.arange(self._first, self._stop)  # = record numbers
+    entries = dict(self._index.entries(video_ids), video_id=video_ids)
+    views = records.read(tf.data.Dataset.from_tensor_slices(entries),
+                         self._index).map(
         lambda e: _eval_views(e, self._data, self._table, self._num_classes),
         num_parallel_calls=self._data.num_parallel_calls, deterministic=True)
     padded = views.ignore_errors().unbatch().concatenate(
