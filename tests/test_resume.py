@@ -32,23 +32,6 @@ def straight(motion, tmp_path_factory):
               workdir=workdir)
 
 
-def test_exact_resume_after_a_stop(motion, straight, tmp_path):
-  config = run_config(motion)
-  assert sorted(straight['losses']) == list(range(1, STEPS + 1))
-  assert os.path.isdir(os.path.join(straight['workdir'], 'checkpoints',
-                                    str(STEPS)))
-
-  first = trainer.train_and_evaluate(config, str(tmp_path / 'resumed'),
-                                     stop_after=3)
-  assert sorted(first['losses']) == [1, 2, 3]
-  second = trainer.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  assert sorted(second['losses']) == list(range(4, STEPS + 1))
-  resumed = {**first['losses'], **second['losses']}
-  assert resumed == straight['losses']  # bit for bit
-  for a, b in zip(params_of(straight), params_of(second)):
-    np.testing.assert_array_equal(a, b)
-
-
 def train_command(motion, workdir):
   """train.py on the tiny config and the motion set, logging every step."""
   return [sys.executable, 'train.py', '--config=configs/tiny.py',
@@ -78,9 +61,9 @@ def log_lines(workdir) -> int:
 
 @pytest.fixture(scope='module')
 def killed_then_preempted(motion, tmp_path_factory):
-  """One workdir through the faults a job meets, as train.py processes:
-  SIGKILLed after its checkpoint 3; rerun, and SIGTERMed once it logged a
-  step; rerun to the end. What each phase left."""
+  """One workdir through the faults a job meets: train.py SIGKILLed after
+  its checkpoint 3; rerun, and SIGTERMed once it logged a step; resumed to
+  the end by train_and_evaluate in this process. What each phase left."""
   workdir = str(tmp_path_factory.mktemp('killed_then_preempted'))
   command = train_command(motion, workdir)
   killed = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -97,10 +80,11 @@ def killed_then_preempted(motion, tmp_path_factory):
   output, _ = preempted.communicate(timeout=120)
   saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
                  if d.isdigit())
-  subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+  resumed = trainer.train_and_evaluate(run_config(motion), workdir)
   return {'killed_status': killed.returncode,
           'preempted_status': preempted.returncode,
           'preempted_output': output, 'saved_when_preempted': saved,
+          'resumed_losses': resumed['losses'], 'params': params_of(resumed),
           'losses': read_loss_log(workdir)}
 
 
@@ -122,7 +106,10 @@ def test_sigterm_saves_the_current_step_and_a_rerun_resumes(
   assert stopped < STEPS
   # Saved where it stopped, not only at a multiple of checkpoint_every.
   assert run['saved_when_preempted'][-1] == stopped
-  assert run['losses'] == straight['losses']
+  assert sorted(run['resumed_losses']) == list(range(stopped + 1, STEPS + 1))
+  assert run['losses'] == straight['losses']  # bit for bit
+  for resumed, reference in zip(run['params'], params_of(straight)):
+    np.testing.assert_array_equal(resumed, reference)
 
 
 def test_init_from_reinitialises_a_head_of_another_size(motion, straight):
