@@ -432,8 +432,8 @@ class EvalIterator:
             'view': tf.constant(-1), 'mask': tf.constant(False)}
 
   def _dataset(self):
-    records = np.arange(self._first, self._stop)
-    entries = dict(self._index.entries(records), video_id=records)
+    positions = np.arange(self._first, self._stop)
+    entries = dict(self._index.entries(positions), video_id=positions)
     views = records.read(tf.data.Dataset.from_tensor_slices(entries), self._index).map(
         lambda e: _eval_views(e, self._data, self._table, self._num_classes),
         num_parallel_calls=self._data.num_parallel_calls, deterministic=True)
