@@ -23,7 +23,10 @@ top-5. Per video it writes into --out:
 and one index.html showing them with the top-5 (view-averaged) classes.
 With --json the last line is one JSON object {"videos": [{"video", "label"
 (a record's, else null), "top5", "attention_mass": [{"ca", "sa", "la"} per
-STA block], "timeline"}], "attention_mass": the first video's}.
+STA block], "timeline" (per token frame), "frame_times_s" (the time in the
+video of each token frame's first input frame; null for a record)}],
+"attention_mass": the first video's}. The pictures title each token frame
+with that time.
 """
 
 import html
@@ -77,14 +80,16 @@ def record_views(path: str, index: int, data, classes: list[str]):
 def explain_video(restored, apply, path: str) -> dict:
   """Runs the capture on the eval views of `path` (a video file or FILE:K,
   record_argument): {'video', 'label', 'top5', 'summary' (first view,
-  numpy), 'frames' uint8 [T, crop, crop, 3]}."""
+  numpy), 'frames' uint8 [T, crop, crop, 3], 'times' float [T] (s, in the
+  video; None for a record)}."""
   record = record_argument(path)
   if record:
     views, label = record_views(*record, restored.config.data,
                                 restored.classes)
-  else:
-    views = predict.video_views(path, restored.config.data)  # [V, T, c, c, 3]
-    label = None
+    times = None
+  else:  # views [V, T, c, c, 3], times [clips, T]; view 0 is of clip 0
+    views, times = predict.sampled_views(path, restored.config.data)
+    label, times = None, times[0]
   logits, summary = apply(restored.params, views)
   probs = np.asarray(jax.nn.softmax(logits, axis=-1)).mean(axis=0)
   best = np.argsort(-probs, kind='stable')[:5]
@@ -94,30 +99,42 @@ def explain_video(restored, apply, path: str) -> dict:
            'cls_ca': [grid[0] for grid in summary['cls_ca']]}  # [nt, kh, kw]
   if 'timeline' in summary:
     first['timeline'] = summary['timeline'][0]  # [nt]
-  return {'video': path, 'label': label, 'frames': views[0], 'summary': first,
+  return {'video': path, 'label': label, 'frames': views[0], 'times': times,
+          'summary': first,
           'top5': [[restored.classes[i], float(probs[i])] for i in best]}
 
 
 def token_frames(frames, nt: int):
-  """The input frame shown for each token frame (first of its group)."""
+  """The input frame shown for each token frame (first of its group); works
+  on the times [T] too."""
   return frames[::len(frames) // nt][:nt]
+
+
+def frame_titles(result: dict, nt: int) -> list[str]:
+  """'frame i', and for a video file the time of its shown frame."""
+  if result['times'] is None:
+    return [f'frame {i}' for i in range(nt)]
+  return [f'frame {i}, {t:.2f} s'
+          for i, t in enumerate(token_frames(result['times'], nt))]
 
 
 def write_pictures(result: dict, out: str, stem: str) -> list[str]:
   """The PNGs of one video; returns their file names."""
   summary, frames = result['summary'], result['frames']
   nt = summary['frame_maps'].shape[-1]
-  shown = token_frames(frames, nt)
+  shown, titles = token_frames(frames, nt), frame_titles(result, nt)
   figures = {
       'frames': plots.frame_maps_figure(summary['frame_maps'],
                                         summary['shares']),
       'shares': plots.shares_figure(summary['shares']),
   }
   if 'timeline' in summary:
-    figures['timeline'] = plots.timeline_figure(shown, summary['timeline'])
+    figures['timeline'] = plots.timeline_figure(shown, summary['timeline'],
+                                                titles)
   picked = np.linspace(0, nt - 1, min(SPATIAL_FRAMES, nt)).round().astype(int)
   figures['spatial'] = plots.cls_overlay_figure(
-      shown[picked], summary['cls_ca'][0][picked], picked, block=1)
+      shown[picked], summary['cls_ca'][0][picked],
+      [titles[i] for i in picked], block=1)
   names = []
   for kind, fig in figures.items():
     names.append(f'{stem}.{kind}.png')
@@ -165,12 +182,15 @@ def explain(workdir: str, which: str, out: str, videos: list[str]) -> list[dict]
     stem = f'{index:02d}_' + (name.replace(':', '_') if record_argument(path)
                               else os.path.splitext(name)[0])
     entries.append((result, write_pictures(result, out, stem)))
-    summary = result['summary']
+    summary, times = result['summary'], result['times']
+    nt = summary['frame_maps'].shape[-1]
     results.append({'video': path, 'label': result['label'],
                     'top5': result['top5'],
                     'attention_mass': masses(summary),
                     'timeline': summary['timeline'].tolist()
-                                if 'timeline' in summary else None})
+                                if 'timeline' in summary else None,
+                    'frame_times_s': None if times is None
+                                     else token_frames(times, nt).tolist()})
   write_index(entries, out)
   return results
 

@@ -132,6 +132,20 @@ def test_explain_writes_readable_pictures_and_json(run, capsys):
   assert all(p.name in page for p in pngs)
 
 
+def test_each_token_frame_is_titled_with_its_time_in_the_video(run, capsys):
+  video = str(run['folder'] / 'long.mp4')
+  write_video(video, num_frames=48, rate=12)
+  code = explain.main([f'--workdir={run["workdir"]}',
+                       f'--out={run["folder"] / "times"}', '--json', video])
+  assert code == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  # Tiny: T = 8 frames in 8 segments of 6, the first clip at fraction 1/4
+  # of each: frames 6i + 1; 4 token frames show input frames 0, 2, 4, 6,
+  # i.e. video frames 1, 13, 25, 37, at 12 frames per second.
+  np.testing.assert_allclose(report['videos'][0]['frame_times_s'],
+                             np.array([1, 13, 25, 37]) / 12, rtol=1e-6)
+
+
 def write_records(path, labels, num_frames=24):
   """One TFRecord file of synthetic clips (32x32), one record per label;
   returns each record's JPEG frames."""
@@ -154,6 +168,7 @@ def test_explain_reads_record_k_of_a_shard_as_evaluation_cuts_it(run, capsys):
   video = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[
       'videos'][0]
   assert video['label'] == 'rotate_clockwise'
+  assert video['frame_times_s'] is None  # a record has no frame rate
   # The tiny config's eval views by hand: 24 frames in 8 segments of 3, two
   # clips at fractions 1/4 and 3/4 of each: frames 3i and 3i + 2; 32x32
   # frames need no resize or crop.
