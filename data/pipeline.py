@@ -366,11 +366,9 @@ def make_train_iterator(config, *, process_index=0,
 
 # -------------------------------------------------------------------- eval ---
 
-def _eval_views(element, data, table, num_classes):
-  """All views of one video: video uint8 [V, T, crop, crop, 3], V = clips x
-  crops, with label, video_id, view, mask [V]."""
-  parsed = dmvr.parse_tf(element['record'])
-  label = labels.label(parsed, table, num_classes)
+def eval_views(parsed, data):
+  """uint8 [V, T, crop, crop, 3], V = clips x crops: the eval views of one
+  record parsed by dmvr.parse_tf (explain reads records through it too)."""
   clip_frames = data.num_clips * data.num_frames
   indices = sampling.eval_indices(tf.size(parsed['frames']), data)  # [C, T]
   jpegs = _checked_jpegs(
@@ -380,9 +378,18 @@ def _eval_views(element, data, table, num_classes):
   clips = tf.reshape(frames, tf.concat(
       [[data.num_clips, data.num_frames], tf.shape(frames)[1:]], 0))
   views = sampling.spatial_crops(clips, data.crop_size, data.num_crops)
+  return tf.ensure_shape(tf.cast(tf.round(views), tf.uint8), [
+      data.num_clips * data.num_crops, data.num_frames, data.crop_size,
+      data.crop_size, 3])
+
+
+def _eval_views(element, data, table, num_classes):
+  """All views of one video: video uint8 [V, T, crop, crop, 3], V = clips x
+  crops, with label, video_id, view, mask [V]."""
+  parsed = dmvr.parse_tf(element['record'])
+  label = labels.label(parsed, table, num_classes)
+  views = eval_views(parsed, data)
   num_views = data.num_clips * data.num_crops
-  views = tf.ensure_shape(tf.cast(tf.round(views), tf.uint8), [
-      num_views, data.num_frames, data.crop_size, data.crop_size, 3])
   return {'video': views, 'label': tf.fill([num_views], label),
           'video_id': tf.fill([num_views], tf.cast(element['video_id'],
                                                    tf.int32)),

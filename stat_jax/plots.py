@@ -86,18 +86,20 @@ def shares_figure(shares):
   return fig
 
 
-def timeline_figure(frames, weights):
+def timeline_figure(frames, weights, titles=None):
   """frames uint8 [nt, H, W, 3] (one per token frame), weights [nt]: the
-  video class token's attention on each frame, as bars under the frames."""
+  video class token's attention on each frame, as bars under the frames;
+  `titles` above them (default 'frame i')."""
   weights = np.asarray(weights)
   nt = len(weights)
+  titles = titles or [f'frame {i}' for i in range(nt)]
   fig, axes = plt.subplots(2, nt, figsize=(1.2 * nt + 0.6, 2.8), dpi=80,
                            gridspec_kw={'height_ratios': [1, 1]},
                            squeeze=False)
-  for i, (ax, frame) in enumerate(zip(axes[0], frames)):
+  for ax, frame, title in zip(axes[0], frames, titles):
     ax.imshow(frame)
     ax.set_axis_off()
-    ax.set_title(f'frame {i}', fontsize=7)
+    ax.set_title(title, fontsize=7)
   bars = fig.add_subplot(2, 1, 2)
   for ax in axes[1]:
     ax.set_axis_off()
@@ -111,19 +113,19 @@ def timeline_figure(frames, weights):
   return fig
 
 
-def cls_overlay_figure(frames, grids, frame_indices, block: int):
+def cls_overlay_figure(frames, grids, titles, block: int):
   """frames uint8 [k, H, W, 3], grids [k, kh, kw]: the class token's CA
-  weights of STA block `block`, upsampled over each frame."""
+  weights of STA block `block`, upsampled over each frame (k titles)."""
   count = len(frames)
   fig, axes = plt.subplots(1, count, figsize=(1.8 * count, 2.1), dpi=80,
                            squeeze=False)
-  for ax, frame, grid, index in zip(axes[0], frames, grids, frame_indices):
+  for ax, frame, grid, title in zip(axes[0], frames, grids, titles):
     height, width = frame.shape[:2]
     ax.imshow(frame)
     ax.imshow(grid, cmap='jet', alpha=0.45, interpolation='bilinear',
               extent=(0, width, height, 0))
     ax.set_axis_off()
-    ax.set_title(f'frame {index}', fontsize=7)
+    ax.set_title(title, fontsize=7)
   fig.suptitle(f'class token CA attention, block {block}', fontsize=8)
   fig.tight_layout()
   return fig

@@ -8,10 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 import export_testlib
 import video_testlib
+from data import dmvr, synthetic
 from stat_jax import attention, attention_maps, confusion, explain
 from stat_jax.deploy import inference
 
@@ -128,6 +130,66 @@ def test_explain_writes_readable_pictures_and_json(run, capsys):
     assert pixels.std() > 10, png  # not blank
   page = (out / 'index.html').read_text()
   assert all(p.name in page for p in pngs)
+
+
+def test_each_token_frame_is_titled_with_its_time_in_the_video(run, capsys):
+  video = str(run['folder'] / 'long.mp4')
+  write_video(video, num_frames=48, rate=12)
+  code = explain.main([f'--workdir={run["workdir"]}',
+                       f'--out={run["folder"] / "times"}', '--json', video])
+  assert code == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  # Tiny: T = 8 frames in 8 segments of 6, the first clip at fraction 1/4
+  # of each: frames 6i + 1; 4 token frames show input frames 0, 2, 4, 6,
+  # i.e. video frames 1, 13, 25, 37, at 12 frames per second.
+  np.testing.assert_allclose(report['videos'][0]['frame_times_s'],
+                             np.array([1, 13, 25, 37]) / 12, rtol=1e-6)
+
+
+def write_records(path, labels, num_frames=24):
+  """One TFRecord file of synthetic clips (32x32), one record per label;
+  returns each record's JPEG frames."""
+  jpegs = []
+  with dmvr.ShardedWriter(str(path), 1) as writer:
+    for index, label in enumerate(labels):
+      frames = synthetic.render_clip(label, 0, 'val', index, num_frames, 32)
+      jpegs.append(dmvr.encode_frames(frames))
+      writer.write(0, dmvr.make_example(
+          jpegs[-1], label, synthetic.CLASSES[label]).SerializeToString())
+  return writer.filenames[0], jpegs
+
+
+def test_explain_reads_record_k_of_a_shard_as_evaluation_cuts_it(run, capsys):
+  shard, jpegs = write_records(run['folder'] / 'val.tfrecord', [0, 4, 7])
+  out = run['folder'] / 'records'
+  code = explain.main([f'--workdir={run["workdir"]}', f'--out={out}',
+                       '--json', f'{shard}:1'])
+  assert code == 0
+  video = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[
+      'videos'][0]
+  assert video['label'] == 'rotate_clockwise'
+  assert video['frame_times_s'] is None  # a record has no frame rate
+  # The tiny config's eval views by hand: 24 frames in 8 segments of 3, two
+  # clips at fractions 1/4 and 3/4 of each: frames 3i and 3i + 2; 32x32
+  # frames need no resize or crop.
+  frames = np.stack([tf.io.decode_jpeg(jpeg).numpy() for jpeg in jpegs[1]])
+  indices = np.array([[3 * i + j for i in range(8)] for j in (0, 2)])
+  expected = np.asarray(run['restored'].classify(frames[indices])[1]).mean(0)
+  classes = run['restored'].classes
+  top = np.argsort(-expected, kind='stable')[:5]
+  assert [name for name, _ in video['top5']] == [classes[i] for i in top]
+  np.testing.assert_allclose([p for _, p in video['top5']], expected[top],
+                             rtol=1e-5, atol=1e-6)
+  assert sorted(p.name for p in out.glob('*.png'))[0].startswith(
+      '00_val.tfrecord-00000-of-00001_1.')
+
+
+def test_a_record_past_the_end_is_a_user_error(run, capsys):
+  shard, _ = write_records(run['folder'] / 'short.tfrecord', [0])
+  code = explain.main([f'--workdir={run["workdir"]}',
+                       f'--out={run["folder"] / "none"}', f'{shard}:1'])
+  assert code != 0
+  assert 'holds no record 1' in capsys.readouterr().err
 
 
 # ------------------------------------------------------------ confusion ---

@@ -24,7 +24,8 @@ from collections.abc import Callable
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
-import jax  # pylint: disable=g-import-not-at-top
+import av  # pylint: disable=g-import-not-at-top
+import jax
 import ml_collections
 import numpy as np
 import onnxruntime
@@ -113,12 +114,22 @@ def from_export(export_dir: str, fmt: str | None = None) -> Classifier:
   return Classifier(config.data, manifest['classes'], runner)
 
 
-def video_views(path: str, data) -> np.ndarray:
-  """The eval views of a video file: uint8 [clips * crops, T, crop, crop, 3]."""
+def sampled_views(path: str, data) -> tuple[np.ndarray, np.ndarray]:
+  """The eval views of a video file, uint8 [clips * crops, T, crop, crop,
+  3], and the time (s) of each sampled frame, float [clips, T]: frame n at
+  n / frame rate."""
   frames = convert.decode_video(path, data.eval_short_side)  # [N, H, W, 3]
   indices = sampling.eval_indices(len(frames), data)  # [clips, T]
   clips = tf.gather(frames, indices)  # [clips, T, H, W, 3]
-  return sampling.spatial_crops(clips, data.crop_size, data.num_crops).numpy()
+  views = sampling.spatial_crops(clips, data.crop_size, data.num_crops)
+  with av.open(path) as container:
+    rate = long_video.video_rate(container.streams.video[0])
+  return views.numpy(), indices.numpy() / float(rate)
+
+
+def video_views(path: str, data) -> np.ndarray:
+  """The eval views of a video file: uint8 [clips * crops, T, crop, crop, 3]."""
+  return sampled_views(path, data)[0]
 
 
 def predict_video(classifier: Classifier, path: str, top_k: int) -> dict:
