@@ -54,7 +54,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ------------------------------------------------------------- setup ---
   validate(config)
   preflight.check_before_training(config)
-  os.makedirs(workdir, exist_ok=True)
+  for directory in (workdir, checkpoint.checkpoint_dir(workdir)):
+    preflight.check_writable(directory)
   mesh = sharding.make_mesh(config)
   total_steps = optim.total_steps(config)
   sharding.check_batch(config.batch_size, mesh)
@@ -297,6 +298,8 @@ def evaluate_checkpoint(config, workdir: str, which: str = 'latest') -> dict:
   mesh = sharding.make_mesh(config)
   ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), 1,
                                  read_only=True)
+  ckpt.resolve(which)  # no such checkpoint: said before the workdir is probed
+  preflight.check_writable(workdir)  # the report goes there
   parts, _, abstract_state, state_shardings = abstract_train_state(config, mesh)
   step, state = ckpt.newest_whole(which, lambda step: ckpt.restore_state(
       step, with_shardings(abstract_state, state_shardings)))
