@@ -106,6 +106,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last_step = min(total_steps, stop_after or total_steps)
   step = saved_step = start
   with watch_preemption() as preemption, ckpt.saves_kept_on_error():
+    # One process: a SIGTERM while the iterator waits for clips stops the
+    # run there. Several: `signalled` stays False (preemption.py), since a
+    # process may not leave a step that the others have started.
     train_data.should_stop = lambda: preemption.signalled
     for step in range(start + 1, last_step + 1):
       try:
