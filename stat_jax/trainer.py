@@ -54,8 +54,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ------------------------------------------------------------- setup ---
   validate(config)
   preflight.check_before_training(config)
-  for directory in (workdir, checkpoint.checkpoint_dir(workdir)):
-    preflight.check_writable(directory)
+  preflight.check_writable(workdir)
   mesh = sharding.make_mesh(config)
   total_steps = optim.total_steps(config)
   sharding.check_batch(config.batch_size, mesh)

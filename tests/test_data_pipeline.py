@@ -104,27 +104,28 @@ def _global_batches(config, process_count, count, state=None):
   return batches, iterators
 
 
-@pytest.mark.parametrize('spec', ['train', 'bad'])
-def test_global_batches_do_not_depend_on_the_process_count(data_specs, spec):
-  config = _augmented(data_testlib.tiny_config(data_specs[spec], batch=4))
-  one, _ = _global_batches(config, 1, 7)  # across epoch ends
+def test_global_batches_do_not_depend_on_the_process_count(data_specs):
+  """Nor do the clips that fill the slots of bad records."""
+  config = _augmented(data_testlib.tiny_config(data_specs['bad'], batch=4))
+  one, _ = _global_batches(config, 1, 4)  # across the end of epoch 0
+  assert len({tuple(b['label']) for b in one}) == 4
   for process_count in (2, 4):
-    _assert_batches_equal(one, _global_batches(config, process_count, 7)[0])
+    _assert_batches_equal(one, _global_batches(config, process_count, 4)[0])
 
 
 def test_a_state_saved_by_two_processes_resumes_on_one_and_on_four(
     data_specs):
   config = _augmented(data_testlib.tiny_config(data_specs['bad'], batch=4))
-  straight, _ = _global_batches(config, 1, 8)
+  straight, _ = _global_batches(config, 1, 6)
   _, saved_by = _global_batches(config, 2, 3)
   states = json.loads(json.dumps([it.get_state() for it in saved_by]))
   assert {(s['epoch'], s['position']) for s in states} == {(1, 0)}
   for process_count in (1, 4):
-    resumed, iterators = _global_batches(config, process_count, 5, states)
+    resumed, iterators = _global_batches(config, process_count, 3, states)
     _assert_batches_equal(straight[3:], resumed)
     # The saved counters' sum went to process 0: the run's total carries on.
     skipped = [it.num_skipped for it in iterators]
-    assert sum(skipped) == sum(clip in BAD for clip in _bad_spec_order(3)[:32])
+    assert sum(skipped) == sum(clip in BAD for clip in _bad_spec_order(2)[:24])
     assert skipped[0] >= sum(s['num_skipped'] for s in states) == 2
 
 
