@@ -64,11 +64,8 @@ def _sample_labels(index: records.RecordIndex, names: list | None, count: int):
   labels, unknown, read = [], set(), 0
   lookup = {name: i for i, name in enumerate(names or [])}
   for record in np.unique(np.linspace(0, len(index) - 1, count).astype(int)):
-    with tf.io.gfile.GFile(index.files[index.file[record]], 'rb') as f:
-      f.seek(int(index.offset[record]))
-      serialized = f.read(int(index.length[record]))
     try:
-      clip = dmvr.parse_example(serialized)
+      clip = dmvr.parse_example(index.read(record))
     except ValueError:
       continue
     read += 1

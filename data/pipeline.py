@@ -5,28 +5,40 @@ Batches are uint8 clips; the train augmentation after the crop (flip,
 RandAugment, normalisation, random erasing) runs on the device
 (stat_jax/augment_device.py), from per-clip key data shipped with them.
 
-Index: data/records.py. Labels: data/labels.py. Train order: epoch e permutes the global index with
-tf.random.experimental.index_shuffle seeded (seed, e); process k of P takes
-positions k, k + P, ... of it (a strided slice of the record index, so any
-number of shards works for any number of processes), n // P records per
-process per epoch (batches run on across epoch ends). Records are read with FixedLengthRecordDataset under a deterministic
-parallel interleave. The iterator state is (epoch, position), a few ints:
-resuming skips index entries, never data. Per-record randomness comes from
-the stateless seed fold_in(fold_in((seed, 0), epoch), global position): the
-frames, the crop windows and the uint32 [2] key data of each clip's device
-augmentation. With data.repeated_augment = k each record gives k clips of
-the same frames, each with its own crop and key (batch_size counts clips).
+Index: data/records.py. Labels: data/labels.py.
+
+Train order: one global stream of slots, the same for any number of
+processes. Slot s = e n + i (n records) holds record perm_e(i), where perm_e
+is tf.random.experimental.index_shuffle seeded (seed, e): every epoch visits
+all n records, in a new order. Global batch j is the R = batch_size /
+data.repeated_augment slots [j R, (j + 1) R), a record's clips side by side;
+each process reads the slots of the global batch rows its devices hold
+(sharding.process_rows; by default process k of P the k-th contiguous
+block), so the global batch is the same array whatever the process count or
+mesh, and a run saved by N processes resumes on M with the same data.
+Per-slot randomness comes from the stateless seed fold_in(fold_in((seed, 0),
+e), i): the frames, the crop windows and the uint32 [2] key data of each
+clip's device augmentation. Records are read with FixedLengthRecordDataset
+under a deterministic parallel interleave.
 
 A record that fails to parse, lacks a label, or has a JPEG that fails to
-decode is dropped and counted in `num_skipped` (and by reason, SKIP_REASONS),
-never turned into a zero clip. Train: every index entry yields exactly one
-stream element, the clip or a marker with the reason it was skipped, so the
-Python side sees every record: data.max_consecutive_skips records in a row
-without a clip (or a whole epoch of them) stop the run naming the shards,
-and a stop request (SIGTERM) is honoured between chunks of records instead
-of waiting forever inside tf.data. Frames are checked for the JPEG start
-and end markers before libjpeg sees them (libjpeg prints a line to stderr
-for every bad frame).
+decode gives no clip. Its slot takes the next record of the global order that
+does (slots s + 1, s + 2, ..., read one by one on the Python side), decoded
+with slot s's randomness, so what a slot holds does not depend on who reads
+it; such a record then appears twice in that epoch. The slot is counted in
+`num_skipped` (by its own record's reason, SKIP_REASONS), never turned into
+a zero clip. data.max_consecutive_skips records in a row without a clip (or
+as many as the index holds) stop the run naming the shards, and a stop
+request (SIGTERM, single-process) is honoured between records instead of
+waiting forever. Frames are checked for the JPEG start and end markers
+before libjpeg sees them (libjpeg prints a line to stderr for every bad
+frame). A shard that cannot be read any more (deleted during the run) stops
+the run naming it.
+
+State: the next slot (as epoch, position) and the skip counters of the slots
+this process read, a few ints per process. Every process saves its state;
+the positions agree, and the counters sum to the run's. Resuming takes the
+position (any process count), the counters' sums go to process 0.
 
 Eval: process k reads the contiguous slice [k n / P, (k+1) n / P) of the
 index sorted by (file, offset); each video yields num_clips x num_crops views.
@@ -37,7 +49,6 @@ mask False (label and video_id -1).
 
 import collections
 import math
-import os
 
 import numpy as np
 import tensorflow as tf
@@ -52,12 +63,19 @@ from stat_jax.errors import UserError
 # The config key that lets a run resume on train data other than its
 # checkpoint's (TrainIterator.set_state).
 DATA_CHANGE_KEY = 'data.allow_data_change'
+# The train order a data state was saved under. States without the key come
+# from the per-process order before it (process k of P read positions k,
+# k + P, ... of each epoch), which this one cannot continue.
+ORDER_VERSION = 2
 
 _PREFETCH_BATCHES = 2
 # Why a train record was skipped: reason code -> what the logs call it.
 SKIP_REASONS = {1: 'unreadable or not a clip', 2: 'no label or label out of '
                 'range', 3: 'frames that do not decode as JPEG'}
 _SKIP_KEYS = {1: 'skipped_unreadable', 2: 'skipped_label', 3: 'skipped_jpeg'}
+# What every process's saved data state must agree on.
+_GLOBAL_KEYS = ('epoch', 'position', 'seed', 'num_records', 'num_shards',
+                'data_fingerprint')
 
 
 class Interrupted(Exception):
@@ -78,16 +96,30 @@ def _checked_jpegs(jpegs):
 
 # ------------------------------------------------------------------- train ---
 
+def _slot_entry(slot, columns, seed):
+  """What slot `slot` (int64) of the train order holds: the index entry
+  (`columns`' file, offset, length) of record perm_e(i), e = slot // n,
+  i = slot % n, with its record number, and the slot with its e and i."""
+  count = tf.size(columns['file'], out_type=tf.int64)
+  epoch, position = slot // count, slot % count
+  record = tf.random.experimental.index_shuffle(
+      position, seed=tf.stack([tf.constant(seed, tf.int64), epoch]),
+      max_index=count - 1)
+  return dict({key: tf.gather(value, record) for key, value in columns.items()},
+              record_number=record, slot=slot, epoch=epoch, position=position)
+
+
 def _train_clips(element, data, seed, table, num_classes):
-  """The data.repeated_augment clips of one record: video uint8 [k, T, crop,
-  crop, 3], key uint32 [k, 2] (each clip's device augmentation), label."""
+  """The data.repeated_augment clips of one record with the randomness of
+  its slot: video uint8 [k, T, crop, crop, 3], key uint32 [k, 2] (each
+  clip's device augmentation), label."""
   count = data.repeated_augment
-  record_seed = tf.random.experimental.stateless_fold_in(
+  slot_seed = tf.random.experimental.stateless_fold_in(
       tf.random.experimental.stateless_fold_in(
           tf.constant([seed, 0], tf.int64), element['epoch']),
-      element['global_position'])
+      element['position'])
   time_seed, crop_seed, device_seed = tf.unstack(
-      tf.random.experimental.stateless_split(record_seed, 3))
+      tf.random.experimental.stateless_split(slot_seed, 3))
   parsed = dmvr.parse_tf(element['record'])
   label = labels.label(parsed, table, num_classes)
   indices = sampling.train_indices(tf.size(parsed['frames']), data, time_seed)
@@ -95,26 +127,26 @@ def _train_clips(element, data, seed, table, num_classes):
   video = sampling.random_resized_crops(jpegs, data, crop_seed, count)
   key = tf.random.stateless_uniform([count, 2], device_seed, minval=None,
                                     maxval=None, dtype=tf.uint32)
-  return {'video': video, 'key': key, 'label': label,
-          'epoch': element['epoch'], 'position': element['position'],
+  return {'video': video, 'key': key, 'label': label, 'slot': element['slot'],
           'file': element['file'], 'reason': tf.constant(0, tf.int32)}
 
 
 def _skipped(element, data, reason):
-  """The stream element of a skipped record: a zero video, never yielded."""
+  """The element of a record that gives no clip: a zero video, never
+  yielded."""
   count = data.repeated_augment
   return {'video': tf.zeros([count, *defaults.clip_shape(data)], tf.uint8),
           'key': tf.zeros([count, 2], tf.uint32),
-          'label': tf.constant(-1, tf.int32), 'epoch': element['epoch'],
-          'position': element['position'], 'file': element['file'],
-          'reason': tf.constant(reason, tf.int32)}
+          'label': tf.constant(-1, tf.int32), 'slot': element['slot'],
+          'file': element['file'], 'reason': tf.constant(reason, tf.int32)}
 
 
-def _train_element(entry, read_one, data, seed, table, num_classes):
-  """Exactly one element for one index entry, never an error: the clip, or
-  _skipped with the first reason of SKIP_REASONS that explains the failure
-  (the checks after the first attempt run only for bad records)."""
-  record = read_one(entry)
+def _train_element(element, data, seed, table, num_classes):
+  """The one element of a read record (`element` holds its bytes under
+  'record'), never an error: the clips, or _skipped with the first reason of
+  SKIP_REASONS that explains the failure (the checks after the first
+  attempt run only for bad records)."""
+  record = tf.data.Dataset.from_tensors(element)
 
   def parses(element):
     dmvr.parse_tf(element['record'])
@@ -127,41 +159,83 @@ def _train_element(entry, read_one, data, seed, table, num_classes):
   attempts = [
       record.map(lambda e: _train_clips(e, data, seed, table, num_classes)),
       record.map(labelled), record.map(parses)]
-  elements = tf.data.Dataset.from_tensors(_skipped(entry, data, 1))
+  elements = tf.data.Dataset.from_tensors(_skipped(element, data, 1))
   for attempt in reversed(attempts):
     elements = attempt.ignore_errors().concatenate(elements)
-  return elements.take(1)
+  return elements.take(1).get_single_element()
+
+
+def _batch_slots(rows, clips_per_record: int) -> np.ndarray:
+  """The slots (offsets in a global batch) whose clips fill the global batch
+  rows `rows` (ascending); UserError if the rows split a record's clips."""
+  rows = np.asarray(rows)
+  slots = rows[::clips_per_record] // clips_per_record
+  whole = (np.repeat(slots * clips_per_record, clips_per_record)
+           + np.tile(np.arange(clips_per_record), len(slots)))
+  if not np.array_equal(whole, rows):
+    raise UserError(
+        f'the {len(rows)} global batch rows of this process split the '
+        f'{clips_per_record} clips of a record (data.repeated_augment): give '
+        f'a batch_size whose share per device is a multiple of '
+        f'{clips_per_record}')
+  return slots
+
+
+def _agreed_state(states: list[dict]) -> dict:
+  """The data state that every process saved (they agree on _GLOBAL_KEYS);
+  UserError for states of the older per-process order, or that disagree."""
+  if any(int(state.get('order', 1)) != ORDER_VERSION for state in states):
+    raise UserError(
+        'the checkpoint\'s data state was written by an older stat-jax, whose '
+        'processes each read their own part of the train data; this one '
+        'reads one global order and cannot continue it exactly. Resume it '
+        'with the stat-jax that wrote it, or start a new workdir')
+  differ = [key for key in _GLOBAL_KEYS
+            if len({int(state[key]) for state in states}) > 1]
+  if differ:
+    raise UserError(f'the data states of the {len(states)} processes that '
+                     f'saved the checkpoint disagree on {", ".join(differ)}: '
+                     f'{[{key: s[key] for key in differ} for s in states]}')
+  return states[0]
 
 
 class TrainIterator:
   """Infinite iterator of {'video' uint8 [b, T, crop, crop, 3], 'key'
   uint32 [b, 2] (augment_device's key data), 'label' int32 [b]} numpy
-  batches, b = batch_size // process_count clips from b / k records (k =
-  data.repeated_augment, a record's clips side by side); exact resume via
+  batches: this process's b rows of each global batch (module doc), from
+  b / k records (k = data.repeated_augment, a record's clips side by side).
+  `rows`: the global batch rows this process holds (ascending, as
+  sharding.process_rows gives them); by default the process_index-th of
+  process_count contiguous blocks. Exact resume, on any process count, via
   get_state() / set_state()."""
 
-  def __init__(self, config, process_index, process_count):
+  def __init__(self, config, process_index, process_count, rows=None):
     clips_per_record = config.data.repeated_augment
     if config.batch_size % (process_count * clips_per_record):
       raise UserError(f'batch_size {config.batch_size} is not divisible by '
                        f'process_count {process_count} x '
                        f'data.repeated_augment {clips_per_record}')
+    if rows is None:
+      share = config.batch_size // process_count
+      rows = np.arange(process_index * share, (process_index + 1) * share)
+    self._batch_slots = _batch_slots(rows, clips_per_record)
+    self._slots_per_batch = config.batch_size // clips_per_record
+    self._process_index = process_index
     self._data = config.data
     self._num_classes = config.model.num_classes
-    self._records_per_batch = (config.batch_size // process_count
-                               // clips_per_record)
-    self._process = (process_index, process_count)
     self._index = records.RecordIndex(self._data.train_spec)
-    self.records_per_epoch = len(self._index) // process_count
-    if not self.records_per_epoch:
-      raise UserError(f'{self._data.train_spec}: {len(self._index)} records '
-                       f'for {process_count} processes')
+    self._columns = {key: tf.constant(value) for key, value in
+                     self._index.entries(np.arange(len(self._index))).items()}
     self._seed = int(config.seed)
     self._table = labels.label_table(self._data, self._data.train_spec)
-    self._epoch, self._position, self.num_skipped = 0, 0, 0
-    self.skipped = dict.fromkeys(SKIP_REASONS, 0)  # reason -> records
-    self._report_mark = (0, 0)  # (stream position, skipped) at skip_report
-    self._batches, self._chunk, self._offset = None, None, 0
+    self._next_slot, self.num_skipped = 0, 0
+    self.skipped = dict.fromkeys(SKIP_REASONS, 0)  # reason -> slots
+    self._report_mark = (0, 0)  # (next slot, skipped) at skip_report
+    self._batches = None
+    # The slow path of a slot whose record gives no clip: one record at a
+    # time, traced once.
+    self._decode = tf.function(lambda element: _train_element(
+        element, self._data, self._seed, self._table, self._num_classes))
     self._max_run = int(self._data.max_consecutive_skips)
     self._data_ids = {
         'num_records': len(self._index), 'num_shards': len(self._index.files),
@@ -170,116 +244,120 @@ class TrainIterator:
     # Interrupted (a SIGTERM must stop a run whose data is all bad).
     self.should_stop = None
 
-  def _entries(self):
-    """Index entries from the saved (epoch, position) on, forever."""
-    process_index, process_count = self._process
-    per_epoch, total = self.records_per_epoch, len(self._index)
-    columns = {k: tf.constant(v) for k, v in self._index.entries(
-        np.arange(total)).items()}
-
-    def entry(stream):  # stream = epoch * records_per_epoch + position
-      epoch, position = stream // per_epoch, stream % per_epoch
-      global_position = position * process_count + process_index
-      record = tf.random.experimental.index_shuffle(
-          global_position, seed=tf.stack([tf.constant(self._seed, tf.int64),
-                                          epoch]),
-          max_index=tf.constant(total - 1, tf.int64))
-      entries = {k: tf.gather(v, record) for k, v in columns.items()}
-      return dict(entries, epoch=epoch, position=position,
-                  global_position=global_position)
-
-    start = self._epoch * per_epoch + self._position
-    return tf.data.Dataset.counter(start).map(entry)
-
   def _dataset(self):
-    """Chunks of `batch` stream elements, clips and skipped markers."""
-    read_one = records.record_reader(self._index)
+    """This process's slots from the next slot on, one chunk per global
+    batch: the clips of each, or the marker of a record without any."""
+    offsets = tf.constant(self._batch_slots, tf.int64)
+    per_batch, first = len(self._batch_slots), self._next_slot
+    slots = tf.data.Dataset.counter().map(
+        lambda read: first + read // per_batch * self._slots_per_batch
+        + tf.gather(offsets, read % per_batch))
+    entries = slots.map(
+        lambda slot: _slot_entry(slot, self._columns, self._seed))
     parallel = self._data.num_parallel_calls
-    elements = self._entries().interleave(
-        lambda e: _train_element(e, read_one, self._data, self._seed,
-                                 self._table, self._num_classes),
-        cycle_length=parallel if parallel > 0 else max(records.READ_PARALLELISM,
-                                                       os.cpu_count() or 1),
+    elements = records.read(entries, self._index).map(
+        lambda e: _train_element(e, self._data, self._seed, self._table,
+                                 self._num_classes),
         num_parallel_calls=parallel, deterministic=True)
-    return (elements.batch(self._records_per_batch, drop_remainder=True)
+    return (elements.batch(per_batch, drop_remainder=True)
             .prefetch(_PREFETCH_BATCHES))
 
   def __iter__(self):
     return self
 
-  @property
-  def stream_position(self) -> int:
-    """Records consumed since epoch 0 (clips yielded plus skipped)."""
-    return self._epoch * self.records_per_epoch + self._position
-
-  def _next_chunk(self):
+  def _check_stop(self):
     if self.should_stop is not None and self.should_stop():
       raise Interrupted(f'stopped while reading {self._data.train_spec}')
+
+  def _next_chunk(self):
+    self._check_stop()
     if self._batches is None:
       self._batches = self._dataset().as_numpy_iterator()
     return next(self._batches)
 
   def __next__(self) -> dict:
-    """The clips of the next `batch` records; skipped records are counted on
-    the way. The state changes only when a batch is returned."""
-    chunk, offset, parts = self._chunk, self._offset, []
-    need = self._records_per_batch
-    skipped, run, run_files = collections.Counter(), 0, collections.Counter()
-    per_epoch, run_start = self.records_per_epoch, 0
+    """This process's clips of the next global batch; a slot whose record
+    gives no clip is filled (module doc) and counted. The state changes
+    only when a batch is returned."""
     try:
-      while need:
-        if chunk is None or offset == len(chunk['reason']):
-          chunk, offset = self._next_chunk(), 0
-        reasons = chunk['reason'][offset:]
-        good = np.flatnonzero(reasons == 0)[:need]
-        end = good[-1] + 1 if len(good) == need else len(reasons)
-        for row in range(end):  # consecutive skips, by reason and shard
-          if reasons[row]:
-            stream = (int(chunk['epoch'][offset + row]) * per_epoch
-                      + int(chunk['position'][offset + row]))
-            run_start = stream if not run else run_start
-            skipped[int(reasons[row])] += 1
-            run += 1
-            run_files[int(chunk['file'][offset + row])] += 1
-            # The run holds a whole epoch: no record of this process gives
-            # a clip.
-            epoch_start = -(-run_start // per_epoch) * per_epoch
-            whole_epoch = stream >= epoch_start + per_epoch - 1
-            if run >= self._max_run or whole_epoch:
-              raise self._too_many_skips(run, run_files, skipped, whole_epoch)
-          else:
-            run, run_files = 0, collections.Counter()
-        parts.append({key: chunk[key][offset + good] for key in
-                      ('video', 'key', 'label', 'epoch', 'position')})
-        offset += end
-        need -= len(good)
-    except BaseException:
-      self._batches, self._chunk = None, None  # restart at the saved state
+      batch, skipped = self._next_batch()
+    except BaseException as error:
+      self._batches = None  # restart at the saved state
+      if isinstance(error, tf.errors.OpError):
+        raise self._unreadable(error) from error
       raise
-    self._chunk, self._offset = chunk, offset
-    batch = parts[0] if len(parts) == 1 else {
-        key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-    last = int(batch['epoch'][-1]) * self.records_per_epoch + int(
-        batch['position'][-1])
-    self._epoch, self._position = divmod(last + 1, self.records_per_epoch)
+    self._next_slot += self._slots_per_batch
     for reason, count in skipped.items():
       self.skipped[reason] += count
     self.num_skipped += sum(skipped.values())
     return _clips(batch, self._data.repeated_augment)
 
-  def _too_many_skips(self, run, run_files, skipped, whole_epoch) -> UserError:
+  def _next_batch(self) -> tuple[dict, collections.Counter]:
+    """(the records of this process's next slots, the slots skipped by
+    reason)."""
+    chunk = self._next_chunk()
+    batch = {key: chunk[key] for key in ('video', 'key', 'label')}
+    bad = np.flatnonzero(chunk['reason'])
+    if len(bad):
+      batch = {key: value.copy() for key, value in batch.items()}
+    for row in bad:
+      clips = self._replacement(int(chunk['slot'][row]),
+                                int(chunk['reason'][row]),
+                                int(chunk['file'][row]))
+      for key, value in batch.items():
+        value[row] = clips[key]
+    return batch, collections.Counter(chunk['reason'][bad].tolist())
+
+  def _replacement(self, slot: int, reason: int, file: int) -> dict:
+    """The clips of the first record after `slot` in the train order that
+    gives any, decoded with the randomness of `slot` (whose own record, from
+    shard number `file`, failed for `reason`)."""
+    own = _slot_entry(tf.constant(slot, tf.int64), self._columns, self._seed)
+    run = [(reason, file)]  # the records in a row without a clip
+    candidate = slot
+    while True:
+      if len(run) >= min(self._max_run, len(self._index)):
+        raise self._too_many_skips(run)
+      self._check_stop()
+      candidate += 1
+      number = int(_slot_entry(tf.constant(candidate, tf.int64),
+                               self._columns, self._seed)['record_number'])
+      element = self._decode({
+          'record': tf.constant(self._index.read(number)),
+          'file': tf.constant(self._index.file[number]),
+          **{key: own[key] for key in ('slot', 'epoch', 'position')}})
+      if not element['reason']:
+        return {key: element[key].numpy() for key in ('video', 'key', 'label')}
+      run.append((int(element['reason']), int(self._index.file[number])))
+
+  def _too_many_skips(self, run) -> UserError:
+    run_files = collections.Counter(file for _, file in run)
     files = ', '.join(f'{self._index.files[f]} ({n})'
                       for f, n in run_files.most_common(5))
     more = len(run_files) - 5
-    reasons = ', '.join(f'{SKIP_REASONS[r]}: {n}'
-                        for r, n in skipped.most_common())
-    limit = (f'all {self.records_per_epoch} records of an epoch among them'
-             if whole_epoch else f'data.max_consecutive_skips = '
-             f'{self._data.max_consecutive_skips}')
+    reasons = ', '.join(
+        f'{SKIP_REASONS[r]}: {n}' for r, n in
+        collections.Counter(reason for reason, _ in run).most_common())
+    limit = ('as many as the index holds' if len(run) >= len(self._index)
+             else f'data.max_consecutive_skips = {self._max_run}')
     return UserError(
-        f'train data: {run} records in a row gave no clip ({limit}); '
+        f'train data: {len(run)} records in a row gave no clip ({limit}); '
         f'{reasons}; from {files}{f" and {more} more shards" if more > 0 else ""}'
         f'. Check them with python -m data.inspect')
+
+  def _unreadable(self, error: tf.errors.OpError) -> UserError:
+    """The train shards that are gone (deleted or moved during the run), or
+    else what the read failed with."""
+    missing = [f for f in self._index.files if not tf.io.gfile.exists(f)]
+    if not missing:
+      return UserError(f'train data {self._data.train_spec}: reading failed: '
+                       f'{error.message.strip().splitlines()[0]}')
+    more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
+    return UserError(
+        f'train data: shard {missing[0]}{more} is gone (deleted or moved '
+        f'while the run read it). Restore it and rerun to resume from the '
+        f'last checkpoint, or resume on the shards left with '
+        f'{DATA_CHANGE_KEY}=True')
 
   @property
   def index(self) -> records.RecordIndex:
@@ -287,11 +365,12 @@ class TrainIterator:
 
   def skip_report(self) -> tuple[str, str | None]:
     """(' | skipped N (reason: n, ...)' for the progress line, '' when none;
-    a warning line when more than data.skip_warning_fraction of the records
-    read since the previous call were skipped, else None)."""
-    read = self.stream_position - self._report_mark[0]
+    a warning line when more than data.skip_warning_fraction of this
+    process's slots read since the previous call were skipped, else None)."""
+    batches = (self._next_slot - self._report_mark[0]) // self._slots_per_batch
+    read = batches * len(self._batch_slots)
     skipped = self.num_skipped - self._report_mark[1]
-    self._report_mark = (self.stream_position, self.num_skipped)
+    self._report_mark = (self._next_slot, self.num_skipped)
     summary = self.skipped_summary()
     warning = None
     if read and skipped / read > self._data.skip_warning_fraction:
@@ -310,43 +389,49 @@ class TrainIterator:
         f'{SKIP_REASONS[r]}: {n}' for r, n in self.skipped.items() if n) + ')'
 
   def get_state(self) -> dict:
-    """Small ints: where the next batch starts, plus what must match."""
-    process_index, process_count = self._process
-    return {'epoch': self._epoch, 'position': self._position,
+    """Small ints: the next slot (as epoch, position), this process's skip
+    counters, and what a resume must match."""
+    epoch, position = divmod(self._next_slot, len(self._index))
+    return {'order': ORDER_VERSION, 'epoch': epoch, 'position': position,
             'num_skipped': self.num_skipped, 'seed': self._seed,
-            'process_index': process_index, 'process_count': process_count,
             **self._data_ids,
             **{_SKIP_KEYS[r]: n for r, n in self.skipped.items()}}
 
-  def set_state(self, state: dict, *, allow_data_change: bool = False):
-    """Resume at `state`. A state of other train data (shards added or
-    removed: other record count or index fingerprint) is refused unless
-    `allow_data_change` (then the position is kept where it fits)."""
-    expected = self.get_state()
-    for key in ('seed', 'process_index', 'process_count'):
-      if int(state[key]) != expected[key]:
-        raise UserError(f'iterator state {key}: expected {expected[key]}, '
-                         f'got {state[key]}')
+  def set_state(self, states: list[dict], *, allow_data_change: bool = False):
+    """Resume where `states`, the data states of every process that saved
+    (any number of them), say: their common position; the sums of their
+    skip counters go to process 0. A state of other train data (shards
+    added or removed: other record count or index fingerprint) is refused
+    unless `allow_data_change` (then the position is kept where it fits)."""
+    state, expected = _agreed_state(states), self.get_state()
+    if int(state['seed']) != self._seed:
+      raise UserError(f'iterator state seed: expected {self._seed}, '
+                       f'got {state["seed"]}')
     changed = [key for key in self._data_ids
-               if key in state and int(state[key]) != expected[key]]
+               if int(state[key]) != expected[key]]
     if changed and not allow_data_change:
       raise UserError(
           f'data.train_spec {self._data.train_spec!r} now gives '
           f'{expected["num_records"]} records in {expected["num_shards"]} '
           f'shard(s); the checkpoint was written reading '
-          f'{state.get("num_records")} records in {state.get("num_shards")} '
+          f'{state["num_records"]} records in {state["num_shards"]} '
           f'shard(s) (differs: {", ".join(changed)}). Restore the shards, or set '
           f'{DATA_CHANGE_KEY}=True to resume on the new data on purpose')
-    if changed and int(state['position']) >= self.records_per_epoch:
-      state = dict(state, position=0, epoch=int(state['epoch']) + 1)
-    if not 0 <= int(state['position']) < self.records_per_epoch:
+    epoch, position = int(state['epoch']), int(state['position'])
+    if changed and position >= len(self._index):
+      epoch, position = epoch + 1, 0
+    if not 0 <= position < len(self._index):
       raise UserError(f'iterator state position: expected 0..'
-                       f'{self.records_per_epoch - 1}, got {state["position"]}')
-    self._epoch, self._position = int(state['epoch']), int(state['position'])
-    self.num_skipped = int(state['num_skipped'])
-    self.skipped = {r: int(state.get(key, 0)) for r, key in _SKIP_KEYS.items()}
-    self._report_mark = (self.stream_position, self.num_skipped)
-    self._batches, self._chunk, self._offset = None, None, 0
+                       f'{len(self._index) - 1}, got {position}')
+    self._next_slot = epoch * len(self._index) + position
+    counters = ('num_skipped', *_SKIP_KEYS.values())
+    totals = {key: sum(int(s.get(key, 0)) for s in states) for key in counters}
+    if self._process_index:
+      totals = dict.fromkeys(counters, 0)
+    self.num_skipped = totals['num_skipped']
+    self.skipped = {r: totals[key] for r, key in _SKIP_KEYS.items()}
+    self._report_mark = (self._next_slot, self.num_skipped)
+    self._batches = None
 
 
 def _clips(per_record: dict, count: int) -> dict:
@@ -358,10 +443,10 @@ def _clips(per_record: dict, count: int) -> dict:
           'label': np.repeat(per_record['label'], count)}
 
 
-def make_train_iterator(config, *, process_index=0,
-                        process_count=1) -> TrainIterator:
+def make_train_iterator(config, *, process_index=0, process_count=1,
+                        rows=None) -> TrainIterator:
   """Train batches for this process (see TrainIterator)."""
-  return TrainIterator(config, process_index, process_count)
+  return TrainIterator(config, process_index, process_count, rows)
 
 
 # -------------------------------------------------------------------- eval ---

@@ -52,6 +52,13 @@ class RecordIndex:
     return {'file': self.file[records], 'offset': self.offset[records],
             'length': self.length[records]}
 
+  def read(self, record: int) -> bytes:
+    """Record number `record`, read alone (tf.errors.NotFoundError when its
+    shard is gone)."""
+    with tf.io.gfile.GFile(self.files[self.file[record]], 'rb') as f:
+      f.seek(int(self.offset[record]))
+      return f.read(int(self.length[record]))
+
 
 def record_reader(index: RecordIndex):
   """entry -> a dataset of one element: the entry plus 'record' (bytes)."""

@@ -12,10 +12,10 @@ complete, so a run killed while saving leaves the previous one as latest.
 
 Multi-process: every process calls every method. Each writes the shards of
 the arrays it holds; process 0 writes the JSON items and commits. The state
-restores onto any mesh (it is resharded to the shardings asked for), e.g. a
-2-process checkpoint onto 1 process for eval.py; resuming training needs the
-process count that wrote it, since each process continues its own part of
-the data.
+restores onto any mesh (it is resharded to the shardings asked for), and
+training resumes on any process count: the data states of all processes
+that saved are handed to the data pipeline, which continues its one global
+train order from their common position (data/pipeline.py).
 
 A checkpoint that cannot be read whole (a truncated or deleted array file,
 an empty step folder, a missing `state/_METADATA`) raises CorruptCheckpoint,
@@ -222,19 +222,13 @@ class Checkpointer:
         metrics=metrics)
 
   def restore(self, step: int, abstract_state):
-    """(state laid out like `abstract_state`, this process's data state,
-    config dict)."""
+    """(state laid out like `abstract_state`, the data states of every
+    process that saved, in process order, config dict)."""
     restored = self._read(
         step, state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
     self._check_finite(step, restored['state'])
-    data_states = restored['data']['processes']
-    if len(data_states) != jax.process_count():
-      raise UserError(
-          f'checkpoint step {step} in {self.directory} was written by '
-          f'{len(data_states)} process(es); resume it with '
-          f'{len(data_states)} (eval.py restores it on any number)')
-    return (restored['state'], data_states[jax.process_index()],
+    return (restored['state'], restored['data']['processes'],
             restored['config'])
 
   def restore_config(self, step: int) -> dict:

@@ -5,7 +5,10 @@ One process: a SIGTERM handler (main thread only, for the duration of
 processes: JAX's coordination service catches SIGTERM on any host and names
 a step at which every process stops (`reached_preemption_sync_point`, what
 orbax's `CheckpointManager.reached_preemption` asks), so all save the same
-step and none waits on a collective the others left.
+step and none waits on a collective the others left. A process waiting for
+its data then keeps waiting (the flag is for one process only): the others
+may have started the next step, whose collectives would hang without it;
+the sync point (the furthest process's step + 1) comes once its batch does.
 """
 
 import contextlib

@@ -8,6 +8,9 @@ names the input and what is wrong. Add a check as one function here and
 one call in check_before_training.
 """
 
+import os
+import tempfile
+
 import jax
 import ml_collections
 import tensorflow as tf
@@ -41,6 +44,22 @@ def check_eval_batch(config: ml_collections.ConfigDict,
     raise UserError(f'config.data.eval_batch_size * num_clips * num_crops = '
                     f'{views} eval views per batch do not split over '
                     f'{process_count} processes')
+
+
+def check_writable(directory: str) -> None:
+  """Files can be created in `directory` (made if missing), where a run
+  writes its checkpoints, logs and reports. Tried with a probe file, created
+  and removed: the permission bits that os.access reads say yes to root,
+  and a read-only mount or a network file system may say otherwise."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+    descriptor, probe = tempfile.mkstemp(prefix='.write-probe-', dir=directory)
+    os.close(descriptor)
+    os.remove(probe)
+  except OSError as error:
+    raise UserError(f'{directory} is not writable ({error.strerror or error});'
+                    ' checkpoints, logs and reports are written there: give '
+                    'a --workdir you can write to') from error
 
 
 def check_before_training(config: ml_collections.ConfigDict) -> None:

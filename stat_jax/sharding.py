@@ -64,6 +64,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def process_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
+  """The rows of a global batch that this process's devices hold, in the
+  order global_batch places its local batch into them (ascending)."""
+  indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+  return np.unique(np.concatenate([np.arange(batch_size)[index[0]]
+                                   for index in indices.values()]))
+
+
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """This process's numpy batch -> global jax.Arrays split over the mesh."""
   sharding = batch_sharding(mesh)

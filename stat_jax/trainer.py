@@ -54,13 +54,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ------------------------------------------------------------- setup ---
   validate(config)
   preflight.check_before_training(config)
-  os.makedirs(workdir, exist_ok=True)
+  preflight.check_writable(workdir)
   mesh = sharding.make_mesh(config)
   total_steps = optim.total_steps(config)
   sharding.check_batch(config.batch_size, mesh)
   train_data = pipeline.make_train_iterator(
       config, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(),
+      rows=sharding.process_rows(mesh, config.batch_size))
   labels.check_label_space(config, train_data.index)
 
   # ------------------------------------------ model, optimizer, state ---
@@ -70,9 +71,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                  config.keep_checkpoints)
   start = ckpt.latest_step()
   if start is not None:
-    start, state, data_state = resume(
+    start, state, data_states = resume(
         config, ckpt, with_shardings(abstract_state, state_shardings))
-    train_data.set_state(data_state,
+    train_data.set_state(data_states,
                          allow_data_change=config.data.allow_data_change)
     log(f'Resuming from step {start} ({ckpt.directory}).')
   else:
@@ -104,6 +105,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last_step = min(total_steps, stop_after or total_steps)
   step = saved_step = start
   with watch_preemption() as preemption, ckpt.saves_kept_on_error():
+    # One process: a SIGTERM while the iterator waits for clips stops the
+    # run there. Several: `signalled` stays False (preemption.py), since a
+    # process may not leave a step that the others have started.
     train_data.should_stop = lambda: preemption.signalled
     for step in range(start + 1, last_step + 1):
       try:
@@ -174,9 +178,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def resume(config, ckpt, abstract_state):
-  """(step, state, this process's data state) of the newest whole checkpoint
-  of `ckpt` (a corrupt or non-finite one is moved aside with a warning),
-  after its saved config was compared with `config` (config_compare)."""
+  """(step, state, the data states of the processes that saved it) of the
+  newest whole checkpoint of `ckpt` (a corrupt or non-finite one is moved
+  aside with a warning), after its saved config was compared with `config`
+  (config_compare)."""
 
   def attempt(step):
     changed = config_compare.check_resume(ckpt.restore_config(step), config,
@@ -184,12 +189,12 @@ def resume(config, ckpt, abstract_state):
     if changed:
       log(f'Resuming step {step} under a changed config '
           f'(resume_with_changed_config): {", ".join(changed)}')
-    state, data_state, _ = ckpt.restore(step, abstract_state)
-    return state, data_state
+    state, data_states, _ = ckpt.restore(step, abstract_state)
+    return state, data_states
 
-  step, (state, data_state) = ckpt.newest_whole('latest', attempt,
-                                                move_aside=True)
-  return step, state, data_state
+  step, (state, data_states) = ckpt.newest_whole('latest', attempt,
+                                                 move_aside=True)
+  return step, state, data_states
 
 
 def truncate_loss_log(path: str, step: int) -> None:
@@ -295,6 +300,8 @@ def evaluate_checkpoint(config, workdir: str, which: str = 'latest') -> dict:
   mesh = sharding.make_mesh(config)
   ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), 1,
                                  read_only=True)
+  ckpt.resolve(which)  # no such checkpoint: said before the workdir is probed
+  preflight.check_writable(workdir)  # the report goes there
   parts, _, abstract_state, state_shardings = abstract_train_state(config, mesh)
   step, state = ckpt.newest_whole(which, lambda step: ckpt.restore_state(
       step, with_shardings(abstract_state, state_shardings)))

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import data_testlib
 from data import dmvr
@@ -85,17 +86,60 @@ def test_each_epoch_is_a_new_permutation(data_specs):
   assert labels[:20].tolist() != labels[20:].tolist()
 
 
-@pytest.mark.parametrize('process_count', [2, 3])
-def test_processes_split_each_epoch(data_specs, process_count):
-  config = data_testlib.tiny_config(data_specs['train'], batch=process_count)
-  per_process = 20 // process_count
-  seen = []
-  for k in range(process_count):
-    iterator = pipeline.make_train_iterator(
-        config, process_index=k, process_count=process_count)
-    assert iterator.records_per_epoch == per_process
-    seen.extend(int(b['label'][0]) for b in _take(iterator, per_process))
-  assert len(set(seen)) == len(seen) == per_process * process_count
+def _global_batches(config, process_count, count, state=None):
+  """`count` global batches: the batches of process_count iterators (set to
+  `state`, a list of saved data states, if given) side by side in process
+  order, as sharding.global_batch lays them out; and the iterators."""
+  iterators = [pipeline.make_train_iterator(config, process_index=k,
+                                            process_count=process_count)
+               for k in range(process_count)]
+  for iterator in iterators:
+    if state is not None:
+      iterator.set_state(state)
+  batches = []
+  for _ in range(count):
+    parts = [next(iterator) for iterator in iterators]
+    batches.append({key: np.concatenate([part[key] for part in parts])
+                    for key in parts[0]})
+  return batches, iterators
+
+
+def test_global_batches_do_not_depend_on_the_process_count(data_specs):
+  """Nor do the clips that fill the slots of bad records."""
+  config = _augmented(data_testlib.tiny_config(data_specs['bad'], batch=4))
+  one, _ = _global_batches(config, 1, 4)  # across the end of epoch 0
+  assert len({tuple(b['label']) for b in one}) == 4
+  for process_count in (2, 4):
+    _assert_batches_equal(one, _global_batches(config, process_count, 4)[0])
+
+
+def test_a_state_saved_by_two_processes_resumes_on_one_and_on_four(
+    data_specs):
+  config = _augmented(data_testlib.tiny_config(data_specs['bad'], batch=4))
+  straight, _ = _global_batches(config, 1, 6)
+  _, saved_by = _global_batches(config, 2, 3)
+  states = json.loads(json.dumps([it.get_state() for it in saved_by]))
+  assert {(s['epoch'], s['position']) for s in states} == {(1, 0)}
+  for process_count in (1, 4):
+    resumed, iterators = _global_batches(config, process_count, 3, states)
+    _assert_batches_equal(straight[3:], resumed)
+    # The saved counters' sum went to process 0: the run's total carries on.
+    skipped = [it.num_skipped for it in iterators]
+    assert sum(skipped) == sum(clip in BAD for clip in _bad_spec_order(2)[:24])
+    assert skipped[0] >= sum(s['num_skipped'] for s in states) == 2
+
+
+def test_resume_refuses_states_of_the_old_order_or_that_disagree(data_specs):
+  config = data_testlib.tiny_config(data_specs['train'])
+  iterator = pipeline.make_train_iterator(config)
+  state = iterator.get_state()
+  old = {key: value for key, value in state.items() if key != 'order'}
+  with pytest.raises(ValueError, match='written by an older stat-jax, whose '
+                     'processes each read their own part'):
+    iterator.set_state([dict(old, process_index=0, process_count=1)])
+  with pytest.raises(ValueError, match=r'the 2 processes .* disagree on '
+                     r"position: \[\{'position': 0\}, \{'position': 4\}\]"):
+    iterator.set_state([state, dict(state, position=4)])
 
 
 def test_same_seed_same_batches(data_specs):
@@ -117,7 +161,7 @@ def test_resume_mid_epoch_replays_exactly(data_specs):
   assert (state['epoch'], state['position']) == (0, 8)
   expected = _take(iterator, 5)  # runs across the end of epoch 0
   resumed = pipeline.make_train_iterator(config)
-  resumed.set_state(state)
+  resumed.set_state([state])
   _assert_batches_equal(expected, _take(resumed, 5))
   assert resumed.get_state() == iterator.get_state()
 
@@ -127,7 +171,7 @@ def test_resume_rejects_other_seed(data_specs):
   state = pipeline.make_train_iterator(config).get_state()
   config.seed = 1
   with pytest.raises(ValueError, match='seed: expected 1, got 0'):
-    pipeline.make_train_iterator(config).set_state(state)
+    pipeline.make_train_iterator(config).set_state([state])
 
 
 def test_crop_identical_across_frames(data_specs):
@@ -157,18 +201,28 @@ def test_repeated_augmentation_gives_k_clips_of_each_video(data_specs):
              for clips in video)  # three crops of each video
 
 
-def test_train_skips_and_counts_corrupt_records(data_specs):
+def _bad_spec_order(epochs):
+  """The clips of the 'bad' spec's slots by the train order's definition:
+  epoch e visits index record index_shuffle(i, (seed 0, e)), i = 0 .. 11,
+  in int64; record r (file order) is clip labels[r], as clip i is in shard
+  i % 2 (write_level_shards)."""
+  int64 = lambda value: tf.constant(value, tf.int64)
+  labels = sorted(range(12), key=lambda i: (i % 2, i))
+  return [labels[int(tf.random.experimental.index_shuffle(
+      int64(i), seed=int64([0, epoch]), max_index=int64(11)))]
+          for epoch in range(epochs) for i in range(12)]
+
+
+def test_a_bad_record_gives_its_slot_the_next_good_record(data_specs):
   config = data_testlib.tiny_config(data_specs['bad'], batch=10)
   iterator = pipeline.make_train_iterator(config)
-  for epochs in (1, 2):
-    batch = next(iterator)
-    assert sorted(batch['label']) == [i for i in range(12) if i not in BAD]
-    state = iterator.get_state()
-    consumed = 12 * state['epoch'] + state['position']
-    # Records read but not yielded are exactly the bad ones read so far:
-    # all of them in finished epochs, and any trailing ones are unread.
-    assert iterator.num_skipped == consumed - 10 * epochs
-    assert iterator.num_skipped + (12 * epochs - consumed) == 2 * epochs
+  labels = np.concatenate([next(iterator)['label'] for _ in range(3)])
+  order = _bad_spec_order(3)
+  expected = [next(r for r in order[s:] if r not in BAD) for s in range(30)]
+  assert labels.tolist() == expected
+  assert iterator.skipped == {1: order[:30].count(3), 2: 0,
+                              3: order[:30].count(7)}  # proto, jpeg
+  assert iterator.num_skipped == sum(iterator.skipped.values()) >= 4
 
 
 def _eval_config(spec):

@@ -9,6 +9,7 @@ checkpoints (2 and 4) and logged losses serve the other tests."""
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,41 @@ def test_inputs_are_checked_before_the_first_step(motion, tmp_path):
   with pytest.raises(UserError, match='eval_spec.*no records'):
     trainer.train_and_evaluate(empty, str(tmp_path / 'b'))
   assert not os.path.exists(tmp_path / 'a') and not os.path.exists(tmp_path / 'b')
+
+
+def no_model(*args):
+  raise AssertionError('the model was built before the workdir was checked')
+
+
+def test_an_unwritable_workdir_is_refused_before_anything_compiles(
+    motion, tmp_path, monkeypatch):
+  monkeypatch.setattr(trainer, 'abstract_train_state', no_model)
+  (tmp_path / 'a_file').write_text('')
+  workdir = str(tmp_path / 'a_file' / 'run')  # no folder there, even for root
+  with pytest.raises(UserError, match=re.escape(
+      f'{workdir} is not writable (Not a directory); checkpoints')):
+    trainer.train_and_evaluate(config_of(motion), workdir)
+
+
+def test_eval_refuses_a_read_only_workdir_before_restoring(
+    motion, tmp_path, monkeypatch, request):
+  locked = tmp_path / 'locked'
+  locked.mkdir(mode=0o555)
+  try:
+    (locked / 'probe').write_text('')
+    pytest.skip('this user (root) writes into a folder without write '
+                'permission')
+  except PermissionError:
+    pass
+  workdir = copy_of(request.getfixturevalue('crashed')['workdir'], tmp_path)
+  os.chmod(workdir, 0o555)
+  monkeypatch.setattr(trainer, 'abstract_train_state', no_model)
+  try:
+    with pytest.raises(UserError, match=re.escape(
+        f'{workdir} is not writable (Permission denied)')):
+      trainer.evaluate_checkpoint(config_of(motion), workdir)
+  finally:
+    os.chmod(workdir, 0o755)
 
 
 # ---------------------------------------------------------- NaN states ---
