@@ -6,6 +6,7 @@ so they share one compiled train step (checkpoint_every and eval_every are
 not part of it). One run crashes at step 4 (its evaluation fails); its
 checkpoints (2 and 4) and logged losses serve the other tests."""
 
+import errno
 import glob
 import json
 import os
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from absl import app
 
-from stat_jax import checkpoint, config_compare, trainer
+from stat_jax import checkpoint, config_compare, preflight, trainer
 from stat_jax.config_validation import ConfigError, validate
 from stat_jax.deploy import inference, predict
 from stat_jax.errors import UserError
@@ -114,23 +115,16 @@ def test_an_unwritable_workdir_is_refused_before_anything_compiles(
 
 def test_eval_refuses_a_read_only_workdir_before_restoring(
     motion, tmp_path, monkeypatch, request):
-  locked = tmp_path / 'locked'
-  locked.mkdir(mode=0o555)
-  try:
-    (locked / 'probe').write_text('')
-    pytest.skip('this user (root) writes into a folder without write '
-                'permission')
-  except PermissionError:
-    pass
   workdir = copy_of(request.getfixturevalue('crashed')['workdir'], tmp_path)
-  os.chmod(workdir, 0o555)
+
+  def read_only(*args, **kwargs):  # what a read-only folder answers, to root too
+    raise PermissionError(errno.EACCES, 'Permission denied')
+
+  monkeypatch.setattr(preflight.tempfile, 'mkstemp', read_only)
   monkeypatch.setattr(trainer, 'abstract_train_state', no_model)
-  try:
-    with pytest.raises(UserError, match=re.escape(
-        f'{workdir} is not writable (Permission denied)')):
-      trainer.evaluate_checkpoint(config_of(motion), workdir)
-  finally:
-    os.chmod(workdir, 0o755)
+  with pytest.raises(UserError, match=re.escape(
+      f'{workdir} is not writable (Permission denied)')):
+    trainer.evaluate_checkpoint(config_of(motion), workdir)
 
 
 # ---------------------------------------------------------- NaN states ---
