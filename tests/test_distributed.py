@@ -31,11 +31,10 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from conftest import FAST_COMPILE
+from conftest import FAST_COMPILE, ROOT
 from stat_jax import (checkpoint, distributed, launch, sharding, train_state,
                       trainer)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 KILL_DEADLINE_S = 30  # a killed process's partner is stopped within this
 # PYTHONPATH: RUN_SCRIPT, written to a temporary folder, imports the repo.
@@ -60,6 +59,9 @@ for key, value in overrides.items():
   (config[section] if section else config)[name] = value
 result = trainer.train_and_evaluate(config, workdir)
 report, state = {'losses': result['losses'], 'eval': result['eval']}, result['state']
+# Parameters fsdp split across the devices (not all of them replicated).
+report['sharded_params'] = sum(
+    not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state.params))
 params = multihost_utils.process_allgather(state.params, tiled=True)
 if jax.process_index() == 0:
   np.savez(out + '.npz', *jax.tree.leaves(params))
@@ -235,6 +237,7 @@ def in_step_order(losses: dict) -> np.ndarray:
 
 def test_two_processes_train_like_one_device(
     one_device, two_processes):
+  assert two_processes['report']['sharded_params'] > 0  # fsdp=2 split some
   one = in_step_order(one_device['report']['losses'])
   two = in_step_order(read_loss_log(two_processes['workdir']))
   assert np.isfinite(one).all() and len(set(one.tolist())) == STEPS

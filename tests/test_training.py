@@ -1,4 +1,5 @@
-"""The training loop: learning, sharding, accumulation, evaluation, guards."""
+"""The training loop: learning, accumulation, evaluation, guards (meshes of
+several devices and processes: test_distributed.py)."""
 
 import os
 import subprocess
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_on_cpu_devices
+from conftest import ROOT
 from data import pipeline, synthetic
 from stat_jax import augment_device, optim, trainer
 from stat_jax.config_validation import ConfigError
@@ -33,51 +34,6 @@ def test_loss_decreases_on_a_fixed_batch(motion):
   assert all(np.isfinite(losses))
   assert losses[-1] < 0.75 * losses[0]  # memorising the batch
   assert int(state.step) == 8
-
-
-SHARDING_SCRIPT = r'''
-import json, sys
-import jax
-import numpy as np
-from configs import tiny
-from stat_jax import optim, sharding
-from stat_jax.train_state import ModelParts, init_train_state
-from stat_jax.train_step import make_train_step
-
-def losses(data, fsdp, devices):
-  config = tiny.get_config()
-  config.batch_size = 8
-  config.mixup.mixup_alpha = config.mixup.cutmix_alpha = 0.0
-  config.model.drop_path = 0.0
-  config.mesh.data, config.mesh.fsdp, config.mesh.fsdp_min_size = data, fsdp, 1
-  mesh = sharding.make_mesh(config, devices)
-  parts, tx = ModelParts(config), optim.make_optimizer(config)
-  abstract = jax.eval_shape(lambda: init_train_state(parts, 0, tx))
-  shardings = sharding.state_shardings(abstract, mesh, 1)
-  state = jax.jit(lambda: init_train_state(parts, 0, tx), out_shardings=shardings)()
-  step = jax.jit(make_train_step(config, parts, tx), out_shardings=(shardings, None))
-  rng = np.random.default_rng(0)
-  out = []
-  for _ in range(3):
-    batch = {'video': rng.integers(0, 256, (8, 8, 32, 32, 3), np.uint8),
-             'key': rng.integers(0, 2**32, (8, 2), np.uint32),
-             'label': rng.integers(0, 10, 8).astype(np.int32)}
-    state, metrics = step(state, sharding.global_batch(batch, mesh))
-    out.append(float(metrics['loss']))
-  sharded = sum(len(leaf.sharding.device_set) > 1 and not leaf.sharding.is_fully_replicated
-                for leaf in jax.tree.leaves(state.params))
-  return out, sharded
-
-one, _ = losses(1, 1, jax.devices()[:1])
-four, sharded = losses(2, 2, jax.devices())
-print(json.dumps({'one': one, 'four': four, 'sharded_params': sharded}))
-'''
-
-
-def test_one_device_and_a_data_fsdp_mesh_agree():
-  result = run_on_cpu_devices(SHARDING_SCRIPT, 4)
-  assert result['sharded_params'] > 0  # fsdp really split parameters
-  np.testing.assert_allclose(result['four'], result['one'], rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_accumulation_equals_the_full_batch(motion):
