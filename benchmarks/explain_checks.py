@@ -8,7 +8,7 @@ and which attention set carries the temporal order.
 
 Takes up to --per_class eval records of each class from --spec (default:
 the run's eval_spec), cuts each into views as evaluation does
-(data/pipeline.py eval_views), writes view 0 as a video file with each
+(data/eval_pipeline.py eval_views), writes view 0 as a video file with each
 codec of CODECS at 8 frames per second, reads it back as predict and explain
 read videos (stat_jax/deploy/predict.py video_views), and prints per codec
 the mean |pixel change|, top-1 and top-1 per class. Then, for the first
@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from data import dmvr, pipeline
+from data import dmvr, eval_pipeline
 from stat_jax import attention_maps
 from stat_jax.deploy import inference, predict
 from stat_jax.train_state import ModelParts
@@ -77,7 +77,7 @@ def eval_clips(spec, data, per_class):
       if taken[label] < per_class:
         taken[label] += 1
         parsed = dmvr.parse_tf(tf.constant(serialized))
-        clips.append((label, pipeline.eval_views(parsed, data).numpy()))
+        clips.append((label, eval_pipeline.eval_views(parsed, data).numpy()))
   return sorted(clips, key=lambda clip: clip[0])
 
 

@@ -21,7 +21,7 @@ import jax
 from absl import app, flags
 
 from data import dmvr
-from data import pipeline
+from data import train_pipeline
 from data import synthetic
 from stat_jax import augment_device, defaults
 
@@ -57,7 +57,7 @@ def clips_per_second(spec, num_frames, crop, batch_size, num_batches):
   config.data.train_spec = spec
   config.data.crop_size = crop
   config.batch_size = batch_size
-  iterator = pipeline.make_train_iterator(config)
+  iterator = train_pipeline.make_train_iterator(config)
   batch = next(iterator)  # tracing and pipeline start-up
   clip_bytes = sum(value.nbytes for value in batch.values()) / batch_size
   start = time.perf_counter()

@@ -77,6 +77,17 @@ def random_crop_window(image_shape, seed, area_range, aspect_range):
   return tf.stack([begin[0], begin[1], size[0], size[1]])
 
 
+def checked_jpegs(jpegs):
+  """`jpegs` once each starts with the JPEG SOI and ends with the EOI marker
+  (else InvalidArgumentError): libjpeg prints to stderr for every frame it
+  rejects, which floods the log when a whole shard is bad."""
+  ok = tf.reduce_all(
+      (tf.strings.substr(jpegs, 0, 3) == b'\xff\xd8\xff')
+      & (tf.strings.substr(jpegs, -2, 2) == b'\xff\xd9'))
+  with tf.control_dependencies([tf.debugging.Assert(ok, ['not a JPEG'])]):
+    return tf.identity(jpegs)
+
+
 def decode_frames(jpegs, count, crop_window=None):
   """uint8 [count, h, w, 3] from `count` JPEGs (all frames the same size);
   crop_window [y, x, h, w] decodes only that window of each frame."""

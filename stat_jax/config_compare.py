@@ -41,7 +41,7 @@ RUN_CONTROL_KEYS = (
     'data.skip_warning_fraction', 'data.allow_data_change', 'data.synthetic.',
 )
 # May differ when data.allow_data_change is set (the data side then checks
-# the records themselves: data/pipeline.py).
+# the records themselves: data/train_pipeline.py).
 DATA_CHANGE_KEYS = ('data.train_spec',)
 
 

@@ -13,13 +13,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from data import labels
-from data import pipeline
+from data import eval_pipeline
 from stat_jax import attention_maps, plots
 
 
 def fixed_clips(config, count: int) -> np.ndarray:
   """uint8 [<= count, T, H, W, 3] views of distinct videos."""
-  batch = next(iter(pipeline.make_eval_iterator(config)))
+  batch = next(iter(eval_pipeline.make_eval_iterator(config)))
   rows, seen = [], set()
   for row, (video, real) in enumerate(zip(batch['video_id'], batch['mask'])):
     if real and video not in seen and len(rows) < count:

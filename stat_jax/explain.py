@@ -7,7 +7,7 @@
 Each video is cut into the config's eval views (as predict does); the
 first view is explained. An argument FILE:K is record K (from 0) of a
 TFRecord file of DMVR shards, cut into views by the eval pipeline itself
-(data/pipeline.py eval_views): what evaluation scores, with no re-encoding
+(data/eval_pipeline.py eval_views): what evaluation scores, with no re-encoding
 (a lossy codec at 32x32 changes what the demo model predicts; see
 benchmarks/RESULTS.md, "What STAT sees"); its label is shown beside the
 top-5. Per video it writes into --out:
@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from data import dmvr, pipeline
+from data import dmvr, eval_pipeline
 from stat_jax import attention_maps, cli, plots
 from stat_jax.deploy import inference, predict
 from stat_jax.errors import UserError
@@ -73,7 +73,7 @@ def record_views(path: str, index: int, data, classes: list[str]):
   texts = [t.decode('utf-8', 'replace') for t in parsed['label_text'].numpy()]
   names = [classes[i] for i in parsed['label_index'].numpy()
            if 0 <= i < len(classes)]
-  return (pipeline.eval_views(parsed, data).numpy(),
+  return (eval_pipeline.eval_views(parsed, data).numpy(),
           ', '.join(texts or names) or None)
 
 

@@ -16,7 +16,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from data import labels
-from data import pipeline
+from data import eval_pipeline
+from data import train_pipeline
 from stat_jax import checkpoint, confusion, metrics, optim, sharding
 from stat_jax import config_compare, preflight
 from stat_jax.config_validation import validate
@@ -58,7 +59,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = sharding.make_mesh(config)
   total_steps = optim.total_steps(config)
   sharding.check_batch(config.batch_size, mesh)
-  train_data = pipeline.make_train_iterator(
+  train_data = train_pipeline.make_train_iterator(
       config, process_index=jax.process_index(),
       process_count=jax.process_count(),
       rows=sharding.process_rows(mesh, config.batch_size))
@@ -112,7 +113,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     for step in range(start + 1, last_step + 1):
       try:
         batch = sharding.global_batch(next(train_data), mesh)
-      except pipeline.Interrupted:  # SIGTERM while waiting for clips
+      except train_pipeline.Interrupted:  # SIGTERM while waiting for clips
         step -= 1
         losses.update(flush_losses(pending, ckpt, loss_log))
         if step > saved_step:
@@ -261,7 +262,7 @@ def evaluate(config, eval_step, params, mesh) -> dict:
   with its video id, label and mask) is gathered to every process, so each
   returns the result over all videos. A collective in multi-process runs.
   """
-  views = pipeline.make_eval_iterator(
+  views = eval_pipeline.make_eval_iterator(
       config, process_index=jax.process_index(),
       process_count=jax.process_count())
   forward = ViewAccumulator(config.model.num_classes)

@@ -9,7 +9,8 @@ import tensorflow as tf
 
 import data_testlib
 from data import dmvr
-from data import pipeline
+from data import eval_pipeline
+from data import train_pipeline
 
 TRAIN_LENGTHS = [6 + (5 * i) % 25 for i in range(20)]  # 6..30 frames
 EVAL_LENGTHS = [5 + (7 * i) % 20 for i in range(13)]
@@ -53,7 +54,7 @@ def _assert_batches_equal(first, second):
 
 def test_train_batch_samples_one_frame_per_segment(data_specs):
   config = data_testlib.tiny_config(data_specs['train'], frames=4, batch=5)
-  batch = next(pipeline.make_train_iterator(config))
+  batch = next(train_pipeline.make_train_iterator(config))
   assert batch['video'].shape == (5, 4, 16, 16, 3)
   assert batch['video'].dtype == np.uint8 and batch['label'].dtype == np.int32
   assert batch['key'].shape == (5, 2) and batch['key'].dtype == np.uint32
@@ -68,7 +69,7 @@ def test_train_batch_samples_one_frame_per_segment(data_specs):
 def test_train_dense_sampling_strides_and_loops(data_specs):
   config = data_testlib.tiny_config(data_specs['train'], frames=4, batch=10)
   config.data.sampling, config.data.frame_stride = 'dense', 3
-  batch = next(pipeline.make_train_iterator(config))
+  batch = next(train_pipeline.make_train_iterator(config))
   frames = data_testlib.frame_numbers(batch['video'])
   for label, clip_frames in zip(batch['label'], frames):
     length = TRAIN_LENGTHS[label]
@@ -79,7 +80,7 @@ def test_train_dense_sampling_strides_and_loops(data_specs):
 
 def test_each_epoch_is_a_new_permutation(data_specs):
   config = data_testlib.tiny_config(data_specs['train'], batch=4)
-  batches = _take(pipeline.make_train_iterator(config), 10)
+  batches = _take(train_pipeline.make_train_iterator(config), 10)
   labels = np.concatenate([b['label'] for b in batches])
   assert sorted(labels[:20]) == list(range(20))
   assert sorted(labels[20:]) == list(range(20))
@@ -90,7 +91,7 @@ def _global_batches(config, process_count, count, state=None):
   """`count` global batches: the batches of process_count iterators (set to
   `state`, a list of saved data states, if given) side by side in process
   order, as sharding.global_batch lays them out; and the iterators."""
-  iterators = [pipeline.make_train_iterator(config, process_index=k,
+  iterators = [train_pipeline.make_train_iterator(config, process_index=k,
                                             process_count=process_count)
                for k in range(process_count)]
   for iterator in iterators:
@@ -131,7 +132,7 @@ def test_a_state_saved_by_two_processes_resumes_on_one_and_on_four(
 
 def test_resume_refuses_states_of_the_old_order_or_that_disagree(data_specs):
   config = data_testlib.tiny_config(data_specs['train'])
-  iterator = pipeline.make_train_iterator(config)
+  iterator = train_pipeline.make_train_iterator(config)
   state = iterator.get_state()
   old = {key: value for key, value in state.items() if key != 'order'}
   with pytest.raises(ValueError, match='written by an older stat-jax, whose '
@@ -144,23 +145,23 @@ def test_resume_refuses_states_of_the_old_order_or_that_disagree(data_specs):
 
 def test_same_seed_same_batches(data_specs):
   config = _augmented(data_testlib.tiny_config(data_specs['train']))
-  first = _take(pipeline.make_train_iterator(config), 3)
-  again = _take(pipeline.make_train_iterator(config), 3)
+  first = _take(train_pipeline.make_train_iterator(config), 3)
+  again = _take(train_pipeline.make_train_iterator(config), 3)
   _assert_batches_equal(first, again)
   config.seed = 1
-  other = next(pipeline.make_train_iterator(config))
+  other = next(train_pipeline.make_train_iterator(config))
   assert not np.array_equal(other['video'], first[0]['video'])
   assert not np.array_equal(other['key'], first[0]['key'])
 
 
 def test_resume_mid_epoch_replays_exactly(data_specs):
   config = _augmented(data_testlib.tiny_config(data_specs['train']))
-  iterator = pipeline.make_train_iterator(config)
+  iterator = train_pipeline.make_train_iterator(config)
   _take(iterator, 2)
   state = json.loads(json.dumps(iterator.get_state()))  # small, serialisable
   assert (state['epoch'], state['position']) == (0, 8)
   expected = _take(iterator, 5)  # runs across the end of epoch 0
-  resumed = pipeline.make_train_iterator(config)
+  resumed = train_pipeline.make_train_iterator(config)
   resumed.set_state([state])
   _assert_batches_equal(expected, _take(resumed, 5))
   assert resumed.get_state() == iterator.get_state()
@@ -168,15 +169,15 @@ def test_resume_mid_epoch_replays_exactly(data_specs):
 
 def test_resume_rejects_other_seed(data_specs):
   config = data_testlib.tiny_config(data_specs['train'])
-  state = pipeline.make_train_iterator(config).get_state()
+  state = train_pipeline.make_train_iterator(config).get_state()
   config.seed = 1
   with pytest.raises(ValueError, match='seed: expected 1, got 0'):
-    pipeline.make_train_iterator(config).set_state([state])
+    train_pipeline.make_train_iterator(config).set_state([state])
 
 
 def test_crop_identical_across_frames(data_specs):
   config = _augmented(data_testlib.tiny_config(data_specs['static'], frames=6))
-  for batch in _take(pipeline.make_train_iterator(config), 3):
+  for batch in _take(train_pipeline.make_train_iterator(config), 3):
     video = batch['video']  # [b, T, H, W, 3]
     np.testing.assert_array_equal(video, video[:, :1].repeat(6, 1))
     assert video.std(axis=(1, 2, 3, 4)).min() > 5
@@ -185,7 +186,7 @@ def test_crop_identical_across_frames(data_specs):
 def test_repeated_augmentation_gives_k_clips_of_each_video(data_specs):
   config = _augmented(data_testlib.tiny_config(data_specs['train'], batch=6))
   config.data.repeated_augment = 3
-  iterator = pipeline.make_train_iterator(config)
+  iterator = train_pipeline.make_train_iterator(config)
   batch = next(iterator)
   assert batch['video'].shape == (6, 4, 16, 16, 3)
   state = iterator.get_state()
@@ -196,7 +197,7 @@ def test_repeated_augmentation_gives_k_clips_of_each_video(data_specs):
   assert (frames == frames[:, :1]).all()  # the same frames, decoded once
   assert len({key.tobytes() for key in batch['key']}) == 6
   config.data.train_spec = data_specs['static']
-  video = next(pipeline.make_train_iterator(config))['video'].reshape(2, 3, -1)
+  video = next(train_pipeline.make_train_iterator(config))['video'].reshape(2, 3, -1)
   assert all(len({clip.tobytes() for clip in clips}) == 3
              for clips in video)  # three crops of each video
 
@@ -215,7 +216,7 @@ def _bad_spec_order(epochs):
 
 def test_a_bad_record_gives_its_slot_the_next_good_record(data_specs):
   config = data_testlib.tiny_config(data_specs['bad'], batch=10)
-  iterator = pipeline.make_train_iterator(config)
+  iterator = train_pipeline.make_train_iterator(config)
   labels = np.concatenate([next(iterator)['label'] for _ in range(3)])
   order = _bad_spec_order(3)
   expected = [next(r for r in order[s:] if r not in BAD) for s in range(30)]
@@ -236,7 +237,7 @@ def test_eval_covers_every_view_exactly_once(data_specs, process_count):
   config = _eval_config(data_specs['eval'])
   views, batch_counts = [], []
   for k in range(process_count):
-    iterator = pipeline.make_eval_iterator(
+    iterator = eval_pipeline.make_eval_iterator(
         config, process_index=k, process_count=process_count)
     batches = list(iterator)
     batch_counts.append(len(batches))
@@ -258,7 +259,7 @@ def test_eval_covers_every_view_exactly_once(data_specs, process_count):
 
 def test_eval_views_take_uniform_clips(data_specs):
   config = _eval_config(data_specs['eval'])
-  batch = next(pipeline.make_eval_iterator(config))
+  batch = next(eval_pipeline.make_eval_iterator(config))
   frames = data_testlib.frame_numbers(batch['video'])
   for label, view, clip_frames in zip(batch['label'], batch['view'], frames):
     length, clip = EVAL_LENGTHS[label], view // 3
@@ -270,7 +271,7 @@ def test_eval_views_take_uniform_clips(data_specs):
 
 def test_eval_skips_and_counts_corrupt_records(data_specs):
   config = _eval_config(data_specs['bad'])
-  iterator = pipeline.make_eval_iterator(config)
+  iterator = eval_pipeline.make_eval_iterator(config)
   batches = list(iterator)
   assert iterator.num_skipped == 2
   labels = np.concatenate([b['label'][b['mask']] for b in batches])
@@ -281,8 +282,8 @@ def test_eval_skips_and_counts_corrupt_records(data_specs):
 def test_config_errors_name_the_values(data_specs):
   config = data_testlib.tiny_config(data_specs['train'], batch=5)
   with pytest.raises(ValueError, match='batch_size 5 .* process_count 2'):
-    pipeline.make_train_iterator(config, process_count=2)
+    train_pipeline.make_train_iterator(config, process_count=2)
   config = _eval_config(data_specs['eval'])
   config.data.eval_short_side = 8
   with pytest.raises(ValueError, match='eval_short_side 8 < data.crop_size 16'):
-    pipeline.make_eval_iterator(config)
+    eval_pipeline.make_eval_iterator(config)

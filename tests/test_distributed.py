@@ -13,7 +13,7 @@ The runs compared (module fixtures; the slow part):
   restored        this process restores the 2-process checkpoint on its one
                   device (eval.py's path) and evaluates it.
 Mixup and drop path are off. The global batch is the same array whatever
-the process count (data/pipeline.py), so the runs differ only by the float
+the process count (data/train_pipeline.py), so the runs differ only by the float
 rounding of their meshes' reductions.
 """
 

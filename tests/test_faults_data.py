@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import data_testlib
 from configs import tiny
-from data import convert, dmvr, inspect, labels, pipeline, synthetic
+from data import convert, dmvr, inspect, labels, synthetic, train_pipeline
 from stat_jax import train_step, trainer
 from stat_jax.errors import UserError
 from stat_jax.preemption import watch
@@ -44,7 +44,7 @@ def junk(tmp_path_factory):
 def test_a_train_shard_without_clips_stops_naming_it(junk, kind, capfd):
   config = data_testlib.tiny_config(junk[kind])
   with pytest.raises(UserError) as error:
-    next(pipeline.make_train_iterator(config))
+    next(train_pipeline.make_train_iterator(config))
   records = {'random': 64, 'not_jpeg': 16}[kind]
   assert (f'{records} records in a row gave no clip (as many as the index '
           'holds)') in str(error.value)
@@ -57,11 +57,11 @@ def test_a_train_shard_without_clips_stops_naming_it(junk, kind, capfd):
   config.data.max_consecutive_skips = 5
   with pytest.raises(UserError, match='5 records in a row .*'
                      'data.max_consecutive_skips = 5'):
-    next(pipeline.make_train_iterator(config))
+    next(train_pipeline.make_train_iterator(config))
 
 
 def test_sigterm_stops_an_iterator_waiting_for_clips(junk):
-  iterator = pipeline.make_train_iterator(
+  iterator = train_pipeline.make_train_iterator(
       data_testlib.tiny_config(junk['random'], batch=2))
   before, calls = iterator.get_state(), []
   with watch() as preemption:
@@ -71,7 +71,7 @@ def test_sigterm_stops_an_iterator_waiting_for_clips(junk):
         os.kill(os.getpid(), signal.SIGTERM)
       return preemption.signalled
     iterator.should_stop = should_stop
-    with pytest.raises(pipeline.Interrupted):
+    with pytest.raises(train_pipeline.Interrupted):
       next(iterator)
   assert preemption.signalled and len(calls) == 3
   assert iterator.get_state() == before  # nothing consumed
@@ -83,7 +83,7 @@ def test_skips_are_reported_and_sigterm_while_waiting_saves(
   TensorBoard; a SIGTERM while the iterator waits saves the last step."""
   config = _run_config(motion, total_steps=8)
   config.data.train_spec = f'{motion["train"]},{junk["random"]}'
-  fetch, fetches = pipeline.TrainIterator._next_chunk, []
+  fetch, fetches = train_pipeline.TrainIterator._next_chunk, []
 
   def next_chunk(self):
     fetches.append(1)
@@ -91,7 +91,7 @@ def test_skips_are_reported_and_sigterm_while_waiting_saves(
       os.kill(os.getpid(), signal.SIGTERM)
     return fetch(self)
 
-  monkeypatch.setattr(pipeline.TrainIterator, '_next_chunk', next_chunk)
+  monkeypatch.setattr(train_pipeline.TrainIterator, '_next_chunk', next_chunk)
   # The loop is under test, not learning: a state and a step that compile
   # in no time.
   abstract, built = trainer.abstract_train_state, []
@@ -163,7 +163,7 @@ def test_a_shard_deleted_mid_run_stops_it_naming_the_shard(tmp_path):
   spec = data_testlib.write_level_shards(str(tmp_path), 'g', [6] * 9, 3)
   glob = spec.replace('@3', '-*')
   config = data_testlib.tiny_config(glob, batch=2)
-  iterator = pipeline.make_train_iterator(config)
+  iterator = train_pipeline.make_train_iterator(config)
   next(iterator)
   state = json.loads(json.dumps(iterator.get_state()))
   gone = dmvr.resolve_spec(spec)[2]
@@ -174,7 +174,7 @@ def test_a_shard_deleted_mid_run_stops_it_naming_the_shard(tmp_path):
   assert str(error.value).startswith(f'train data: shard {gone} is gone')
   assert '\n' not in str(error.value)
   # The resume on the glob that lost the shard.
-  resumed = pipeline.make_train_iterator(config)
+  resumed = train_pipeline.make_train_iterator(config)
   with pytest.raises(UserError, match="now gives 6 records in 2 shard.*"
                      "reading 9 records in 3 shard.*allow_data_change"):
     resumed.set_state([state])

@@ -7,7 +7,7 @@ import pytest
 
 import export_testlib
 import video_testlib
-from data import convert, pipeline
+from data import convert, eval_pipeline
 from stat_jax import trainer
 from stat_jax.deploy import export, predict
 
@@ -70,7 +70,7 @@ def test_top1_matches_evaluation_of_the_same_clip(files, from_run):
                            short_side=files['config'].data.eval_short_side)
   config = files['config'].copy_and_resolve_references()
   config.data.eval_spec = shards['spec']
-  batch = next(pipeline.make_eval_iterator(config))
+  batch = next(eval_pipeline.make_eval_iterator(config))
   eval_pixels = batch['video'][batch['mask']].astype(np.float32)  # uint8
   views = predict.video_views(files['video'], config.data)
   assert views.shape == eval_pixels.shape == (6, 8, 32, 32, 3)

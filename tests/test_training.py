@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from data import pipeline, synthetic
+from data import eval_pipeline, synthetic, train_pipeline
 from stat_jax import augment_device, optim, trainer
 from stat_jax.config_validation import ConfigError
 from stat_jax.train_state import ModelParts, init_train_state
@@ -67,7 +67,7 @@ def test_evaluation_counts_every_video_once_and_averages_views(motion):
   # Reference: every video's views through the model, softmax averaged; and
   # played backwards, scored against the reversed class.
   views, reversed_views = {}, {}
-  for batch in pipeline.make_eval_iterator(config):
+  for batch in eval_pipeline.make_eval_iterator(config):
     probs = np.asarray(eval_step(params, batch['video']))
     reversed_probs = np.asarray(eval_step(params, batch['video'][:, ::-1]))
     for p, q, vid, label, valid in zip(probs, reversed_probs,
@@ -88,7 +88,7 @@ def test_evaluation_counts_every_video_once_and_averages_views(motion):
 
 
 def test_nan_loss_stops_naming_the_step(motion, tmp_path, monkeypatch):
-  real = pipeline.make_train_iterator
+  real = train_pipeline.make_train_iterator
   real_augment = augment_device.augment_batch
   poison = np.uint32(2**32 - 1)  # key data that marks a clip for NaN pixels
 
@@ -112,7 +112,7 @@ def test_nan_loss_stops_naming_the_step(motion, tmp_path, monkeypatch):
     def __getattr__(self, name):  # the rest of the real iterator
       return getattr(self._inner, name)
 
-  monkeypatch.setattr(pipeline, 'make_train_iterator', Poisoned)
+  monkeypatch.setattr(train_pipeline, 'make_train_iterator', Poisoned)
   monkeypatch.setattr(augment_device, 'augment_batch', augment_or_nan)
   with pytest.raises(trainer.NonFiniteLoss,
                      match=r'at step 5.*Last good checkpoint: step 3'):

@@ -1,4 +1,5 @@
-"""tf.data train and eval pipelines over DMVR shards (docs/design.md#data).
+"""tf.data train pipeline over DMVR shards (docs/design.md#data); the eval
+pipeline is data/eval_pipeline.py.
 
 Phases: index -> order -> read -> parse -> sample -> decode -> crop -> batch.
 Batches are uint8 clips; the train augmentation after the crop (flip,
@@ -39,16 +40,9 @@ State: the next slot (as epoch, position) and the skip counters of the slots
 this process read, a few ints per process. Every process saves its state;
 the positions agree, and the counters sum to the run's. Resuming takes the
 position (any process count), the counters' sums go to process 0.
-
-Eval: process k reads the contiguous slice [k n / P, (k+1) n / P) of the
-index sorted by (file, offset); each video yields num_clips x num_crops views.
-One batch element is one view; every process yields the same number of
-batches, eval_batch_size * views / P elements each, padded at the end with
-mask False (label and video_id -1).
 """
 
 import collections
-import math
 
 import numpy as np
 import tensorflow as tf
@@ -83,17 +77,6 @@ class Interrupted(Exception):
   valid clips; its state is still that after the last batch it returned."""
 
 
-def _checked_jpegs(jpegs):
-  """`jpegs` once each starts with the JPEG SOI and ends with the EOI marker
-  (else InvalidArgumentError): libjpeg prints to stderr for every frame it
-  rejects, which floods the log when a whole shard is bad."""
-  ok = tf.reduce_all(
-      (tf.strings.substr(jpegs, 0, 3) == b'\xff\xd8\xff')
-      & (tf.strings.substr(jpegs, -2, 2) == b'\xff\xd9'))
-  with tf.control_dependencies([tf.debugging.Assert(ok, ['not a JPEG'])]):
-    return tf.identity(jpegs)
-
-
 # ------------------------------------------------------------------- train ---
 
 def _slot_entry(slot, columns, seed):
@@ -123,7 +106,7 @@ def _train_clips(element, data, seed, table, num_classes):
   parsed = dmvr.parse_tf(element['record'])
   label = labels.label(parsed, table, num_classes)
   indices = sampling.train_indices(tf.size(parsed['frames']), data, time_seed)
-  jpegs = _checked_jpegs(tf.gather(parsed['frames'], indices))  # [T]
+  jpegs = sampling.checked_jpegs(tf.gather(parsed['frames'], indices))  # [T]
   video = sampling.random_resized_crops(jpegs, data, crop_seed, count)
   key = tf.random.stateless_uniform([count, 2], device_seed, minval=None,
                                     maxval=None, dtype=tf.uint32)
@@ -447,109 +430,3 @@ def make_train_iterator(config, *, process_index=0, process_count=1,
                         rows=None) -> TrainIterator:
   """Train batches for this process (see TrainIterator)."""
   return TrainIterator(config, process_index, process_count, rows)
-
-
-# -------------------------------------------------------------------- eval ---
-
-def eval_views(parsed, data):
-  """uint8 [V, T, crop, crop, 3], V = clips x crops: the eval views of one
-  record parsed by dmvr.parse_tf (explain reads records through it too)."""
-  clip_frames = data.num_clips * data.num_frames
-  indices = sampling.eval_indices(tf.size(parsed['frames']), data)  # [C, T]
-  jpegs = _checked_jpegs(
-      tf.gather(parsed['frames'], tf.reshape(indices, [-1])))  # [C*T]
-  frames = sampling.resize_short_side(
-      sampling.decode_frames(jpegs, clip_frames), data.eval_short_side)
-  clips = tf.reshape(frames, tf.concat(
-      [[data.num_clips, data.num_frames], tf.shape(frames)[1:]], 0))
-  views = sampling.spatial_crops(clips, data.crop_size, data.num_crops)
-  return tf.ensure_shape(tf.cast(tf.round(views), tf.uint8), [
-      data.num_clips * data.num_crops, data.num_frames, data.crop_size,
-      data.crop_size, 3])
-
-
-def _eval_views(element, data, table, num_classes):
-  """All views of one video: video uint8 [V, T, crop, crop, 3], V = clips x
-  crops, with label, video_id, view, mask [V]."""
-  parsed = dmvr.parse_tf(element['record'])
-  label = labels.label(parsed, table, num_classes)
-  views = eval_views(parsed, data)
-  num_views = data.num_clips * data.num_crops
-  return {'video': views, 'label': tf.fill([num_views], label),
-          'video_id': tf.fill([num_views], tf.cast(element['video_id'],
-                                                   tf.int32)),
-          'view': tf.range(num_views, dtype=tf.int32),
-          'mask': tf.ones([num_views], tf.bool)}
-
-
-class EvalIterator:
-  """Finite iterator of view batches {'video' uint8 [b, T, crop, crop, 3],
-  'label', 'video_id', 'view' int32 [b], 'mask' bool [b]}; see the module
-  doc. The model normalises them on the device (make_eval_step)."""
-
-  def __init__(self, config, process_index, process_count):
-    data = self._data = config.data
-    if data.eval_short_side < data.crop_size:
-      raise UserError(f'data.eval_short_side {data.eval_short_side} < '
-                       f'data.crop_size {data.crop_size}')
-    self.num_views = data.num_clips * data.num_crops
-    global_views = data.eval_batch_size * self.num_views
-    if global_views % process_count:
-      raise UserError(f'eval_batch_size * views = {global_views} is not '
-                       f'divisible by process_count {process_count}')
-    self._batch = global_views // process_count
-    self._index = records.RecordIndex(data.eval_spec)
-    total = len(self._index)
-    self._first = process_index * total // process_count
-    self._stop = (process_index + 1) * total // process_count
-    self.num_batches = math.ceil(
-        math.ceil(total / process_count) * self.num_views / self._batch)
-    self._table = labels.label_table(data, data.eval_spec)
-    self._num_classes = config.model.num_classes
-    self._seen, self._done = set(), False
-    self._batches = iter(self._dataset().as_numpy_iterator())
-
-  @property
-  def num_skipped(self) -> int:
-    """Videos of this process not yielded (exact once the iterator is done)."""
-    if self._done:
-      reached = self._stop
-    else:
-      reached = max(self._seen) + 1 if self._seen else self._first
-    return reached - self._first - len(self._seen)
-
-  def _padding(self):
-    data = self._data
-    return {'video': tf.zeros(defaults.clip_shape(data), tf.uint8),
-            'label': tf.constant(-1), 'video_id': tf.constant(-1),
-            'view': tf.constant(-1), 'mask': tf.constant(False)}
-
-  def _dataset(self):
-    video_ids = np.arange(self._first, self._stop)  # = record numbers
-    entries = dict(self._index.entries(video_ids), video_id=video_ids)
-    views = records.read(tf.data.Dataset.from_tensor_slices(entries),
-                         self._index).map(
-        lambda e: _eval_views(e, self._data, self._table, self._num_classes),
-        num_parallel_calls=self._data.num_parallel_calls, deterministic=True)
-    padded = views.ignore_errors().unbatch().concatenate(
-        tf.data.Dataset.from_tensors(self._padding()).repeat())
-    return (padded.take(self.num_batches * self._batch).batch(self._batch)
-            .prefetch(_PREFETCH_BATCHES))
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict:
-    try:
-      batch = next(self._batches)
-    except StopIteration:
-      self._done = True
-      raise
-    self._seen.update(batch['video_id'][batch['mask']].tolist())
-    return batch
-
-
-def make_eval_iterator(config, *, process_index=0,
-                       process_count=1) -> EvalIterator:
-  """Every eval video of this process once, as padded view batches."""
-  return EvalIterator(config, process_index, process_count)

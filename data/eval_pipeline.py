@@ -1,0 +1,130 @@
+"""tf.data eval pipeline over DMVR shards: every eval video once, as batches
+of uint8 views (docs/design.md#data).
+
+Process k reads the contiguous slice [k n / P, (k+1) n / P) of the record
+index sorted by (file, offset) (data/records.py); each video yields
+num_clips x num_crops views (data/sampling.py eval_indices, spatial_crops).
+One batch element is one view; every process yields the same number of
+batches, eval_batch_size * views / P elements each, padded at the end with
+mask False (label and video_id -1). A record that does not give its views
+is skipped and counted (num_skipped). The model normalises the views on
+the device (train_step.make_eval_step).
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from data import dmvr
+from data import labels
+from data import records
+from data import sampling
+from stat_jax import defaults
+from stat_jax.errors import UserError
+
+_PREFETCH_BATCHES = 2
+
+
+def eval_views(parsed, data):
+  """uint8 [V, T, crop, crop, 3], V = clips x crops: the eval views of one
+  record parsed by dmvr.parse_tf (explain reads records through it too)."""
+  clip_frames = data.num_clips * data.num_frames
+  indices = sampling.eval_indices(tf.size(parsed['frames']), data)  # [C, T]
+  jpegs = sampling.checked_jpegs(
+      tf.gather(parsed['frames'], tf.reshape(indices, [-1])))  # [C*T]
+  frames = sampling.resize_short_side(
+      sampling.decode_frames(jpegs, clip_frames), data.eval_short_side)
+  clips = tf.reshape(frames, tf.concat(
+      [[data.num_clips, data.num_frames], tf.shape(frames)[1:]], 0))
+  views = sampling.spatial_crops(clips, data.crop_size, data.num_crops)
+  return tf.ensure_shape(tf.cast(tf.round(views), tf.uint8), [
+      data.num_clips * data.num_crops, data.num_frames, data.crop_size,
+      data.crop_size, 3])
+
+
+def _eval_views(element, data, table, num_classes):
+  """All views of one video: video uint8 [V, T, crop, crop, 3], V = clips x
+  crops, with label, video_id, view, mask [V]."""
+  parsed = dmvr.parse_tf(element['record'])
+  label = labels.label(parsed, table, num_classes)
+  views = eval_views(parsed, data)
+  num_views = data.num_clips * data.num_crops
+  return {'video': views, 'label': tf.fill([num_views], label),
+          'video_id': tf.fill([num_views], tf.cast(element['video_id'],
+                                                   tf.int32)),
+          'view': tf.range(num_views, dtype=tf.int32),
+          'mask': tf.ones([num_views], tf.bool)}
+
+
+class EvalIterator:
+  """Finite iterator of view batches {'video' uint8 [b, T, crop, crop, 3],
+  'label', 'video_id', 'view' int32 [b], 'mask' bool [b]}; see the module
+  doc."""
+
+  def __init__(self, config, process_index, process_count):
+    data = self._data = config.data
+    if data.eval_short_side < data.crop_size:
+      raise UserError(f'data.eval_short_side {data.eval_short_side} < '
+                       f'data.crop_size {data.crop_size}')
+    self.num_views = data.num_clips * data.num_crops
+    global_views = data.eval_batch_size * self.num_views
+    if global_views % process_count:
+      raise UserError(f'eval_batch_size * views = {global_views} is not '
+                       f'divisible by process_count {process_count}')
+    self._batch = global_views // process_count
+    self._index = records.RecordIndex(data.eval_spec)
+    total = len(self._index)
+    self._first = process_index * total // process_count
+    self._stop = (process_index + 1) * total // process_count
+    self.num_batches = math.ceil(
+        math.ceil(total / process_count) * self.num_views / self._batch)
+    self._table = labels.label_table(data, data.eval_spec)
+    self._num_classes = config.model.num_classes
+    self._seen, self._done = set(), False
+    self._batches = iter(self._dataset().as_numpy_iterator())
+
+  @property
+  def num_skipped(self) -> int:
+    """Videos of this process not yielded (exact once the iterator is done)."""
+    if self._done:
+      reached = self._stop
+    else:
+      reached = max(self._seen) + 1 if self._seen else self._first
+    return reached - self._first - len(self._seen)
+
+  def _padding(self):
+    data = self._data
+    return {'video': tf.zeros(defaults.clip_shape(data), tf.uint8),
+            'label': tf.constant(-1), 'video_id': tf.constant(-1),
+            'view': tf.constant(-1), 'mask': tf.constant(False)}
+
+  def _dataset(self):
+    video_ids = np.arange(self._first, self._stop)  # = record numbers
+    entries = dict(self._index.entries(video_ids), video_id=video_ids)
+    views = records.read(tf.data.Dataset.from_tensor_slices(entries),
+                         self._index).map(
+        lambda e: _eval_views(e, self._data, self._table, self._num_classes),
+        num_parallel_calls=self._data.num_parallel_calls, deterministic=True)
+    padded = views.ignore_errors().unbatch().concatenate(
+        tf.data.Dataset.from_tensors(self._padding()).repeat())
+    return (padded.take(self.num_batches * self._batch).batch(self._batch)
+            .prefetch(_PREFETCH_BATCHES))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    try:
+      batch = next(self._batches)
+    except StopIteration:
+      self._done = True
+      raise
+    self._seen.update(batch['video_id'][batch['mask']].tolist())
+    return batch
+
+
+def make_eval_iterator(config, *, process_index=0,
+                       process_count=1) -> EvalIterator:
+  """Every eval video of this process once, as padded view batches."""
+  return EvalIterator(config, process_index, process_count)
