@@ -22,8 +22,7 @@ _LABEL_SAMPLE = 64  # records whose labels check_label_space reads per spec
 def label_table(data, spec):
   """class name -> label from data.label_map (or label_map.txt beside the
   shards); None when there is no such file (then records need an index)."""
-  path = data.label_map or os.path.join(dmvr.spec_directory(spec),
-                                        'label_map.txt')
+  path = _label_map_path(data, spec)
   if not tf.io.gfile.exists(path):
     if data.label_map:
       raise FileNotFoundError(f'data.label_map: no such file {path}')
@@ -31,6 +30,12 @@ def label_table(data, spec):
   names = dmvr.load_label_map(path)
   return tf.lookup.StaticHashTable(
       tf.lookup.KeyValueTensorInitializer(names, tf.range(len(names))), -1)
+
+
+def _label_map_path(data, spec: str) -> str:
+  """data.label_map, else label_map.txt beside the shards of `spec`."""
+  return data.label_map or os.path.join(dmvr.spec_directory(spec),
+                                        'label_map.txt')
 
 
 def _label_map_paths(data):
@@ -49,11 +54,12 @@ def class_names(config) -> list[str]:
   shards, else '0' .. 'N-1'."""
   count = config.model.num_classes
   for path in _label_map_paths(config.data):
-    if os.path.exists(path):
+    if tf.io.gfile.exists(path):
       names = dmvr.load_label_map(path)
       if len(names) != count:
         raise UserError(f'{path}: {len(names)} class names, but '
-                         f'model.num_classes = {count}')
+                         f'model.num_classes = {count}; give the label map of '
+                         'this data set, or set model.num_classes')
       return names
   return [str(i) for i in range(count)]
 
@@ -84,21 +90,13 @@ def check_label_space(config, train_index: records.RecordIndex | None = None) ->
   records are in 0 .. num_classes - 1 (the stream would skip the others
   silently, and the end-of-run report fail). UserError naming what differs."""
   data, count = config.data, config.model.num_classes
-  for path in _label_map_paths(data):
-    if tf.io.gfile.exists(path):
-      names = dmvr.load_label_map(path)
-      if len(names) != count:
-        raise UserError(f'{path}: {len(names)} class names, but '
-                         f'model.num_classes = {count}; give the label map of '
-                         'this data set, or set model.num_classes')
-      break
+  class_names(config)  # the label map's length
   for key, index in (('train_spec', train_index), ('eval_spec', None)):
     spec = data[key]
     if not spec:
       continue
     index = index or records.RecordIndex(spec)
-    path = data.label_map or os.path.join(dmvr.spec_directory(spec),
-                                          'label_map.txt')
+    path = _label_map_path(data, spec)
     names = (dmvr.load_label_map(path) if tf.io.gfile.exists(path) else None)
     labels, unknown, read = _sample_labels(index, names, _LABEL_SAMPLE)
     outside = sorted({label for label in labels if not 0 <= label < count})
