@@ -5,7 +5,9 @@ Batches arrive as uint8 clips with per-clip key data; the step augments
 them (stat_jax/augment_device.py, randomness from the host's per-clip keys),
 then mixes them. The rest of the randomness depends only on (seed, step):
 the dropout / drop-path streams are reseeded from it every step, and so is
-mixup, which makes a resumed run replay the same random numbers.
+mixup, which makes a resumed run replay the same random numbers. Mixup
+pairs the clips within each device's part of the batch (stat_jax/mixup.py),
+so which clips meet depends on the number of devices too.
 """
 
 import zlib
@@ -28,9 +30,10 @@ def _stream_key(path, key, shape):
 
 
 def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
-                    tx: optax.GradientTransformation):
+                    tx: optax.GradientTransformation, batch_shards: int = 1):
   """train_step(state, batch) -> (state, metrics); batch {'video' uint8
-  [B, T, S, S, 3], 'key' uint32 [B, 2], 'label' int32 [B]}."""
+  [B, T, S, S, 3], 'key' uint32 [B, 2], 'label' int32 [B]} split over
+  `batch_shards` devices (mixup pairs clips within each one's part)."""
   num_classes = config.model.num_classes
   accum = config.grad_accum_steps
   base_key = jax.random.key(config.seed)
@@ -67,7 +70,7 @@ def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
                                          config.data)
     video, targets = mixup.mixup_cutmix(
         mixup_key, video, batch['label'], num_classes=num_classes,
-        **config.mixup)
+        shards=batch_shards, **config.mixup)
     loss, grads = accumulated_grads(state.params, video, targets, dropout_key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -85,7 +88,7 @@ def jit_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
   `state_shardings` and donated (updated in place), the batch split over
   every device of `mesh`."""
   batch = sharding.batch_sharding(mesh)
-  return jax.jit(make_train_step(config, parts, tx),
+  return jax.jit(make_train_step(config, parts, tx, mesh.size),
                  in_shardings=(state_shardings,
                                {key: batch for key in abstract_batch(config)}),
                  out_shardings=(state_shardings, None), donate_argnums=0)
