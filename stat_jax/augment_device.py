@@ -81,24 +81,30 @@ def affine(clip, transform):
   b0 x + b1 y + b2), `transform` = [a0, a1, a2, b0, b1, b2]. Bilinear; a
   neighbour outside the frame reads FILL (tf's ImageProjectiveTransformV3
   with fill_mode CONSTANT)."""
-  height, width = clip.shape[1:3]
+  frames, height, width, channels = clip.shape
   y, x = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
                       jnp.arange(width, dtype=jnp.float32), indexing='ij')
   source_x = transform[0] * x + transform[1] * y + transform[2]  # [H, W]
   source_y = transform[3] * x + transform[4] * y + transform[5]
   x0, y0 = jnp.floor(source_x), jnp.floor(source_y)
+  # Each pixel's frames and channels side by side, [H, W, T C]: a read
+  # gathers one run of T C values per pixel (one index pair per pixel, not
+  # one per value).
+  pixels_first = jnp.moveaxis(clip, 0, 2).reshape(height, width, -1)
 
-  def read(row, column):  # [T, H, W, C] of the input at integer pixels
+  def read(row, column):  # [H, W, T C] of the input at integer pixels
     inside = (row >= 0) & (row < height) & (column >= 0) & (column < width)
-    pixels = clip[:, jnp.clip(row, 0, height - 1).astype(jnp.int32),
-                  jnp.clip(column, 0, width - 1).astype(jnp.int32)]
+    pixels = pixels_first[jnp.clip(row, 0, height - 1).astype(jnp.int32),
+                          jnp.clip(column, 0, width - 1).astype(jnp.int32)]
     return jnp.where(inside[:, :, None], pixels, FILL)
 
   wx = (source_x - x0)[:, :, None]  # [H, W, 1]
   wy = (source_y - y0)[:, :, None]
   top = (1 - wx) * read(y0, x0) + wx * read(y0, x0 + 1)
   bottom = (1 - wx) * read(y0 + 1, x0) + wx * read(y0 + 1, x0 + 1)
-  return (1 - wy) * top + wy * bottom
+  out = ((1 - wy) * top + wy * bottom).reshape(height, width, frames,
+                                               channels)
+  return jnp.moveaxis(out, 2, 0)  # [T, H, W, C]
 
 
 _IDENTITY = (1., 0., 0., 0., 1., 0.)  # the `affine` transform that keeps

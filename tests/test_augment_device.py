@@ -60,6 +60,47 @@ def test_warps_read_grey_outside_the_frame():
   assert turned[0, 4, 5, 0] == 0  # the centre stays inside
 
 
+def affine_per_value(clip, transform):
+  """`affine` as it gathered before: every frame and channel of a pixel
+  read through its own index (the clip kept [T, H, W, C])."""
+  height, width = clip.shape[1:3]
+  y, x = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
+                      jnp.arange(width, dtype=jnp.float32), indexing='ij')
+  source_x = transform[0] * x + transform[1] * y + transform[2]
+  source_y = transform[3] * x + transform[4] * y + transform[5]
+  x0, y0 = jnp.floor(source_x), jnp.floor(source_y)
+
+  def read(row, column):
+    inside = (row >= 0) & (row < height) & (column >= 0) & (column < width)
+    pixels = clip[:, jnp.clip(row, 0, height - 1).astype(jnp.int32),
+                  jnp.clip(column, 0, width - 1).astype(jnp.int32)]
+    return jnp.where(inside[:, :, None], pixels, augment_device.FILL)
+
+  wx, wy = (source_x - x0)[:, :, None], (source_y - y0)[:, :, None]
+  top = (1 - wx) * read(y0, x0) + wx * read(y0, x0 + 1)
+  bottom = (1 - wx) * read(y0 + 1, x0) + wx * read(y0 + 1, x0 + 1)
+  return (1 - wy) * top + wy * bottom
+
+
+def test_warp_reading_whole_pixels_is_bit_equal_to_reading_each_value():
+  """affine gathers each pixel's T x C values at once ([H, W, T C], for
+  XLA:TPU one index per pixel): the same bits as one index per value, also
+  vmapped over clips under jit as the train step runs it."""
+  clip = jnp.asarray(_clip(frames=4) + 0.25)
+  transforms = [augment_device.rotation(jnp.float32(17.), 20, 24),
+                augment_device.shear(0.2, axis=2),
+                augment_device.shear(-0.25, axis=1),
+                augment_device.translation(5.4, axis=2),
+                jnp.array([0.9, 0.1, 1.3, -0.2, 1.1, -2.])]
+  batched = jax.jit(jax.vmap(augment_device.affine))
+  batched_reference = jax.jit(jax.vmap(affine_per_value))
+  for transform in transforms:
+    np.testing.assert_array_equal(augment_device.affine(clip, transform),
+                                  affine_per_value(clip, transform))
+    np.testing.assert_array_equal(batched(clip[None], transform[None]),
+                                  batched_reference(clip[None], transform[None]))
+
+
 def test_autocontrast_and_equalize_match_pil():
   pil_ops = pytest.importorskip('PIL.ImageOps')
   pil_image = pytest.importorskip('PIL.Image')
