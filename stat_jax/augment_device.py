@@ -3,9 +3,10 @@
 The host ships uint8 clips [B, T, S, S, 3] (already cropped and resized)
 and per clip the uint32 [2] key data of its randomness, drawn on the host
 from (seed, epoch, position): the same clip gets the same augmentation on
-any mesh and after a resume. `augment_batch` vmaps one clip's recipe over
-the batch: flip, RandAugment, normalisation, random erasing (mixup / CutMix
-follow in the train step, stat_jax/mixup.py).
+any mesh and after a resume. `augment_batch` maps one clip's recipe over
+the batch, one clip after another: flip, RandAugment, normalisation,
+random erasing (mixup / CutMix follow in the train step,
+stat_jax/mixup.py).
 
 Every random parameter is drawn once per clip and applied to all its
 frames. RandAugment follows timm's `rand-m7-n4-mstd0.5-inc1` (the MViT
@@ -14,9 +15,10 @@ from the 15 of `apply_op`, applied with probability 0.5 at a magnitude ~ N(m,
 mstd) clipped to [0, 10], geometric and signed ops taking a random sign.
 AutoContrast, Equalize and Contrast use statistics of the whole clip,
 computed so that a clip gets the same bits on any mesh.
-Under vmap `lax.switch` computes every op and selects one per clip, which
-suits an accelerator (the five geometric ops share one warp); the CPU cost
-is in benchmarks/RESULTS.md.
+Clip by clip, each `lax.switch` runs the one op drawn. (Vmapped over the
+clips it ran all 15 ops on every clip and selected one: on a TPU 33 GB of
+memory traffic per 8 clips and no usable step-time estimate from the
+compiler; benchmarks/RESULTS.md.)
 """
 
 import functools
@@ -308,5 +310,8 @@ def augment_clip(video, key_data, data):
 
 def augment_batch(video, key_data, data):
   """video uint8 [B, T, S, S, 3], key_data uint32 [B, 2] -> float32
-  [B, T, S, S, 3]: augment_clip of every clip."""
-  return jax.vmap(functools.partial(augment_clip, data=data))(video, key_data)
+  [B, T, S, S, 3]: augment_clip of every clip, one after another (a
+  sequential map: give each device its own clips, as the train step does
+  with shard_map, or the map runs on the whole batch)."""
+  return jax.lax.map(lambda clip: augment_clip(*clip, data=data),
+                     (video, key_data))
