@@ -305,6 +305,34 @@ def short_term_pool(x, grid, size: int):
   return pooled.reshape(batch, nt, heads, -1, head_dim).astype(x.dtype)
 
 
+def split_heads(linear: nnx.Linear, x, heads: int):
+  """Fq, Fk, Fv of equation (1): x [B, nt, N, C] -> q, k, v [B, nt, h, N,
+  d], as `linear` ([C, 3C], the fused projection) followed by a split into
+  heads, but with the heads laid out by the product itself: its kernel
+  viewed as [C, 3, h, d], so no transpose of the projected tokens."""
+  kernel, bias = linear.kernel[...], linear.bias
+  bias = bias[...] if bias is not None else None
+  x, kernel, bias = linear.promote_dtype((x, kernel, bias), dtype=linear.dtype)
+  kernel = kernel.reshape(x.shape[-1], 3, heads, -1)  # [C, 3, h, d]
+  qkv = jnp.einsum('bfnc,cthd->tbfhnd', x, kernel)  # [3, B, nt, h, N, d]
+  if bias is not None:
+    qkv = qkv + bias.reshape(3, 1, 1, heads, 1, -1)
+  return qkv[0], qkv[1], qkv[2]
+
+
+def merge_heads(linear: nnx.Linear, out):
+  """The output projection: out [B, nt, h, nq, d] -> [B, nt, nq, C], as
+  `linear` on the heads concatenated along the channels, contracting over
+  (h, d) at once instead of transposing the heads next to d first."""
+  kernel, bias = linear.kernel[...], linear.bias[...]
+  out, kernel, bias = linear.promote_dtype((out, kernel, bias),
+                                           dtype=linear.dtype)
+  heads, head_dim = out.shape[2], out.shape[4]
+  y = jnp.einsum('bfhqd,hde->bfqe', out,
+                 kernel.reshape(heads, head_dim, -1))  # [B, nt, nq, C]
+  return y + bias
+
+
 class ShrinkingTemporalAttention(nnx.Module):
   """STA over tokens [B, nt, num_summary + nh*nw, C] (module form of (1)-(8))."""
 
@@ -344,10 +372,7 @@ class ShrinkingTemporalAttention(nnx.Module):
 
   def __call__(self, x, grid):
     """x: [B, nt, num_summary + nh*nw, C] -> ([B, nt, num_summary + ñh*ñw, C], (ñh, ñw))."""
-    batch, nt, tokens, dim = x.shape
-    qkv = self.qkv(x).reshape(batch, nt, tokens, 3, self.heads, -1)
-    qkv = jnp.moveaxis(qkv, (3, 4), (0, 3))  # [3, B, nt, h, N, d]
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    q, k, v = split_heads(self.qkv, x, self.heads)  # 3 x [B, nt, h, N, d]
     out_grid = grid
     if self.pool_q is not None:  # Q̂ = P_CA(Q), only at stage transitions
       q, out_grid = self.pool_q(q, grid, self.num_summary)
@@ -362,5 +387,4 @@ class ShrinkingTemporalAttention(nnx.Module):
     out = shrinking_temporal_attention(
         q, k, v, k_sa, v_sa, attention=self.attention, window=self.window,
         num_summary=self.num_summary, impl=self.impl)  # [B, nt, h, nq, d]
-    out = jnp.moveaxis(out, 2, 3).reshape(batch, nt, -1, dim)
-    return self.proj(out), out_grid
+    return merge_heads(self.proj, out), out_grid

@@ -3,9 +3,10 @@
 The host ships uint8 clips [B, T, S, S, 3] (already cropped and resized)
 and per clip the uint32 [2] key data of its randomness, drawn on the host
 from (seed, epoch, position): the same clip gets the same augmentation on
-any mesh and after a resume. `augment_batch` vmaps one clip's recipe over
-the batch: flip, RandAugment, normalisation, random erasing (mixup / CutMix
-follow in the train step, stat_jax/mixup.py).
+any mesh and after a resume. `augment_batch` maps one clip's recipe over
+the batch, one clip after another: flip, RandAugment, normalisation,
+random erasing (mixup / CutMix follow in the train step,
+stat_jax/mixup.py).
 
 Every random parameter is drawn once per clip and applied to all its
 frames. RandAugment follows timm's `rand-m7-n4-mstd0.5-inc1` (the MViT
@@ -14,9 +15,10 @@ from the 15 of `apply_op`, applied with probability 0.5 at a magnitude ~ N(m,
 mstd) clipped to [0, 10], geometric and signed ops taking a random sign.
 AutoContrast, Equalize and Contrast use statistics of the whole clip,
 computed so that a clip gets the same bits on any mesh.
-Under vmap `lax.switch` computes every op and selects one per clip, which
-suits an accelerator (the five geometric ops share one warp); the CPU cost
-is in benchmarks/RESULTS.md.
+Clip by clip, each `lax.switch` runs the one op drawn. (Vmapped over the
+clips it ran all 15 ops on every clip and selected one: on a TPU 33 GB of
+memory traffic per 8 clips and no usable step-time estimate from the
+compiler; benchmarks/RESULTS.md.)
 """
 
 import functools
@@ -81,24 +83,30 @@ def affine(clip, transform):
   b0 x + b1 y + b2), `transform` = [a0, a1, a2, b0, b1, b2]. Bilinear; a
   neighbour outside the frame reads FILL (tf's ImageProjectiveTransformV3
   with fill_mode CONSTANT)."""
-  height, width = clip.shape[1:3]
+  frames, height, width, channels = clip.shape
   y, x = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
                       jnp.arange(width, dtype=jnp.float32), indexing='ij')
   source_x = transform[0] * x + transform[1] * y + transform[2]  # [H, W]
   source_y = transform[3] * x + transform[4] * y + transform[5]
   x0, y0 = jnp.floor(source_x), jnp.floor(source_y)
+  # Each pixel's frames and channels side by side, [H, W, T C]: a read
+  # gathers one run of T C values per pixel (one index pair per pixel, not
+  # one per value).
+  pixels_first = jnp.moveaxis(clip, 0, 2).reshape(height, width, -1)
 
-  def read(row, column):  # [T, H, W, C] of the input at integer pixels
+  def read(row, column):  # [H, W, T C] of the input at integer pixels
     inside = (row >= 0) & (row < height) & (column >= 0) & (column < width)
-    pixels = clip[:, jnp.clip(row, 0, height - 1).astype(jnp.int32),
-                  jnp.clip(column, 0, width - 1).astype(jnp.int32)]
+    pixels = pixels_first[jnp.clip(row, 0, height - 1).astype(jnp.int32),
+                          jnp.clip(column, 0, width - 1).astype(jnp.int32)]
     return jnp.where(inside[:, :, None], pixels, FILL)
 
   wx = (source_x - x0)[:, :, None]  # [H, W, 1]
   wy = (source_y - y0)[:, :, None]
   top = (1 - wx) * read(y0, x0) + wx * read(y0, x0 + 1)
   bottom = (1 - wx) * read(y0 + 1, x0) + wx * read(y0 + 1, x0 + 1)
-  return (1 - wy) * top + wy * bottom
+  out = ((1 - wy) * top + wy * bottom).reshape(height, width, frames,
+                                               channels)
+  return jnp.moveaxis(out, 2, 0)  # [T, H, W, C]
 
 
 _IDENTITY = (1., 0., 0., 0., 1., 0.)  # the `affine` transform that keeps
@@ -302,5 +310,8 @@ def augment_clip(video, key_data, data):
 
 def augment_batch(video, key_data, data):
   """video uint8 [B, T, S, S, 3], key_data uint32 [B, 2] -> float32
-  [B, T, S, S, 3]: augment_clip of every clip."""
-  return jax.vmap(functools.partial(augment_clip, data=data))(video, key_data)
+  [B, T, S, S, 3]: augment_clip of every clip, one after another (a
+  sequential map: give each device its own clips, as the train step does
+  with shard_map, or the map runs on the whole batch)."""
+  return jax.lax.map(lambda clip: augment_clip(*clip, data=data),
+                     (video, key_data))

@@ -1,7 +1,12 @@
 """Mixup and CutMix of video clips on device, as timm's `Mixup(mode='batch')`.
 
-Every clip is mixed with the clip at the mirrored position of the batch
-(`flip` along axis 0; the middle clip of an odd batch meets itself). One
+Every clip is mixed with the clip at the mirrored position of its shard:
+the batch is cut into `shards` equal consecutive parts (one per device that
+holds a part of the batch; 1: the whole batch) and each part is flipped
+along its clips, so no clip crosses devices (a flip of the whole sharded
+batch sent every clip to another chip). The middle clip of an odd shard
+meets itself; with repeated augmentation (copies of a video side by side)
+a shard of 4k + 2 clips mixes its middle video with its own copy. One
 lam ~ Beta(alpha, alpha) serves the whole batch, and so does the CutMix box,
 which is the same in every frame of a clip. Targets are label-smoothed one-hot
 vectors mixed with the same lam.
@@ -77,17 +82,21 @@ def _mixing_weight(rng: jax.Array, height: int, width: int, *,
 
 def mixup_cutmix(rng: jax.Array, video: jax.Array, labels: jax.Array, *,
                  num_classes: int, mixup_alpha: float, cutmix_alpha: float,
-                 prob: float, switch_prob: float,
-                 label_smoothing: float) -> tuple[jax.Array, jax.Array]:
-  """Mixes a batch with its flip: video [B, T, H, W, C] float, labels [B] int
-  -> (video [B, T, H, W, C], soft targets [B, K] float32).
+                 prob: float, switch_prob: float, label_smoothing: float,
+                 shards: int = 1) -> tuple[jax.Array, jax.Array]:
+  """Mixes each of `shards` parts of a batch with its flip: video [B, T, H,
+  W, C] float, labels [B] int -> (video [B, T, H, W, C], soft targets [B,
+  K] float32).
 
   With probability `prob` the batch is mixed: by CutMix with probability
   `switch_prob` when both alphas are > 0, else by whichever alpha is > 0. An
   alpha of 0 disables that kind; both 0 gives the smoothed one-hot targets and
   the video unchanged. The keyword arguments are those of `config.mixup`
-  plus `num_classes`.
+  plus `num_classes`; `shards` must divide B.
   """
+  if video.shape[0] % shards:
+    raise ValueError(f'{shards} shards do not divide a batch of '
+                     f'{video.shape[0]} clips')
   if not jnp.issubdtype(video.dtype, jnp.floating):
     raise TypeError(f'mixup needs a floating video, got {video.dtype}')
   targets = smooth_one_hot(labels, num_classes, label_smoothing)  # [B, K]
@@ -98,6 +107,13 @@ def mixup_cutmix(rng: jax.Array, video: jax.Array, labels: jax.Array, *,
       rng, height, width, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
       prob=prob, switch_prob=switch_prob)
   weight = weight[:, :, None]  # [H, W, 1], broadcast over B, T and C
-  mixed = weight * video + (1.0 - weight) * jnp.flip(video, axis=0)
-  mixed_targets = lam * targets + (1.0 - lam) * jnp.flip(targets, axis=0)
+  mixed = weight * video + (1.0 - weight) * flip_shards(video, shards)
+  mixed_targets = lam * targets + (1.0 - lam) * flip_shards(targets, shards)
   return mixed.astype(video.dtype), mixed_targets
+
+
+def flip_shards(x: jax.Array, shards: int) -> jax.Array:
+  """x [B, ...] with each of its `shards` consecutive parts reversed along
+  the clips: clip s * b + j -> s * b + b - 1 - j (b = B / shards)."""
+  parts = x.reshape(shards, x.shape[0] // shards, *x.shape[1:])
+  return jnp.flip(parts, axis=1).reshape(x.shape)

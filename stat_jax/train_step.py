@@ -5,7 +5,9 @@ Batches arrive as uint8 clips with per-clip key data; the step augments
 them (stat_jax/augment_device.py, randomness from the host's per-clip keys),
 then mixes them. The rest of the randomness depends only on (seed, step):
 the dropout / drop-path streams are reseeded from it every step, and so is
-mixup, which makes a resumed run replay the same random numbers.
+mixup, which makes a resumed run replay the same random numbers. Mixup
+pairs the clips within each device's part of the batch (stat_jax/mixup.py),
+so which clips meet depends on the number of devices too.
 """
 
 import zlib
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from stat_jax import augment_device, defaults, mixup, sharding
 from stat_jax.train_state import ModelParts, TrainState
@@ -27,11 +29,29 @@ def _stream_key(path, key, shape):
   return jax.random.fold_in(key, zlib.crc32(str(path).encode()) & 0x7FFFFFFF)
 
 
+def per_device(fn, mesh: Mesh | None):
+  """fn(video, key) -> video, run by every device of `mesh` on its own part
+  of the batch (the whole batch without a mesh). Not checked for values
+  that vary over the devices: fn's switches mix constant branches (an
+  identity warp) with per-clip ones, and it reads nothing but its clips."""
+  if mesh is None:
+    return fn
+  clips = P(sharding.BATCH_AXES)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(clips, clips),
+                       out_specs=clips, check_vma=False)
+
+
 def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
-                    tx: optax.GradientTransformation):
+                    tx: optax.GradientTransformation, mesh: Mesh | None = None):
   """train_step(state, batch) -> (state, metrics); batch {'video' uint8
-  [B, T, S, S, 3], 'key' uint32 [B, 2], 'label' int32 [B]}."""
+  [B, T, S, S, 3], 'key' uint32 [B, 2], 'label' int32 [B]}, split over the
+  devices of `mesh` (each augments its own clips, and mixup pairs clips
+  within each one's part) or over none."""
   num_classes = config.model.num_classes
+  batch_shards = mesh.size if mesh is not None else 1
+  augment = per_device(
+      lambda video, key: augment_device.augment_batch(video, key, config.data),
+      mesh)
   accum = config.grad_accum_steps
   base_key = jax.random.key(config.seed)
 
@@ -63,11 +83,10 @@ def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
   def train_step(state: TrainState, batch: dict):
     step_key = jax.random.fold_in(base_key, state.step)
     mixup_key, dropout_key = jax.random.split(step_key)
-    video = augment_device.augment_batch(batch['video'], batch['key'],
-                                         config.data)
+    video = augment(batch['video'], batch['key'])
     video, targets = mixup.mixup_cutmix(
         mixup_key, video, batch['label'], num_classes=num_classes,
-        **config.mixup)
+        shards=batch_shards, **config.mixup)
     loss, grads = accumulated_grads(state.params, video, targets, dropout_key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -85,7 +104,7 @@ def jit_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
   `state_shardings` and donated (updated in place), the batch split over
   every device of `mesh`."""
   batch = sharding.batch_sharding(mesh)
-  return jax.jit(make_train_step(config, parts, tx),
+  return jax.jit(make_train_step(config, parts, tx, mesh),
                  in_shardings=(state_shardings,
                                {key: batch for key in abstract_batch(config)}),
                  out_shardings=(state_shardings, None), donate_argnums=0)

@@ -218,3 +218,46 @@ def test_without_la_no_query_attends_a_class_token(attention):
   moved, _ = sta(x.at[:, :, 0].add(1.0), GRID)  # every frame's class token
   np.testing.assert_array_equal(moved[:, :, 1:], base[:, :, 1:])
   assert (np.abs(np.asarray(moved[:, :, 0] - base[:, :, 0])).max(axis=-1) > 1e-6).all()
+
+
+def heads_by_transpose(qkv, proj, x, heads, attend):
+  """The head split and merge as STA did them before split_heads /
+  merge_heads: the fused projection, its output reshaped and transposed to
+  [3, B, nt, h, N, d]; the heads transposed back next to d and projected."""
+  batch, nt, tokens, dim = x.shape
+  q, k, v = jnp.moveaxis(qkv(x).reshape(batch, nt, tokens, 3, heads, -1),
+                         (3, 4), (0, 3))
+  out = attend(q, k, v)  # [B, nt, h, N, d]
+  return proj(jnp.moveaxis(out, 2, 3).reshape(batch, nt, tokens, dim))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_heads_laid_out_by_the_projection_match_the_transposed_form(dtype):
+  """split_heads / merge_heads (the heads laid out by the products, no
+  transposes for XLA:TPU to copy) give the values and gradients of the
+  transposed form: bit-equal in bfloat16 here, to float32 rounding."""
+  qkv = nnx.Linear(DIM, 3 * DIM, dtype=dtype, rngs=nnx.Rngs(0))
+  proj = nnx.Linear(DIM, DIM, dtype=dtype, rngs=nnx.Rngs(1))
+  x = jax.random.normal(jax.random.key(2), (2, NT, 1 + GRID[0] * GRID[1], DIM))
+  attend = lambda q, k, v: jnp.tanh(q * k) + v  # any per-head function
+
+  def by_products(qkv, proj, x):
+    return sta_lib.merge_heads(proj, attend(*sta_lib.split_heads(qkv, x, HEADS)))
+
+  def loss(forward):
+    return lambda qkv, proj, x: jnp.sum(
+        forward(qkv, proj, x).astype(jnp.float32) ** 2)
+
+  transposed = lambda qkv, proj, x: heads_by_transpose(qkv, proj, x, HEADS,
+                                                       attend)
+  tolerance = {'rtol': 1e-6, 'atol': 1e-5} if dtype == jnp.float32 else {
+      'rtol': 0, 'atol': 0}
+  np.testing.assert_allclose(by_products(qkv, proj, x).astype(np.float32),
+                             transposed(qkv, proj, x).astype(np.float32),
+                             **tolerance)
+  grads = [nnx.grad(loss(f), argnums=(0, 1, 2))(qkv, proj, x)
+           for f in (by_products, transposed)]
+  for got, want in zip(*map(jax.tree.leaves, grads)):
+    np.testing.assert_allclose(np.float32(got), np.float32(want),
+                               rtol=1e-5 if dtype == jnp.float32 else 0,
+                               atol=1e-4 if dtype == jnp.float32 else 0)

@@ -60,6 +60,47 @@ def test_warps_read_grey_outside_the_frame():
   assert turned[0, 4, 5, 0] == 0  # the centre stays inside
 
 
+def affine_per_value(clip, transform):
+  """`affine` as it gathered before: every frame and channel of a pixel
+  read through its own index (the clip kept [T, H, W, C])."""
+  height, width = clip.shape[1:3]
+  y, x = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
+                      jnp.arange(width, dtype=jnp.float32), indexing='ij')
+  source_x = transform[0] * x + transform[1] * y + transform[2]
+  source_y = transform[3] * x + transform[4] * y + transform[5]
+  x0, y0 = jnp.floor(source_x), jnp.floor(source_y)
+
+  def read(row, column):
+    inside = (row >= 0) & (row < height) & (column >= 0) & (column < width)
+    pixels = clip[:, jnp.clip(row, 0, height - 1).astype(jnp.int32),
+                  jnp.clip(column, 0, width - 1).astype(jnp.int32)]
+    return jnp.where(inside[:, :, None], pixels, augment_device.FILL)
+
+  wx, wy = (source_x - x0)[:, :, None], (source_y - y0)[:, :, None]
+  top = (1 - wx) * read(y0, x0) + wx * read(y0, x0 + 1)
+  bottom = (1 - wx) * read(y0 + 1, x0) + wx * read(y0 + 1, x0 + 1)
+  return (1 - wy) * top + wy * bottom
+
+
+def test_warp_reading_whole_pixels_is_bit_equal_to_reading_each_value():
+  """affine gathers each pixel's T x C values at once ([H, W, T C], for
+  XLA:TPU one index per pixel): the same bits as one index per value, also
+  vmapped over clips under jit as the train step runs it."""
+  clip = jnp.asarray(_clip(frames=4) + 0.25)
+  transforms = [augment_device.rotation(jnp.float32(17.), 20, 24),
+                augment_device.shear(0.2, axis=2),
+                augment_device.shear(-0.25, axis=1),
+                augment_device.translation(5.4, axis=2),
+                jnp.array([0.9, 0.1, 1.3, -0.2, 1.1, -2.])]
+  batched = jax.jit(jax.vmap(augment_device.affine))
+  batched_reference = jax.jit(jax.vmap(affine_per_value))
+  for transform in transforms:
+    np.testing.assert_array_equal(augment_device.affine(clip, transform),
+                                  affine_per_value(clip, transform))
+    np.testing.assert_array_equal(batched(clip[None], transform[None]),
+                                  batched_reference(clip[None], transform[None]))
+
+
 def test_autocontrast_and_equalize_match_pil():
   pil_ops = pytest.importorskip('PIL.ImageOps')
   pil_image = pytest.importorskip('PIL.Image')
@@ -140,12 +181,29 @@ def test_random_erasing_box_is_the_same_in_every_frame():
   np.testing.assert_array_equal(erased, erased[:1].repeat(3, 0))
 
 
+def test_clip_by_clip_matches_the_vmapped_recipe():
+  """augment_batch maps the clips one after another (each switch runs the
+  op drawn); vmapped, the former form, every op ran and one was selected.
+  Same numbers, to float32 rounding (the two programs fuse differently)."""
+  data = defaults.data_config(num_frames=4)  # flip, RandAugment m7-n4-mstd0.5
+  data.random_erasing = 0.5
+  rng = np.random.default_rng(0)
+  video = rng.integers(0, 256, (16, 4, 24, 24, 3), np.uint8)
+  keys = _key_data(16)
+  mapped = jax.jit(lambda v, k: augment_device.augment_batch(v, k, data))
+  vmapped = jax.jit(jax.vmap(lambda v, k: augment_device.augment_clip(v, k,
+                                                                      data)))
+  np.testing.assert_allclose(mapped(video, keys), vmapped(video, keys),
+                             rtol=0, atol=1e-5)
+
+
 MESH_SCRIPT = r'''
 import json
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from stat_jax import augment_device, defaults
+from stat_jax import augment_device, defaults, sharding
+from stat_jax.train_step import per_device
 
 data = defaults.data_config(num_frames=2)  # flip, RandAugment m7-n4-mstd0.5
 data.random_erasing = 0.5
@@ -158,9 +216,14 @@ mesh = Mesh(np.array(jax.devices()), ('data',))
 batch = NamedSharding(mesh, PartitionSpec('data'))
 four = jax.jit(augment, in_shardings=(batch, batch), out_shardings=batch)(
     jax.device_put(video, batch), jax.device_put(keys, batch))
+mesh = Mesh(np.array(jax.devices()).reshape(4, 1), sharding.BATCH_AXES)
+batch = sharding.batch_sharding(mesh)
+each = jax.jit(per_device(augment, mesh), in_shardings=(batch, batch),
+              out_shardings=batch)(video, keys)  # each device its own clips
 print(json.dumps({
     'devices': len(four.sharding.device_set),
     'one_to_four': float(np.abs(np.asarray(four) - one).max()),
+    'one_to_each_device': float(np.abs(np.asarray(each) - one).max()),
     'frame_to_frame': float(np.abs(one[:, 1] - one[:, 0]).max()),
     'other_keys_change': bool((augment(video, keys[::-1]) != one).any()),
     'replays': bool((augment(video, keys) == one).all())}))
@@ -172,5 +235,6 @@ def test_a_clip_is_augmented_alike_in_every_frame_the_same_on_four_devices():
   # flags, as a run compiles (the tests' FAST_COMPILE rounds the
   # batch-sharded program differently).
   result = run_on_cpu_devices(MESH_SCRIPT, 4, xla_flags='')
-  assert result == {'devices': 4, 'one_to_four': 0.0, 'frame_to_frame': 0.0,
+  assert result == {'devices': 4, 'one_to_four': 0.0,
+                    'one_to_each_device': 0.0, 'frame_to_frame': 0.0,
                     'other_keys_change': True, 'replays': True}

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from stat_jax import defaults
-from stat_jax.mixup import _cutmix_box, mixup_cutmix, smooth_one_hot
+from stat_jax.mixup import (_cutmix_box, flip_shards, mixup_cutmix,
+                            smooth_one_hot)
+from tests.conftest import run_on_cpu_devices
 
 B, T, H, W, C, K = 4, 3, 16, 12, 2, 5
 LABELS = jnp.array([0, 1, 3, 4])  # distinct, so lam is readable from targets
@@ -144,6 +146,59 @@ def test_odd_batch_middle_clip_meets_itself():
     np.testing.assert_allclose(targets[1], smooth_one_hot(labels, K,
                                                           SMOOTHING)[1],
                                rtol=1e-5)
+
+
+def test_flip_shards_reverses_each_part():
+  np.testing.assert_array_equal(flip_shards(jnp.arange(8), 1),
+                                [7, 6, 5, 4, 3, 2, 1, 0])
+  np.testing.assert_array_equal(flip_shards(jnp.arange(8), 2),
+                                [3, 2, 1, 0, 7, 6, 5, 4])
+  np.testing.assert_array_equal(flip_shards(jnp.arange(6), 3),
+                                [1, 0, 3, 2, 5, 4])
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_each_shard_is_mixed_as_a_batch_of_its_own(seed):
+  """shards=2 mixes each half exactly as mixing that half alone with the
+  same key (one lam and box per step); shards=1 is the whole-batch flip."""
+  video, labels = distinct_video(8), jnp.array([0, 1, 2, 3, 4, 0, 1, 2])
+  halves = [mix(seed, video[part], labels[part])
+            for part in (slice(0, 4), slice(4, 8))]
+  mixed, targets = mix(seed, video, labels, shards=2)
+  np.testing.assert_array_equal(mixed, jnp.concatenate([h[0] for h in halves]))
+  np.testing.assert_array_equal(targets,
+                                jnp.concatenate([h[1] for h in halves]))
+  whole = mix(seed, video, labels, shards=1)
+  mixed_flip = mix(seed, video[::-1], labels[::-1], shards=1)
+  np.testing.assert_array_equal(whole[0][::-1], mixed_flip[0])
+
+
+def test_shards_must_divide_the_batch():
+  with pytest.raises(ValueError, match='3 shards'):
+    mix(0, distinct_video(4), shards=3)
+
+
+def test_sharded_batch_mixes_without_moving_clips_between_devices():
+  """Compiled for a batch split over 4 devices, mixup of each device's
+  part sends no clip to another device (no collective in the program)."""
+  found = run_on_cpu_devices("""
+import json
+import jax, jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from stat_jax.mixup import mixup_cutmix
+mesh = Mesh(np.array(jax.devices()), ('batch',))
+clips = NamedSharding(mesh, P('batch'))
+mix = jax.jit(lambda rng, video, labels: mixup_cutmix(
+    rng, video, labels, num_classes=5, mixup_alpha=0.8, cutmix_alpha=1.0,
+    prob=1.0, switch_prob=0.5, label_smoothing=0.1, shards=4),
+    in_shardings=(None, clips, clips), out_shardings=(clips, clips))
+hlo = mix.lower(jax.random.key(0), jax.ShapeDtypeStruct((8, 3, 16, 12, 2),
+    jnp.float32), jax.ShapeDtypeStruct((8,), jnp.int32)).compile().as_text()
+print(json.dumps([op for op in ('collective-permute', 'all-gather',
+    'all-to-all', 'all-reduce') if op in hlo]))
+""", 4)
+  assert found == []
 
 
 def test_same_rng_same_output_and_jit_matches_eager():
