@@ -1,6 +1,8 @@
 """train.py / eval.py report errors meant for the user in one line and let
-any other exception (a bug) raise with its traceback."""
+any other exception (a bug) raise with its traceback; a pre-empted run
+exits with SIGTERM's status."""
 
+import signal
 import subprocess
 import sys
 
@@ -8,10 +10,12 @@ import pytest
 
 from conftest import ROOT
 
-# train.py's main under absl, once per kind of error in argv[2:], with
-# trainer.train_and_evaluate raising it. A user error ends app.run with
-# SystemExit, caught here; the bug, last, leaves the process uncaught.
-TRAIN_RAISING = r'''
+# train.py's main under absl, once per kind in argv[2:], with
+# trainer.train_and_evaluate raising that kind of error or, 'preempted',
+# returning as a SIGTERM makes it. A user error or the pre-emption ends
+# app.run with SystemExit, caught here; the bug, last, leaves the process
+# uncaught.
+FAKE_TRAIN = r'''
 import sys
 from absl import app
 from stat_jax import trainer
@@ -20,10 +24,12 @@ import train
 
 workdir, kinds = sys.argv[1], sys.argv[2:]
 for kind in kinds:
-  def raising(config, workdir, kind=kind):
+  def fake_run(config, workdir, kind=kind):
+    if kind == 'preempted':
+      return {'preempted': True}
     raise {'bug': RuntimeError('a bug'), 'user': UserError('a bad input'),
            'nan': trainer.NonFiniteLoss('loss is nan')}[kind]
-  trainer.train_and_evaluate = raising
+  trainer.train_and_evaluate = fake_run
   sys.argv = ['train.py', '--config=configs/tiny.py', '--workdir=' + workdir]
   print(f'== {kind}', file=sys.stderr, flush=True)
   try:
@@ -35,11 +41,11 @@ for kind in kinds:
 
 @pytest.fixture(scope='module')
 def stderr_of(tmp_path_factory) -> dict:
-  """{kind: (its stderr, its exit status)} of TRAIN_RAISING on 'user',
-  'nan', 'bug'."""
+  """{kind: (its stderr, its exit status)} of FAKE_TRAIN on 'user',
+  'nan', 'preempted', 'bug'."""
   result = subprocess.run(
-      [sys.executable, '-c', TRAIN_RAISING,
-       str(tmp_path_factory.mktemp('run')), 'user', 'nan', 'bug'],
+      [sys.executable, '-c', FAKE_TRAIN,
+       str(tmp_path_factory.mktemp('run')), 'user', 'nan', 'preempted', 'bug'],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   stderr, kind = {}, None
   for part in result.stderr.split('== ')[1:]:
@@ -65,3 +71,8 @@ def test_an_error_meant_for_the_user_is_one_line(stderr_of, kind, message):
   assert status == 1
   assert 'Traceback' not in text
   assert f'train.py: {message}\n' in text
+
+
+def test_a_preempted_run_exits_with_the_status_of_sigterm(stderr_of):
+  text, status = stderr_of['preempted']
+  assert status == 128 + signal.SIGTERM and 'Traceback' not in text
