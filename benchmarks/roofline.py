@@ -12,9 +12,9 @@ per step (a while loop's body, as `lax.map` compiles, its trip count; a
 conditional's branch, as `lax.switch` compiles, its share of the
 conditional's runs); their sum is the step's time if every kernel ran at
 the roofline and none overlapped (launches and the conditionals' reads of
-their branch index cost nothing here). Model
-FLOPs (stat_jax.flops) over that time is the highest MFU the program can
-reach as XLA compiled it: a bound from the program, not a measurement.
+their branch index cost nothing here). Model FLOPs (stat_jax.flops) over
+that time is the highest MFU the program can reach as XLA compiled it: a
+bound from the program, not a measurement.
 
 --target h100 / h200 compiles for that GPU without one (deviceless, through
 the CUDA plugin: `pip install "jax[cuda13]"` plus requirements.txt in a
