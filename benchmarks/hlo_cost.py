@@ -1,11 +1,21 @@
 """FLOPs and bytes of every kernel of a compiled XLA program, read from its
 optimized HLO text.
 
-A kernel is one instruction of the entry computation (or of a while loop's
-body, counted once) that does work: a fusion, a library call (cuBLAS gemm,
-cuDNN convolution or flash attention), a copy. Its bytes are what it reads
-and writes in device memory: the operands it reads (a fusion parameter that
-feeds only slices counts as those slices) and its outputs (a library call's
+A kernel is one instruction of the entry computation, of a while loop's
+body or condition or of a conditional's branches that does work: a fusion,
+a library call (cuBLAS gemm, cuDNN convolution or flash attention), a copy.
+It runs `runs` times per call of the program: a while loop's body as many
+times as the trip count XLA proved (its `known_trip_count`; once when XLA
+proved none), its condition once more; a conditional's branch 1 / (number
+of branches) of the times the conditional runs. That is the average
+branch, not the costliest: a conditional runs one branch, and the
+program does not say which; the average is the expected cost when the
+index is drawn uniformly, as RandAugment draws its ops (the costliest
+branch would bound a worst case, not the step's time). Its bytes are what
+it reads and writes in device memory per run: the operands it reads (a
+fusion parameter that feeds only slices counts as those slices; the buffer
+a dynamic-update-slice updates in place is neither read nor written
+whole, only the update is written) and its outputs (a library call's
 scratch workspace not counted). Its FLOPs are those of the dots,
 convolutions and fused attentions it contains (a cuDNN gradient counts the
 forward convolution's FLOPs, as cuDNN computes it); element-wise arithmetic
@@ -32,7 +42,7 @@ ARRAY = re.compile(r'\b([a-z][a-z0-9]*)\[([\d,]*)\]')
 INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%([^\s=]+)\s*=\s*(.*)$')
 COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%([^\s(]+)\s*\(')
 FREE = {'parameter', 'constant', 'bitcast', 'tuple', 'get-tuple-element',
-        'while', 'after-all', 'partition-id', 'replica-id'}
+        'while', 'conditional', 'after-all', 'partition-id', 'replica-id'}
 SLICES = {'slice', 'dynamic-slice'}
 # Library calls whose last output, if bytes, is a scratch buffer, not a result.
 WORKSPACE_TARGETS = ('__cublas', '__cudnn')
@@ -45,10 +55,20 @@ class Instruction:
   opcode: str
   arguments: str  # the text between the opcode's parentheses
   attributes: str  # everything after them
+  is_root: bool = False  # its computation's ROOT
 
   @property
   def operands(self) -> list[str]:
     return re.findall(r'%([^\s,)]+)', self.arguments)
+
+  def branches(self) -> list[str]:
+    """The branch computations of a conditional, in index order (a
+    predicated one: true, then false)."""
+    listed = self.attribute('branch_computations')
+    if listed is not None:
+      return [b.strip().lstrip('%') for b in listed.strip('{}').split(',')]
+    return [self.attribute('true_computation'),
+            self.attribute('false_computation')]
 
   def attribute(self, key: str) -> str | None:
     found = re.search(rf'\b{key}=("[^"]*"|{{[^}}]*}}|%?[\w.\-$]+)',
@@ -65,6 +85,9 @@ class Kernel:
   bytes: float
   op_name: str  # the jax source path of its root, from the HLO metadata
   shape: str
+  # Expected runs per call of the program (while trip counts, conditional
+  # branches' shares); flops and bytes are per run.
+  runs: float = 1.0
 
 
 def array_shapes(shape: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -106,7 +129,8 @@ def parse_instruction(line: str) -> Instruction | None:
   opened = rest.index('(')
   closed = _closing_paren(rest, opened)
   return Instruction(match.group(1), shape, rest[:opened],
-                     rest[opened + 1:closed], rest[closed + 1:])
+                     rest[opened + 1:closed], rest[closed + 1:],
+                     line.lstrip().startswith('ROOT'))
 
 
 def parse_module(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
@@ -210,17 +234,39 @@ class Module:
 
   def parameter_bytes_read(self, fused: str, index: int, full: float) -> float:
     """Bytes a fusion reads of its `index`-th operand: the slices taken of
-    it when slices are all its uses inside the fused computation, else all."""
+    it when slices are all its uses inside the fused computation, none when
+    its only use is as the buffer the fusion's dynamic-update-slice updates
+    in place, else all (bitcasts of it count as it)."""
     body = self.computations[fused]
     parameter = next(i.name for i in body if i.opcode == 'parameter'
                      and i.arguments == str(index))
-    users = [i for i in body if parameter in i.operands]
-    if users and all(u.opcode in SLICES and u.operands[0] == parameter
-                     for u in users):
+    views = {parameter}  # the parameter and its bitcasts
+    for instruction in body:  # in order: a bitcast follows its operand
+      if instruction.opcode == 'bitcast' and instruction.operands[0] in views:
+        views.add(instruction.name)
+    users = [i for i in body if i.opcode != 'bitcast'
+             and views.intersection(i.operands)]
+    if users and all(u.opcode in SLICES and u.operands[0] in views
+                     and not views.intersection(u.operands[1:]) for u in users):
       return sum(shape_bytes(u.shape) for u in users)
+    update = self.in_place_update(fused)
+    if (update is not None and users == [update] and update.operands[0] in views
+        and not views.intersection(update.operands[1:])):
+      return 0.0
     return full
 
-  def kernel(self, instruction: Instruction) -> Kernel:
+  def in_place_update(self, fused: str) -> Instruction | None:
+    """The dynamic-update-slice at the root of a fused computation (through
+    bitcasts), else None: XLA updates its operand 0 in place, writing the
+    update only."""
+    body = self.computations[fused]
+    root = next((i for i in body if i.is_root), None)
+    by_name = {i.name: i for i in body}
+    while root is not None and root.opcode == 'bitcast':
+      root = by_name.get(root.operands[0])
+    return root if root is not None and root.opcode == 'dynamic-update-slice' else None
+
+  def kernel(self, instruction: Instruction, runs: float = 1.0) -> Kernel:
     operand_bytes = [shape_bytes(self.shapes[name])
                      for name in instruction.operands]
     outputs = array_shapes(instruction.shape)
@@ -228,24 +274,43 @@ class Module:
     if target.startswith(WORKSPACE_TARGETS) and outputs[-1][0] in ('s8', 'u8'):
       outputs = outputs[:-1]  # the library's scratch space
     called = instruction.attribute('calls')
+    output_bytes = arrays_bytes(outputs)
+    update = None
+    if instruction.opcode == 'dynamic-update-slice':
+      update, operand_bytes[0] = instruction, 0.0
     if instruction.opcode == 'fusion':
       operand_bytes = [self.parameter_bytes_read(called, i, b)
                        for i, b in enumerate(operand_bytes)]
+      update = self.in_place_update(called)
+    if update is not None:  # in place: only the update is written
+      output_bytes = shape_bytes(self.shapes[update.operands[1]])
     kind, flops = self.work(instruction)
     return Kernel(instruction.name, instruction.opcode,
                   kind or instruction.opcode, flops,
-                  sum(operand_bytes) + arrays_bytes(outputs),
-                  instruction.attribute('op_name') or '', instruction.shape)
+                  sum(operand_bytes) + output_bytes,
+                  instruction.attribute('op_name') or '', instruction.shape,
+                  runs)
 
   def kernels(self) -> list[Kernel]:
-    """Every kernel of the entry computation and of its while bodies."""
-    found, pending = [], [self.entry]
-    while pending:
-      for instruction in self.computations[pending.pop()]:
+    """Every kernel of the entry computation, of the while loops' bodies
+    and conditions and of the conditionals' branches, with its expected
+    runs per call (module doc)."""
+    found = []
+
+    def walk(computation: str, runs: float) -> None:
+      for instruction in self.computations[computation]:
         if instruction.opcode == 'while':
-          pending.append(instruction.attribute('body'))
-        if instruction.opcode not in FREE:
-          found.append(self.kernel(instruction))
+          trips = trip_count(instruction)
+          walk(instruction.attribute('body'), runs * trips)
+          walk(instruction.attribute('condition'), runs * (trips + 1))
+        elif instruction.opcode == 'conditional':
+          branches = instruction.branches()
+          for branch in branches:
+            walk(branch, runs / len(branches))
+        elif instruction.opcode not in FREE:
+          found.append(self.kernel(instruction, runs))
+
+    walk(self.entry, 1.0)
     return found
 
 

@@ -7,10 +7,14 @@
 Compiles the forward pass (or the train step with --train) for --target and
 reads every kernel's FLOPs and bytes off the optimized HLO
 (benchmarks/hlo_cost.py). Each kernel is given its roofline time, the
-longer of FLOPs / matmul peak and bytes / memory bandwidth; their sum is the
-step's time if every kernel ran at the roofline and none overlapped. Model
-FLOPs (stat_jax.flops) over that time is the highest MFU the program can
-reach as XLA compiled it: a bound from the program, not a measurement.
+longer of FLOPs / matmul peak and bytes / memory bandwidth, times its runs
+per step (a while loop's body, as `lax.map` compiles, its trip count; a
+conditional's branch, as `lax.switch` compiles, its share of the
+conditional's runs); their sum is the step's time if every kernel ran at
+the roofline and none overlapped (launches and the conditionals' reads of
+their branch index cost nothing here). Model FLOPs (stat_jax.flops) over
+that time is the highest MFU the program can reach as XLA compiled it: a
+bound from the program, not a measurement.
 
 --target h100 / h200 compiles for that GPU without one (deviceless, through
 the CUDA plugin: `pip install "jax[cuda13]"` plus requirements.txt in a
@@ -129,28 +133,31 @@ def phase(kernel: hlo_cost.Kernel, train: bool) -> str:
 def roofline(kernels: list[hlo_cost.Kernel], *, peak_flops: float,
              bandwidth: float, clips: int, model_flops: float,
              train: bool) -> dict:
-  """Roofline seconds of each kernel, summed by (kind, phase), per clip."""
+  """Roofline seconds of each kernel (times its expected runs, a while
+  body's trip count, a conditional branch's share), summed by (kind,
+  phase), per clip."""
   groups = collections.defaultdict(collections.Counter)
   timed = []
   for kernel in kernels:
-    seconds = max(kernel.flops / peak_flops, kernel.bytes / bandwidth)
+    seconds = kernel.runs * max(kernel.flops / peak_flops, kernel.bytes / bandwidth)
     bound = 'flops' if kernel.flops / peak_flops >= kernel.bytes / bandwidth else 'bytes'
     timed.append((seconds, bound, kernel))
     group = groups[f'{kernel.kind} {phase(kernel, train)}']
-    group.update(kernels=1, flops=kernel.flops / clips,
-                 bytes=kernel.bytes / clips, seconds=seconds / clips)
+    group.update(kernels=1, flops=kernel.runs * kernel.flops / clips,
+                 bytes=kernel.runs * kernel.bytes / clips, seconds=seconds / clips)
   total = sum(seconds for seconds, _, _ in timed) / clips
   return {
       'kernels': len(kernels),
-      'flops_per_clip': sum(k.flops for k in kernels) / clips,
-      'bytes_per_clip': sum(k.bytes for k in kernels) / clips,
+      'flops_per_clip': sum(k.runs * k.flops for k in kernels) / clips,
+      'bytes_per_clip': sum(k.runs * k.bytes for k in kernels) / clips,
       'seconds_per_clip': total,
       'bytes_bound_share': sum(s for s, b, _ in timed if b == 'bytes') / clips / total,
       'mfu_bound': model_flops / total / peak_flops,
       'groups': dict(sorted(groups.items(), key=lambda g: -g[1]['seconds'])),
       'top_kernels': [
           {'name': k.name, 'kind': k.kind, 'phase': phase(k, train), 'bound': bound,
-           'ms': 1e3 * seconds, 'gflop': k.flops / 1e9, 'gb': k.bytes / 1e9,
+           'ms': 1e3 * seconds, 'runs': k.runs, 'gflop': k.runs * k.flops / 1e9,
+           'gb': k.runs * k.bytes / 1e9,
            'shape': k.shape, 'op_name': k.op_name}
           for seconds, bound, k in sorted(timed, key=lambda t: -t[0])],
   }
@@ -169,9 +176,9 @@ def format_report(report: dict, top: int) -> str:
     lines.append(f'{name:24s} {group["kernels"]:7d} {group["flops"] / 1e9:10.1f} '
                  f'{group["bytes"] / 1e9:8.3f} {1e3 * group["seconds"]:8.3f} '
                  f'{1e3 * group["seconds"] / ms:6.1%}')
-  lines += ['', 'largest kernels (ms per step):']
+  lines += ['', 'largest kernels (ms per step, all their runs):']
   for k in report['top_kernels'][:top]:
-    lines.append(f'{k["ms"]:8.3f} {k["bound"]:5s} {k["gflop"]:8.1f} GFLOP '
+    lines.append(f'{k["ms"]:8.3f} {k["bound"]:5s} x{k["runs"]:<5.3g} {k["gflop"]:8.1f} GFLOP '
                  f'{k["gb"]:6.2f} GB  {k["kind"]:11s} {k["phase"]:8s} '
                  f'{k["shape"][:44]:44s} {k["op_name"][-60:]}')
   return '\n'.join(lines)

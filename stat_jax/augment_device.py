@@ -15,13 +15,13 @@ from the 15 of `apply_op`, applied with probability 0.5 at a magnitude ~ N(m,
 mstd) clipped to [0, 10], geometric and signed ops taking a random sign.
 AutoContrast, Equalize and Contrast use statistics of the whole clip,
 computed so that a clip gets the same bits on any mesh.
-Clip by clip, each `lax.switch` runs the one op drawn. (Vmapped over the
-clips it ran all 15 ops on every clip and selected one: on a TPU 33 GB of
-memory traffic per 8 clips and no usable step-time estimate from the
-compiler; benchmarks/RESULTS.md.)
+Clip by clip, each layer's `lax.cond` runs an op only when the layer
+applies, and its `lax.switch` the one op drawn (a geometric op warps in
+its own branch). (Vmapped over the clips all 15 ops ran on every clip and
+one was selected: on a TPU 33 GB of memory traffic per 8 clips and no
+usable step-time estimate from the compiler; benchmarks/RESULTS.md.)
 """
 
-import functools
 import math
 
 import jax
@@ -217,22 +217,22 @@ GEOMETRIC_OPS = {
 NUM_OPS = len(PIXEL_OPS) + len(GEOMETRIC_OPS)
 
 
+def _warp(transform):
+  """A geometric op as a pixel op: clip -> clip warped by `transform`."""
+  def op(clip, level, sign):
+    height, width = clip.shape[1:3]
+    return affine(clip, transform(level, sign, height, width))
+  return op
+
+
 def apply_op(clip, op, level, sign):
-  """Op number `op` (int32, may be traced) on clip [T, H, W, 3]. One switch
-  picks the warp's transform (the identity for a pixel op), a second the
-  pixel op or the warped clip: under vmap, where a switch runs every
-  branch, that is one warp a layer, not five."""
-  height, width = clip.shape[1:3]
-  transforms = [
-      functools.partial(GEOMETRIC_OPS[i], height=height, width=width)
-      if i in GEOMETRIC_OPS else lambda level, sign: jnp.array(_IDENTITY)
-      for i in range(NUM_OPS)]
-  warped = affine(clip, jax.lax.switch(op, transforms, level, sign))
-  results = [
-      functools.partial(PIXEL_OPS[i], level=level, sign=sign)
-      if i in PIXEL_OPS else lambda clip: warped
-      for i in range(NUM_OPS)]
-  return jax.lax.switch(op, results, clip)
+  """Op number `op` (int32, may be traced) on clip [T, H, W, 3]: one
+  switch, a geometric op's branch warping the clip itself. Clip by clip
+  (augment_batch) the switch runs the op drawn only, so a pixel op costs
+  no warp. (Vmapped, a switch runs every branch: 5 warps a layer.)"""
+  branches = [PIXEL_OPS[i] if i in PIXEL_OPS else _warp(GEOMETRIC_OPS[i])
+              for i in range(NUM_OPS)]
+  return jax.lax.switch(op, branches, clip, level, sign)
 
 
 def draw_layers(key, num_layers, magnitude, magnitude_std) -> dict:
@@ -254,9 +254,11 @@ def rand_augment(clip, key, num_layers, magnitude, magnitude_std):
   """RandAugment of clip float32 [T, H, W, 3] in [0, 255] (module doc)."""
   plan = draw_layers(key, num_layers, magnitude, magnitude_std)
   for layer in range(num_layers):
-    out = apply_op(clip, plan['op'][layer], plan['level'][layer],
-                   plan['sign'][layer])
-    clip = jnp.where(plan['apply'][layer], out, clip)
+    # A layer left out (probability 0.5) runs no op: a cond, not a select
+    # of the op's result, which would run the op anyway.
+    clip = jax.lax.cond(
+        plan['apply'][layer], apply_op, lambda clip, op, level, sign: clip,
+        clip, plan['op'][layer], plan['level'][layer], plan['sign'][layer])
   return clip
 
 

@@ -121,3 +121,163 @@ def test_roofline_times_each_kernel_by_its_slower_limit():
   assert report['groups']['gemm forward']['flops'] == 2e12
   assert [k['name'] for k in report['top_kernels']] == ['norm', 'matmul', 'adam']
   assert math.isclose(report['top_kernels'][1]['ms'], 4.0)
+
+
+# lax.map of a 3-way lax.switch over the 8 rows of x, as XLA prints it: a
+# while loop of known trip count 8 whose body slices a row, runs one of 3
+# branches on it and updates the result in place; its condition compares.
+STATE = '(s32[], f32[8,1024]{1,0}, f32[8,1024]{1,0}, s32[])'
+LOOP_HLO = f'''HloModule jit_map, entry_computation_layout={{(f32[8,1024]{{1,0}}, s32[])->f32[8,1024]{{1,0}}}}
+
+%double_computation (p0: f32[1024]) -> f32[1024] {{
+  %p0 = f32[1024]{{0}} parameter(0)
+  %two = f32[] constant(2)
+  %twos = f32[1024]{{0}} broadcast(%two), dimensions={{}}
+  ROOT %doubled = f32[1024]{{0}} multiply(%p0, %twos)
+}}
+
+%branch_double (a0: (f32[1024])) -> (f32[1024]) {{
+  %a0 = (f32[1024]{{0}}) parameter(0)
+  %row0 = f32[1024]{{0}} get-tuple-element(%a0), index=0
+  %double = f32[1024]{{0}} fusion(%row0), kind=kLoop, calls=%double_computation
+  ROOT %out0 = (f32[1024]{{0}}) tuple(%double)
+}}
+
+%widen_computation (p1: f32[1024]) -> f32[2048] {{
+  %p1 = f32[1024]{{0}} parameter(0)
+  ROOT %both = f32[2048]{{0}} concatenate(%p1, %p1), dimensions={{0}}
+}}
+
+%narrow_computation (p2: f32[2048]) -> f32[1024] {{
+  %p2 = f32[2048]{{0}} parameter(0)
+  %negated = f32[2048]{{0}} negate(%p2)
+  ROOT %half = f32[1024]{{0}} slice(%negated), slice={{[0:1024]}}
+}}
+
+%branch_widen_narrow (a1: (f32[1024])) -> (f32[1024]) {{
+  %a1 = (f32[1024]{{0}}) parameter(0)
+  %row1 = f32[1024]{{0}} get-tuple-element(%a1), index=0
+  %widen = f32[2048]{{0}} fusion(%row1), kind=kLoop, calls=%widen_computation
+  %narrow = f32[1024]{{0}} fusion(%widen), kind=kLoop, calls=%narrow_computation
+  ROOT %out1 = (f32[1024]{{0}}) tuple(%narrow)
+}}
+
+%branch_keep (a2: (f32[1024])) -> (f32[1024]) {{
+  %a2 = (f32[1024]{{0}}) parameter(0)
+  %row2 = f32[1024]{{0}} get-tuple-element(%a2), index=0
+  %keep = f32[1024]{{0}} copy(%row2)
+  ROOT %out2 = (f32[1024]{{0}}) tuple(%keep)
+}}
+
+%slice_computation (p3: f32[8,1024], p4: s32[]) -> f32[1024] {{
+  %p3 = f32[8,1024]{{1,0}} parameter(0)
+  %p4 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  %ds = f32[1,1024]{{1,0}} dynamic-slice(%p3, %p4, %zero), dynamic_slice_sizes={{1,1024}}
+  ROOT %row = f32[1024]{{0}} bitcast(%ds)
+}}
+
+%update_computation (p5: f32[8,1024], p6: s32[], p7: f32[1024]) -> f32[8,1024] {{
+  %p5 = f32[8,1024]{{1,0}} parameter(0)
+  %p7 = f32[1024]{{0}} parameter(2)
+  %new = f32[1,1024]{{1,0}} bitcast(%p7)
+  %p6 = s32[] parameter(1)
+  %zero.1 = s32[] constant(0)
+  ROOT %dus = f32[8,1024]{{1,0}} dynamic-update-slice(%p5, %new, %p6, %zero.1)
+}}
+
+%add_computation (p8: s32[], p9: s32[]) -> s32[] {{
+  %p8 = s32[] parameter(0)
+  %p9 = s32[] parameter(1)
+  ROOT %sum = s32[] add(%p8, %p9)
+}}
+
+%body (state: {STATE}) -> {STATE} {{
+  %state = {STATE} parameter(0)
+  %one = s32[] constant(1)
+  %i = s32[] get-tuple-element(%state), index=0
+  %ys = f32[8,1024]{{1,0}} get-tuple-element(%state), index=1
+  %xs = f32[8,1024]{{1,0}} get-tuple-element(%state), index=2
+  %which = s32[] get-tuple-element(%state), index=3
+  %take = f32[1024]{{0}} fusion(%xs, %i), kind=kLoop, calls=%slice_computation
+  %step = s32[] fusion(%i, %one), kind=kLoop, calls=%add_computation
+  %operand = (f32[1024]{{0}}) tuple(%take)
+  %switch = (f32[1024]{{0}}) conditional(%which, %operand, %operand, %operand), branch_computations={{%branch_double, %branch_widen_narrow, %branch_keep}}
+  %result = f32[1024]{{0}} get-tuple-element(%switch), index=0
+  %put = f32[8,1024]{{1,0}} fusion(%ys, %i, %result), kind=kLoop, calls=%update_computation
+  ROOT %next = {STATE} tuple(%step, %put, %xs, %which)
+}}
+
+%compare_computation (p10: s32[], p11: s32[]) -> pred[] {{
+  %p10 = s32[] parameter(0)
+  %p11 = s32[] parameter(1)
+  ROOT %less = pred[] compare(%p10, %p11), direction=LT
+}}
+
+%condition (state.1: {STATE}) -> pred[] {{
+  %state.1 = {STATE} parameter(0)
+  %eight = s32[] constant(8)
+  %i.1 = s32[] get-tuple-element(%state.1), index=0
+  ROOT %more = pred[] fusion(%i.1, %eight), kind=kLoop, calls=%compare_computation
+}}
+
+%zeros_computation (p12: f32[]) -> f32[8,1024] {{
+  %p12 = f32[] parameter(0)
+  ROOT %broadcast = f32[8,1024]{{1,0}} broadcast(%p12), dimensions={{}}
+}}
+
+ENTRY %main (x: f32[8,1024], op: s32[]) -> f32[8,1024] {{
+  %x = f32[8,1024]{{1,0}} parameter(0)
+  %op = s32[] parameter(1)
+  %start = s32[] constant(0)
+  %zero.2 = f32[] constant(0)
+  %zeros = f32[8,1024]{{1,0}} fusion(%zero.2), kind=kLoop, calls=%zeros_computation
+  %init = {STATE} tuple(%start, %zeros, %x, %op)
+  %loop = {STATE} while(%init), condition=%condition, body=%body, backend_config={{"known_trip_count":{{"n":"8"}}}}
+  ROOT %ys.1 = f32[8,1024]{{1,0}} get-tuple-element(%loop), index=1
+}}
+'''
+
+
+def test_while_body_runs_trip_count_times_a_branch_its_share():
+  """By hand: the body's kernels run 8 times, the condition 9, each of the
+  3 branches 8 / 3 times on average; a row is 4 KB; the row slice reads its
+  row only and the in-place update writes its row only."""
+  kernels = {k.name: k for k in hlo_cost.Module(LOOP_HLO).kernels()}
+  row = 4 * 1024
+  expected = {  # name: (runs, bytes per run)
+      'zeros': (1, 4 + 8 * row),
+      'take': (8, row + 4 + row),
+      'step': (8, 4 + 4 + 4),
+      'double': (8 / 3, row + row),
+      'widen': (8 / 3, row + 2 * row),
+      'narrow': (8 / 3, 2 * row + row),
+      'keep': (8 / 3, row + row),
+      'put': (8, 0 + 4 + row + row),
+      'more': (9, 4 + 4 + 1),
+  }
+  assert set(kernels) == set(expected)
+  for name, (runs, bytes_) in expected.items():
+    assert kernels[name].runs == pytest.approx(runs), name
+    assert kernels[name].bytes == bytes_, name
+  report = roofline.roofline(list(kernels.values()), peak_flops=1e15,
+                             bandwidth=1e9, clips=8, model_flops=1.0,
+                             train=False)
+  # 32772 + 8 x 16404 + 8 / 3 x 40960 + 9 x 9 bytes, 8 clips, 1 GB/s.
+  total = 32772 + 131232 + 8 * 40960 / 3 + 81
+  assert report['bytes_per_clip'] == pytest.approx(total / 8)
+  assert report['seconds_per_clip'] == pytest.approx(total / 8 / 1e9)
+
+
+def test_lax_map_of_a_switch_as_xla_compiles_it():
+  """XLA proves lax.map's trip count (12 rows) and keeps lax.switch's
+  branches apart: a branch kernel runs 12 / 3 times, the loop's compare 13."""
+  def step(x, which):
+    return jax.lax.map(lambda row: lax.switch(
+        which, [lambda r: r * 2., lambda r: jnp.sin(r) + r[::-1],
+                lambda r: -r], row), x)
+
+  kernels, _ = compiled_kernels(step, jnp.ones((12, 1024)), 1)
+  branch_runs = [k.runs for k in kernels if 'branch_' in k.op_name]
+  assert len(branch_runs) >= 3 and branch_runs == pytest.approx([4.0] * len(branch_runs))
+  assert max(k.runs for k in kernels) == 13
