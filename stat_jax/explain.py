@@ -30,7 +30,6 @@ with that time.
 """
 
 import html
-import itertools
 import json
 import os
 
@@ -41,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from data import dmvr, eval_pipeline
+from data import dmvr, eval_pipeline, records
 from stat_jax import attention_maps, cli, plots
 from stat_jax.deploy import inference, predict
 from stat_jax.errors import UserError
@@ -63,13 +62,17 @@ def record_views(path: str, index: int, data, classes: list[str]):
   """(uint8 views [V, T, crop, crop, 3] as evaluation cuts them, the
   record's label: its text, else the class of its index, else None)."""
   try:
-    serialized = next(itertools.islice(dmvr.read_records(path), index, None),
-                      None)
-  except tf.errors.DataLossError as error:
-    raise UserError(f'{path}: not a TFRecord file ({error.message})') from error
-  if serialized is None:
-    raise UserError(f'{path} holds no record {index} (records count from 0)')
-  parsed = dmvr.parse_tf(tf.constant(serialized))
+    shard = records.RecordIndex(path)  # a header scan: reads record K only
+  except (ValueError, UserError) as error:
+    raise UserError(f'{path}: not a TFRecord file ({error})') from error
+  if index >= len(shard):
+    raise UserError(f'{path} holds no record {index} (records count from 0; '
+                    f'it has {len(shard)})')
+  try:
+    parsed = dmvr.parse_tf(tf.constant(shard.read(index)))
+  except tf.errors.InvalidArgumentError as error:
+    raise UserError(f'record {index} of {path} is not a clip: '
+                    f'{error.message}') from error
   texts = [t.decode('utf-8', 'replace') for t in parsed['label_text'].numpy()]
   names = [classes[i] for i in parsed['label_index'].numpy()
            if 0 <= i < len(classes)]

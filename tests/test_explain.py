@@ -3,6 +3,7 @@ where STA's attention mass goes, that capturing it changes nothing, and the
 pictures of a tiny run."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -184,12 +185,16 @@ def test_explain_reads_record_k_of_a_shard_as_evaluation_cuts_it(run, capsys):
       '00_val.tfrecord-00000-of-00001_1.')
 
 
-def test_a_record_past_the_end_is_a_user_error(run, capsys):
+def test_a_record_past_the_end_or_not_a_record_is_a_user_error(run, capsys):
   shard, _ = write_records(run['folder'] / 'short.tfrecord', [0])
-  code = explain.main([f'--workdir={run["workdir"]}',
-                       f'--out={run["folder"] / "none"}', f'{shard}:1'])
-  assert code != 0
-  assert 'holds no record 1' in capsys.readouterr().err
+  text = run['folder'] / 'notes.txt'
+  text.write_text('not a TFRecord file\n' * 3)
+  for argument, message in ((f'{shard}:1', 'holds no record 1 .* it has 1'),
+                            (f'{text}:0', 'notes.txt: not a TFRecord file')):
+    code = explain.main([f'--workdir={run["workdir"]}',
+                         f'--out={run["folder"] / "none"}', argument])
+    assert code != 0
+    assert re.search(message, capsys.readouterr().err)
 
 
 # ------------------------------------------------------------ confusion ---
