@@ -4,13 +4,17 @@ device, and what the device half of the recipe costs per clip on this
 machine's CPU (results in benchmarks/RESULTS.md).
 
   python -m benchmarks.input_pipeline [--frames 16,32,64] [--clips 32]
-      [--spec SPEC] [--repeated_augment 2]
+      [--spec SPEC] [--repeated_augment 2] [--stages]
 
 Writes temporary shards of synthetic 256x256 video (or reads --spec), then
 times the host pipeline (segment sampling, random resized crop, uint8
 batches) after a warm-up batch, then the device augmentation of the train
 step (flip, RandAugment m7-n4-mstd0.5, normalisation, random erasing 0.25)
-jitted on the XLA:CPU backend, on the last batch.
+jitted on the XLA:CPU backend, on the last batch. --stages first times the
+host's per-frame work alone, on one thread in a tf.data graph as the
+pipeline runs it: decoding a whole JPEG frame, decoding a random crop window
+of it, and that plus the resize to the crop; with the clips/s per core
+each would allow at the first --frames, were it all the host did.
 """
 
 import os
@@ -18,9 +22,12 @@ import tempfile
 import time
 
 import jax
+import tensorflow as tf
 from absl import app, flags
 
 from data import dmvr
+from data import records
+from data import sampling
 from data import train_pipeline
 from data import synthetic
 from stat_jax import augment_device, defaults
@@ -35,6 +42,8 @@ flags.DEFINE_integer('batches', 6, 'Batches timed.')
 flags.DEFINE_integer('repeated_augment', 1,
                      'data.repeated_augment: clips per decoded video.')
 flags.DEFINE_integer('device_clips', 2, 'Clips the device augmentation times.')
+flags.DEFINE_bool('stages', False, 'Time the per-frame host stages first.')
+flags.DEFINE_integer('stage_frames', 400, 'Frames each stage is timed on.')
 FLAGS = flags.FLAGS
 
 
@@ -68,6 +77,50 @@ def clips_per_second(spec, num_frames, crop, batch_size, num_batches):
   return rate, clip_bytes, device_seconds_per_clip(config, clips)
 
 
+def frame_jpegs(spec, count):
+  """The first `count` JPEG frames of the shards (string [count])."""
+  index, jpegs = records.RecordIndex(spec), []
+  for record in range(len(index)):
+    jpegs.extend(dmvr.parse_tf(tf.constant(index.read(record)))['frames'])
+    if len(jpegs) >= count:
+      break
+  return tf.stack(jpegs[:count])
+
+
+def stage_seconds_per_frame(jpegs, data):
+  """{stage: seconds per frame}, one thread, graph mode, after a warm-up
+  pass; the crop windows as the train pipeline draws them."""
+  def crop(jpeg, seed):
+    return sampling.random_crop_window(tf.io.extract_jpeg_shape(jpeg), seed,
+                                       data.area_range, data.aspect_range)
+
+  def window(jpeg, seed):
+    return tf.io.decode_and_crop_jpeg(jpeg, crop(jpeg, seed), channels=3)
+
+  stages = {
+      'decode the whole frame': lambda jpeg, seed: tf.io.decode_jpeg(
+          jpeg, channels=3),
+      'decode the crop window': window,
+      'decode the window + resize': lambda jpeg, seed: tf.image.resize(
+          window(jpeg, seed), [data.crop_size, data.crop_size]),
+  }
+  seeds = tf.random.experimental.stateless_split([0, 0], len(jpegs))
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = 1
+  options.autotune.enabled = False
+  seconds = {}
+  for name, stage in stages.items():
+    frames = tf.data.Dataset.from_tensor_slices((jpegs, seeds)).map(
+        stage).with_options(options)
+    for _ in frames:  # warm-up: tracing, caches
+      pass
+    start = time.perf_counter()
+    for _ in frames:
+      pass
+    seconds[name] = (time.perf_counter() - start) / len(jpegs)
+  return seconds
+
+
 def device_seconds_per_clip(config, batch):
   """The device augmentation of `batch`, jitted on this backend, best of 3."""
   augment = jax.jit(lambda video, key: augment_device.augment_batch(
@@ -87,6 +140,15 @@ def main(argv):
   with tempfile.TemporaryDirectory() as folder:
     spec = FLAGS.spec or write_shards(folder, FLAGS.clips, FLAGS.video_frames,
                                       256)
+    if FLAGS.stages:
+      frames = int(FLAGS.frames[0])
+      data = defaults.base_config(frames, len(synthetic.CLASSES)).data
+      data.crop_size = FLAGS.crop
+      for name, seconds in stage_seconds_per_frame(
+          frame_jpegs(spec, FLAGS.stage_frames), data).items():
+        print(f'{name:28s} {1e3 * seconds:6.2f} ms per frame, one thread: '
+              f'at most {1 / (frames * seconds):6.1f} clips/s per core at '
+              f'T={frames}', flush=True)
     for frames in map(int, FLAGS.frames):
       rate, clip_bytes, device_s = clips_per_second(
           spec, frames, FLAGS.crop, FLAGS.batch_size, FLAGS.batches)
