@@ -232,11 +232,13 @@ class Module:
       kind, flops = kind or inner_kind, flops + inner_flops
     return kind, flops
 
-  def parameter_bytes_read(self, fused: str, index: int, full: float) -> float:
+  def parameter_bytes_read(self, fused: str, index: int, full: float,
+                           update: Instruction | None) -> float:
     """Bytes a fusion reads of its `index`-th operand: the slices taken of
     it when slices are all its uses inside the fused computation, none when
-    its only use is as the buffer the fusion's dynamic-update-slice updates
-    in place, else all (bitcasts of it count as it)."""
+    its only use is as the buffer that `update` (the fusion's
+    in_place_update, or None) updates in place, else all (bitcasts of it
+    count as it)."""
     body = self.computations[fused]
     parameter = next(i.name for i in body if i.opcode == 'parameter'
                      and i.arguments == str(index))
@@ -249,7 +251,6 @@ class Module:
     if users and all(u.opcode in SLICES and u.operands[0] in views
                      and not views.intersection(u.operands[1:]) for u in users):
       return sum(shape_bytes(u.shape) for u in users)
-    update = self.in_place_update(fused)
     if (update is not None and users == [update] and update.operands[0] in views
         and not views.intersection(update.operands[1:])):
       return 0.0
@@ -279,9 +280,9 @@ class Module:
     if instruction.opcode == 'dynamic-update-slice':
       update, operand_bytes[0] = instruction, 0.0
     if instruction.opcode == 'fusion':
-      operand_bytes = [self.parameter_bytes_read(called, i, b)
-                       for i, b in enumerate(operand_bytes)]
       update = self.in_place_update(called)
+      operand_bytes = [self.parameter_bytes_read(called, i, b, update)
+                       for i, b in enumerate(operand_bytes)]
     if update is not None:  # in place: only the update is written
       output_bytes = shape_bytes(self.shapes[update.operands[1]])
     kind, flops = self.work(instruction)
