@@ -35,7 +35,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from benchmarks import hlo_cost, measure
-from stat_jax import chips, cli, conv, optim, sharding
+from stat_jax import chips, cli, model, optim, sharding
 from stat_jax.config_validation import validate
 from stat_jax.errors import UserError
 from stat_jax.train_state import abstract_train_state, with_shardings
@@ -209,8 +209,7 @@ def _report() -> int:
   config = FLAGS.config
   if FLAGS.batch_per_chip:
     config.batch_size = FLAGS.batch_per_chip * len(devices)
-  config.model.conv_impl = conv.resolve_conv_impl(  # 'auto' for the slice
-      config.model.conv_impl, devices[0].platform)
+  model.resolve_for_platform(config.model, devices[0].platform)
   validate(config)
   compiled, compile_s, mesh = compile_train_step(config, devices)
   report = slice_report(config, compiled, compile_s, mesh)

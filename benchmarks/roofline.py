@@ -36,7 +36,7 @@ import jax
 import ml_collections
 
 from benchmarks import hlo_cost, measure, step_flags
-from stat_jax import chips, conv
+from stat_jax import chips, model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,8 +194,7 @@ def main(argv):
   elif FLAGS.peak_tflops is None or FLAGS.bandwidth_gbs is None:
     raise app.UsageError('--target attached needs --peak_tflops and --bandwidth_gbs')
   config = step_flags.config()
-  config.model.conv_impl = conv.resolve_conv_impl(  # 'auto' for the target
-      config.model.conv_impl, 'gpu' if gpu else None)
+  model.resolve_for_platform(config.model, 'gpu' if gpu else None)
   compiled = compiled_step(config, FLAGS.batch, FLAGS.train,
                            compile_only_device(gpu) if gpu else None)
   hlo = compiled.as_text()

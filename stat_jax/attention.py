@@ -42,6 +42,10 @@ SPATIAL_SUMMARIES = ('cls', 'avgpool')
 # 16-bit compute dtype and a head width that is a multiple of 8 up to 128.
 ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
 CUDNN_DTYPES = ('bfloat16', 'float16')
+# How the heads are split off the Q/K/V projection and merged into the output
+# projection (same numbers): 'products' lays them out in the products
+# themselves, 'transposed' projects the tokens and transposes them.
+HEAD_LAYOUTS = ('products', 'transposed', 'auto')
 
 # The init of every linear layer in the transformer (MViT / ViT recipe).
 dense_init = nnx.initializers.truncated_normal(stddev=0.02)
@@ -305,14 +309,38 @@ def short_term_pool(x, grid, size: int):
   return pooled.reshape(batch, nt, heads, -1, head_dim).astype(x.dtype)
 
 
-def split_heads(linear: nnx.Linear, x, heads: int):
+def resolve_head_layout(layout: str, platform: str | None = None) -> str:
+  """'products' or 'transposed' for HEAD_LAYOUTS `layout` on `platform`
+  (default: the default backend's).
+
+  'auto' is 'products' on GPUs and TPUs, where every transpose of the
+  projected tokens is a copy through memory; 'transposed' on the CPU, whose
+  dots run faster writing plain [tokens, channels] rows.
+  """
+  if layout != 'auto':
+    return layout
+  return 'transposed' if (platform or jax.default_backend()) == 'cpu' else 'products'
+
+
+def _linear_arrays(linear: nnx.Linear, x):
+  """(x, kernel, bias or None) promoted to `linear`'s dtype."""
+  bias = linear.bias[...] if linear.bias is not None else None
+  return linear.promote_dtype((x, linear.kernel[...], bias), dtype=linear.dtype)
+
+
+def split_heads(linear: nnx.Linear, x, heads: int, layout: str):
   """Fq, Fk, Fv of equation (1): x [B, nt, N, C] -> q, k, v [B, nt, h, N,
-  d], as `linear` ([C, 3C], the fused projection) followed by a split into
-  heads, but with the heads laid out by the product itself: its kernel
-  viewed as [C, 3, h, d], so no transpose of the projected tokens."""
-  kernel, bias = linear.kernel[...], linear.bias
-  bias = bias[...] if bias is not None else None
-  x, kernel, bias = linear.promote_dtype((x, kernel, bias), dtype=linear.dtype)
+  d] through `linear` ([C, 3C], the fused projection).
+
+  'transposed' applies `linear` and transposes its [B, nt, N, 3, h, d]
+  output; 'products' views the kernel as [C, 3, h, d] so that the product
+  itself lays out the heads.
+  """
+  if layout == 'transposed':
+    batch, nt, tokens, _ = x.shape
+    qkv = linear(x).reshape(batch, nt, tokens, 3, heads, -1)
+    return tuple(jnp.moveaxis(qkv, (3, 4), (0, 3)))  # 3 x [B, nt, h, N, d]
+  x, kernel, bias = _linear_arrays(linear, x)
   kernel = kernel.reshape(x.shape[-1], 3, heads, -1)  # [C, 3, h, d]
   qkv = jnp.einsum('bfnc,cthd->tbfhnd', x, kernel)  # [3, B, nt, h, N, d]
   if bias is not None:
@@ -320,17 +348,20 @@ def split_heads(linear: nnx.Linear, x, heads: int):
   return qkv[0], qkv[1], qkv[2]
 
 
-def merge_heads(linear: nnx.Linear, out):
+def merge_heads(linear: nnx.Linear, out, layout: str):
   """The output projection: out [B, nt, h, nq, d] -> [B, nt, nq, C], as
-  `linear` on the heads concatenated along the channels, contracting over
-  (h, d) at once instead of transposing the heads next to d first."""
-  kernel, bias = linear.kernel[...], linear.bias[...]
-  out, kernel, bias = linear.promote_dtype((out, kernel, bias),
-                                           dtype=linear.dtype)
-  heads, head_dim = out.shape[2], out.shape[4]
+  `linear` on the heads concatenated along the channels.
+
+  'transposed' moves the heads next to d and applies `linear`; 'products'
+  contracts over (h, d) at once.
+  """
+  batch, nt, heads, tokens, head_dim = out.shape
+  if layout == 'transposed':
+    return linear(jnp.moveaxis(out, 2, 3).reshape(batch, nt, tokens, -1))
+  out, kernel, bias = _linear_arrays(linear, out)
   y = jnp.einsum('bfhqd,hde->bfqe', out,
                  kernel.reshape(heads, head_dim, -1))  # [B, nt, nq, C]
-  return y + bias
+  return y if bias is None else y + bias
 
 
 class ShrinkingTemporalAttention(nnx.Module):
@@ -339,10 +370,12 @@ class ShrinkingTemporalAttention(nnx.Module):
   def __init__(self, dim: int, heads: int, *, q_stride: int, kv_stride: int,
                attention: str, window: int, num_summary: int, pool_kernel: int,
                sa_pool: int, qkv_bias: bool, dtype, rngs: nnx.Rngs,
-               attention_impl: str = 'xla', conv_impl: str = 'auto'):
+               attention_impl: str = 'xla', conv_impl: str = 'auto',
+               head_layout: str = 'auto'):
     head_dim = dim // heads
     self.heads, self.attention, self.window = heads, attention, window
     self.impl = resolve_attention_impl(attention_impl)
+    self.head_layout = resolve_head_layout(head_layout)
     self.num_summary, self.sa_pool = num_summary, sa_pool
     self.capture = False  # True: sow the attention masses (explain only)
     # Fq, Fk, Fv of equation (1), fused into one C -> 3C projection.
@@ -372,7 +405,8 @@ class ShrinkingTemporalAttention(nnx.Module):
 
   def __call__(self, x, grid):
     """x: [B, nt, num_summary + nh*nw, C] -> ([B, nt, num_summary + ñh*ñw, C], (ñh, ñw))."""
-    q, k, v = split_heads(self.qkv, x, self.heads)  # 3 x [B, nt, h, N, d]
+    q, k, v = split_heads(self.qkv, x, self.heads,
+                          self.head_layout)  # 3 x [B, nt, h, N, d]
     out_grid = grid
     if self.pool_q is not None:  # Q̂ = P_CA(Q), only at stage transitions
       q, out_grid = self.pool_q(q, grid, self.num_summary)
@@ -387,4 +421,4 @@ class ShrinkingTemporalAttention(nnx.Module):
     out = shrinking_temporal_attention(
         q, k, v, k_sa, v_sa, attention=self.attention, window=self.window,
         num_summary=self.num_summary, impl=self.impl)  # [B, nt, h, nq, d]
-    return merge_heads(self.proj, out), out_grid
+    return merge_heads(self.proj, out, self.head_layout), out_grid

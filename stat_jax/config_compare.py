@@ -32,7 +32,7 @@ RUN_CONTROL_KEYS = (
     'resume_with_changed_config',
     # where and how the same numbers are computed
     'mesh.', 'remat', 'grad_accum_steps', 'model.attention_impl',
-    'model.conv_impl',
+    'model.conv_impl', 'model.head_layout',
     # evaluation and what it writes
     'attention_images', 'data.eval_spec', 'data.eval_short_side', 'data.num_clips',
     'data.num_crops', 'data.eval_batch_size', 'data.reversed_classes',

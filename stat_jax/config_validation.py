@@ -15,7 +15,7 @@ import ml_collections
 from stat_jax import arch, conv, defaults
 from stat_jax.errors import UserError
 from stat_jax.attention import (ATTENTION_IMPLS, ATTENTION_SETS, CUDNN_DTYPES,
-                                SPATIAL_SUMMARIES)
+                                HEAD_LAYOUTS, SPATIAL_SUMMARIES)
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 SAMPLINGS = ('segment', 'dense')
@@ -86,6 +86,8 @@ def check_model(config: ml_collections.ConfigDict) -> None:
            f'{config.dtype!r}); use auto or xla')
   _require(m.conv_impl in conv.CONV_IMPLS, 'model.conv_impl', m.conv_impl,
            f'must be one of {", ".join(conv.CONV_IMPLS)}')
+  _require(m.head_layout in HEAD_LAYOUTS, 'model.head_layout', m.head_layout,
+           f'must be one of {", ".join(HEAD_LAYOUTS)}')
   _require(0 <= m.drop_path < 1, 'model.drop_path', m.drop_path, 'must be in [0, 1)')
   _require(0 <= m.dropout < 1, 'model.dropout', m.dropout, 'must be in [0, 1)')
   _require(m.num_classes >= 1, 'model.num_classes', m.num_classes, 'must be >= 1')

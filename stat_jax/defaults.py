@@ -97,6 +97,11 @@ def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
   # rewrites them into forms XLA:CPU runs fast, 'xla' leaves them to XLA
   # (cuDNN on a GPU); 'auto' is 'cpu' on the CPU backend, else 'xla'.
   m.conv_impl = 'auto'
+  # How STA splits the heads off its projections (same numbers,
+  # attention.py): 'products' lays them out in the matmuls, 'transposed'
+  # transposes the projected tokens; 'auto' is 'transposed' on the CPU
+  # backend, else 'products'.
+  m.head_layout = 'auto'
   m.drop_path = 0.2  # stochastic depth, rising linearly over the blocks
   m.dropout = 0.5  # before the classifier
   return m

@@ -12,7 +12,8 @@ from flax.nnx.nn.attention import dot_product_attention_weights
 
 from stat_jax import arch, conv
 from stat_jax.config_validation import validate_model
-from stat_jax.attention import ShrinkingTemporalAttention, dense_init
+from stat_jax.attention import (ShrinkingTemporalAttention, dense_init,
+                                resolve_head_layout)
 
 embedding_init = nnx.initializers.truncated_normal(stddev=0.02)
 
@@ -84,7 +85,8 @@ class STABlock(nnx.Module):
         attention=model.attention, window=model.window,
         num_summary=num_summary, pool_kernel=model.pool_kernel,
         sa_pool=model.sa_pool, qkv_bias=model.qkv_bias, dtype=dtype, rngs=rngs,
-        attention_impl=model.attention_impl, conv_impl=model.conv_impl)
+        attention_impl=model.attention_impl, conv_impl=model.conv_impl,
+        head_layout=model.head_layout)
     self.drop_path = drop_path(spec.drop_path, rngs)
     self.norm2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * model.mlp_ratio), spec.dim_out, dtype=dtype,
@@ -252,6 +254,15 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> STAT:
   fields may be absent."""
   validate_model(config)
   return STAT(config, rngs=rngs)
+
+
+def resolve_for_platform(model: ml_collections.ConfigDict,
+                         platform: str | None) -> None:
+  """Settle model.conv_impl and model.head_layout 'auto' for `platform`
+  (None: this process's backend), for a program compiled here to run on
+  another platform: 'auto' would otherwise follow the compiling host."""
+  model.conv_impl = conv.resolve_conv_impl(model.conv_impl, platform)
+  model.head_layout = resolve_head_layout(model.head_layout, platform)
 
 
 def abstract_model(config: ml_collections.ConfigDict) -> STAT:

@@ -220,44 +220,64 @@ def test_without_la_no_query_attends_a_class_token(attention):
   assert (np.abs(np.asarray(moved[:, :, 0] - base[:, :, 0])).max(axis=-1) > 1e-6).all()
 
 
-def heads_by_transpose(qkv, proj, x, heads, attend):
-  """The head split and merge as STA did them before split_heads /
-  merge_heads: the fused projection, its output reshaped and transposed to
-  [3, B, nt, h, N, d]; the heads transposed back next to d and projected."""
-  batch, nt, tokens, dim = x.shape
-  q, k, v = jnp.moveaxis(qkv(x).reshape(batch, nt, tokens, 3, heads, -1),
-                         (3, 4), (0, 3))
-  out = attend(q, k, v)  # [B, nt, h, N, d]
-  return proj(jnp.moveaxis(out, 2, 3).reshape(batch, nt, tokens, dim))
-
-
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_heads_laid_out_by_the_projection_match_the_transposed_form(dtype):
-  """split_heads / merge_heads (the heads laid out by the products, no
-  transposes for XLA:TPU to copy) give the values and gradients of the
-  transposed form: bit-equal in bfloat16 here, to float32 rounding."""
+def test_head_layouts_give_the_same_values_and_gradients(dtype):
+  """split_heads / merge_heads with the heads laid out by the products (no
+  transposes for XLA:TPU to copy) against the projected tokens transposed:
+  bit-equal in bfloat16 here, to float32 rounding."""
   qkv = nnx.Linear(DIM, 3 * DIM, dtype=dtype, rngs=nnx.Rngs(0))
   proj = nnx.Linear(DIM, DIM, dtype=dtype, rngs=nnx.Rngs(1))
   x = jax.random.normal(jax.random.key(2), (2, NT, 1 + GRID[0] * GRID[1], DIM))
   attend = lambda q, k, v: jnp.tanh(q * k) + v  # any per-head function
 
-  def by_products(qkv, proj, x):
-    return sta_lib.merge_heads(proj, attend(*sta_lib.split_heads(qkv, x, HEADS)))
+  def forward(layout):
+    return lambda qkv, proj, x: sta_lib.merge_heads(
+        proj, attend(*sta_lib.split_heads(qkv, x, HEADS, layout)), layout)
 
-  def loss(forward):
+  def loss(layout):
     return lambda qkv, proj, x: jnp.sum(
-        forward(qkv, proj, x).astype(jnp.float32) ** 2)
+        forward(layout)(qkv, proj, x).astype(jnp.float32) ** 2)
 
-  transposed = lambda qkv, proj, x: heads_by_transpose(qkv, proj, x, HEADS,
-                                                       attend)
   tolerance = {'rtol': 1e-6, 'atol': 1e-5} if dtype == jnp.float32 else {
       'rtol': 0, 'atol': 0}
-  np.testing.assert_allclose(by_products(qkv, proj, x).astype(np.float32),
-                             transposed(qkv, proj, x).astype(np.float32),
-                             **tolerance)
-  grads = [nnx.grad(loss(f), argnums=(0, 1, 2))(qkv, proj, x)
-           for f in (by_products, transposed)]
+  np.testing.assert_allclose(
+      forward('products')(qkv, proj, x).astype(np.float32),
+      forward('transposed')(qkv, proj, x).astype(np.float32), **tolerance)
+  grads = [nnx.grad(loss(layout), argnums=(0, 1, 2))(qkv, proj, x)
+           for layout in ('products', 'transposed')]
   for got, want in zip(*map(jax.tree.leaves, grads)):
     np.testing.assert_allclose(np.float32(got), np.float32(want),
                                rtol=1e-5 if dtype == jnp.float32 else 0,
                                atol=1e-4 if dtype == jnp.float32 else 0)
+
+
+def test_transposed_heads_are_the_projection_split_by_hand():
+  """The 'transposed' layout against the projection written out: channel
+  t*C + h*d + j of Fq/Fk/Fv is element j of head h of q, k or v (t = 0, 1,
+  2); the output projection reads head h's d values at channels h*d.."""
+  qkv = nnx.Linear(DIM, 3 * DIM, rngs=nnx.Rngs(0))
+  proj = nnx.Linear(DIM, DIM, rngs=nnx.Rngs(1))
+  x = np.asarray(jax.random.normal(jax.random.key(2), (1, 2, 3, DIM)))
+  projected = x @ np.asarray(qkv.kernel[...]) + np.asarray(qkv.bias[...])
+  head_dim = DIM // HEADS
+  q, k, v = sta_lib.split_heads(qkv, x, HEADS, 'transposed')
+  for t, got in enumerate((q, k, v)):
+    for h in range(HEADS):
+      want = projected[..., t * DIM + h * head_dim:t * DIM + (h + 1) * head_dim]
+      np.testing.assert_allclose(got[:, :, h], want, rtol=1e-5, atol=1e-6)
+  heads = np.asarray(q)  # [1, 2, h, 3, d]
+  concatenated = np.concatenate([heads[:, :, h] for h in range(HEADS)], -1)
+  np.testing.assert_allclose(
+      sta_lib.merge_heads(proj, heads, 'transposed'),
+      concatenated @ np.asarray(proj.kernel[...]) + np.asarray(proj.bias[...]),
+      rtol=1e-5, atol=1e-5)
+
+
+def test_auto_head_layout_follows_the_platform(monkeypatch):
+  resolve = sta_lib.resolve_head_layout
+  assert resolve('auto', 'cpu') == 'transposed'
+  assert resolve('auto', 'gpu') == resolve('auto', 'tpu') == 'products'
+  assert resolve('products', 'cpu') == 'products'
+  assert resolve('transposed', 'tpu') == 'transposed'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  assert resolve('auto') == 'products'

@@ -176,10 +176,15 @@ def test_bfloat16_forward_follows_float32():
                              atol=0.05 * scale)
 
 
-def test_conv_impl_is_validated():
+@pytest.mark.parametrize('key,value,message', [
+    ('conv_impl', 'cudnn', r"model.conv_impl.*'cudnn'.*cpu, xla, auto"),
+    ('head_layout', 'bhnd',
+     r"model.head_layout.*'bhnd'.*products, transposed, auto"),
+])
+def test_kernel_choices_are_validated(key, value, message):
   config = tiny.get_config()
-  config.model.conv_impl = 'cudnn'
-  with pytest.raises(ConfigError, match=r"model.conv_impl.*'cudnn'.*cpu, xla, auto"):
+  config.model[key] = value
+  with pytest.raises(ConfigError, match=message):
     build_model(config, nnx.Rngs(0))
 
 
