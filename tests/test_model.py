@@ -11,6 +11,7 @@ from flax import nnx
 from configs import k400, ssv2, tiny
 from stat_jax.config_validation import ConfigError
 from stat_jax import defaults
+from stat_jax import model as model_lib
 from stat_jax.flops import param_count
 from stat_jax.model import STAT, abstract_model, build_model
 
@@ -186,6 +187,21 @@ def test_kernel_choices_are_validated(key, value, message):
   config.model[key] = value
   with pytest.raises(ConfigError, match=message):
     build_model(config, nnx.Rngs(0))
+
+
+def test_auto_kernel_choices_settle_for_the_target_platform():
+  """aot.py compiles TPU programs on a CPU host: 'auto' must follow the
+  target, not the host's backend; explicit choices stay."""
+  model = tiny.get_config().model
+  model_lib.resolve_for_platform(model, 'tpu')
+  assert (model.conv_impl, model.head_layout) == ('xla', 'products')
+  model = tiny.get_config().model
+  model.conv_impl = 'cpu'
+  model_lib.resolve_for_platform(model, 'gpu')
+  assert (model.conv_impl, model.head_layout) == ('cpu', 'products')
+  model = tiny.get_config().model
+  model_lib.resolve_for_platform(model, None)  # this host: the CPU
+  assert (model.conv_impl, model.head_layout) == ('cpu', 'transposed')
 
 
 def test_every_conv_impl_gives_the_same_logits_and_gradients():
