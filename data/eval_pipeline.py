@@ -102,10 +102,13 @@ class EvalIterator:
   def _dataset(self):
     video_ids = np.arange(self._first, self._stop)  # = record numbers
     entries = dict(self._index.entries(video_ids), video_id=video_ids)
+    # A function over locals, not self: a dropped iterator is freed at once,
+    # its tf.data threads with it (not by a stalling garbage collection).
+    data, table, num_classes = self._data, self._table, self._num_classes
     views = records.read(tf.data.Dataset.from_tensor_slices(entries),
                          self._index).map(
-        lambda e: _eval_views(e, self._data, self._table, self._num_classes),
-        num_parallel_calls=self._data.num_parallel_calls, deterministic=True)
+        lambda e: _eval_views(e, data, table, num_classes),
+        num_parallel_calls=data.num_parallel_calls, deterministic=True)
     padded = views.ignore_errors().unbatch().concatenate(
         tf.data.Dataset.from_tensors(self._padding()).repeat())
     return (padded.take(self.num_batches * self._batch).batch(self._batch)

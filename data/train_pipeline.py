@@ -215,10 +215,17 @@ class TrainIterator:
     self.skipped = dict.fromkeys(SKIP_REASONS, 0)  # reason -> slots
     self._report_mark = (0, 0)  # (next slot, skipped) at skip_report
     self._batches = None
+    # No function given to tf.data refers to self: a dropped iterator is
+    # freed at once, and its tf.data threads with it, instead of waiting for
+    # a garbage collection to break a reference cycle (and stall it while
+    # the threads stop).
+    data, seed, table = self._data, self._seed, self._table
+    num_classes = self._num_classes
+    self._element = lambda element: _train_element(element, data, seed, table,
+                                                   num_classes)
     # The slow path of a slot whose record gives no clip: one record at a
     # time, traced once.
-    self._decode = tf.function(lambda element: _train_element(
-        element, self._data, self._seed, self._table, self._num_classes))
+    self._decode = tf.function(self._element)
     self._max_run = int(self._data.max_consecutive_skips)
     self._data_ids = {
         'num_records': len(self._index), 'num_shards': len(self._index.files),
@@ -232,16 +239,15 @@ class TrainIterator:
     batch: the clips of each, or the marker of a record without any."""
     offsets = tf.constant(self._batch_slots, tf.int64)
     per_batch, first = len(self._batch_slots), self._next_slot
+    slots_per_batch, columns, seed = (self._slots_per_batch, self._columns,
+                                      self._seed)
     slots = tf.data.Dataset.counter().map(
-        lambda read: first + read // per_batch * self._slots_per_batch
+        lambda read: first + read // per_batch * slots_per_batch
         + tf.gather(offsets, read % per_batch))
-    entries = slots.map(
-        lambda slot: _slot_entry(slot, self._columns, self._seed))
-    parallel = self._data.num_parallel_calls
+    entries = slots.map(lambda slot: _slot_entry(slot, columns, seed))
     elements = records.read(entries, self._index).map(
-        lambda e: _train_element(e, self._data, self._seed, self._table,
-                                 self._num_classes),
-        num_parallel_calls=parallel, deterministic=True)
+        self._element, num_parallel_calls=self._data.num_parallel_calls,
+        deterministic=True)
     return (elements.batch(per_batch, drop_remainder=True)
             .prefetch(_PREFETCH_BATCHES))
 

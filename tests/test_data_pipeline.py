@@ -1,7 +1,9 @@
 """Train / eval pipelines: sampling through tf.data, order, exact resume,
 skipped records, exact-once eval across simulated processes."""
 
+import gc
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -287,3 +289,29 @@ def test_config_errors_name_the_values(data_specs):
   config.data.eval_short_side = 8
   with pytest.raises(ValueError, match='eval_short_side 8 < data.crop_size 16'):
     eval_pipeline.make_eval_iterator(config)
+
+
+@pytest.fixture
+def no_garbage_collection():
+  gc.collect()
+  gc.disable()
+  yield
+  gc.enable()
+
+
+def test_a_dropped_iterator_stops_its_threads_at_once(data_specs,
+                                                       no_garbage_collection):
+  """Dropping the last reference frees a train or eval iterator and its
+  tf.data iterator by reference counting. Left to the garbage collector (a
+  reference cycle through a function given to tf.data), the collection
+  that frees it can stall for seconds while the threads stop."""
+  del no_garbage_collection
+  train = data_testlib.tiny_config(data_specs['train'], batch=2)
+  evaluation = _eval_config(data_specs['eval'])
+  for make in (lambda: train_pipeline.make_train_iterator(train),
+               lambda: eval_pipeline.make_eval_iterator(evaluation)):
+    iterator = make()
+    next(iterator)
+    freed = [weakref.ref(iterator), weakref.ref(iterator._batches)]
+    del iterator
+    assert [ref() for ref in freed] == [None, None]
