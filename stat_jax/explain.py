@@ -63,7 +63,7 @@ def record_views(path: str, index: int, data, classes: list[str]):
   record's label: its text, else the class of its index, else None)."""
   try:
     shard = records.RecordIndex(path)  # a header scan: reads record K only
-  except (ValueError, UserError) as error:
+  except ValueError as error:  # UserError too: an empty file
     raise UserError(f'{path}: not a TFRecord file ({error})') from error
   if index >= len(shard):
     raise UserError(f'{path} holds no record {index} (records count from 0; '
