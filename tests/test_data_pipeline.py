@@ -299,13 +299,12 @@ def no_garbage_collection():
   gc.enable()
 
 
-def test_a_dropped_iterator_stops_its_threads_at_once(data_specs,
-                                                       no_garbage_collection):
+@pytest.mark.usefixtures('no_garbage_collection')
+def test_a_dropped_iterator_stops_its_threads_at_once(data_specs):
   """Dropping the last reference frees a train or eval iterator and its
   tf.data iterator by reference counting. Left to the garbage collector (a
   reference cycle through a function given to tf.data), the collection
   that frees it can stall for seconds while the threads stop."""
-  del no_garbage_collection
   train = data_testlib.tiny_config(data_specs['train'], batch=2)
   evaluation = _eval_config(data_specs['eval'])
   for make in (lambda: train_pipeline.make_train_iterator(train),
