@@ -174,6 +174,20 @@ def check_training(config: ml_collections.ConfigDict) -> None:
   check_recipe(config)
 
 
+def check_mesh(config: ml_collections.ConfigDict) -> None:
+  """What the mesh settings say alone (the device count: sharding.py)."""
+  mesh = config.mesh
+  for key in ('fsdp', 'slices'):
+    _require(_is_int(mesh[key]) and mesh[key] >= 1, f'mesh.{key}', mesh[key],
+             'must be an integer >= 1')
+  _require(_is_int(mesh.data) and (mesh.data == -1 or mesh.data >= 1),
+           'mesh.data', mesh.data, 'must be an integer >= 1, or -1 (all '
+           'devices not used by fsdp)')
+  _require(mesh.data == -1 or mesh.data % mesh.slices == 0, 'mesh.slices',
+           mesh.slices, f'must divide mesh.data ({mesh.data}): each slice '
+           'holds an equal part of the data axis')
+
+
 def check_recipe(config: ml_collections.ConfigDict) -> None:
   """The optimizer and mixup sections (absent from a model-only config)."""
   if 'optimizer' not in config or 'mixup' not in config:
@@ -212,3 +226,4 @@ def validate(config: ml_collections.ConfigDict) -> None:
   validate_model(config)
   check_data(config)
   check_training(config)
+  check_mesh(config)

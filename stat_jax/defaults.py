@@ -207,6 +207,10 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1 = all devices not used by fsdp
   c.mesh.fsdp = 1
   c.mesh.fsdp_min_size = 2**14  # smaller parameters stay replicated
+  # TPU slices of a multi-slice job (their devices joined over the data
+  # center network): "data" is split across them, fsdp stays inside each
+  # (stat_jax/sharding.py). On CPUs and GPUs each process counts as a slice.
+  c.mesh.slices = 1
 
   c.log_every = 50
   c.eval_every = 5000
