@@ -47,7 +47,9 @@ def device_grid(mesh_config: ml_collections.ConfigDict,
 
 def slice_of(device) -> int:
   """The slice a device belongs to: its TPU slice, else its process."""
-  return getattr(device, 'slice_index', device.process_index)
+  if hasattr(device, 'slice_index'):
+    return device.slice_index
+  return device.process_index
 
 
 def _hybrid_grid(data: int, fsdp: int, slices: int, devices) -> np.ndarray:

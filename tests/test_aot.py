@@ -134,6 +134,12 @@ def test_an_unknown_topology_is_one_line(capsys):
   assert "unknown topology 'v9z:2x2'" in lines[0] and 'v5p:4x4x8' in lines[0]
 
 
+def test_slices_of_cpu_devices_are_one_line(capsys):
+  status, lines = run_tool([TINY, '--topology=cpu', '--num_slices=2'], capsys)
+  assert status == 1 and len(lines) == 1
+  assert '--num_slices=2 needs a TPU topology' in lines[0]
+
+
 def test_a_tpu_topology_without_libtpu_says_what_to_install(capsys, monkeypatch):
   monkeypatch.setattr(aot, 'libtpu_installed', lambda: False)
   status, lines = run_tool([TINY, '--topology=v5e:2x2'], capsys)
@@ -198,7 +204,7 @@ ENTRY %main (p: f32[1000]) -> f32[1000] {
 def fake_v5e_slice(chips: int):
   """A mesh-like object of `chips` TPU v5e chips (197 TFLOP/s bf16, 16 GB,
   200 GB/s of ICI one way: cloud.google.com/tpu/docs/v5e)."""
-  chip = types.SimpleNamespace(device_kind='TPU v5 lite')
+  chip = types.SimpleNamespace(device_kind='TPU v5 lite', slice_index=0)
   return types.SimpleNamespace(devices=np.array([chip] * chips), size=chips,
                                shape={'data': chips, 'fsdp': 1})
 
@@ -223,3 +229,51 @@ def test_a_negative_compiler_estimate_is_no_estimate():
   assert report['est_step_s'] is None and report['est_mfu'] is None
   assert report['optimal_seconds'] == -383.0
   assert 'n/a ms/step (it gave -383 s)' in aot.format_report(report, 'v5e:2x2')
+
+
+# Four devices, two a slice ([0, 0, 1, 1]): an all-reduce within each slice
+# (listed groups), one across them (iota groups [2,2]<=[2,2]T(1,0): {0,2},
+# {1,3}), a collective-permute between the slices, and an all-gather over
+# all four devices (no groups listed).
+TWO_SLICES_HLO = '''HloModule two_slices
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+ENTRY %main (p: f32[1000]) -> f32[4000] {
+  %p = f32[1000]{0} parameter(0)
+  %inside = f32[1000]{0} all-reduce(%p), channel_id=1, replica_groups={{0,1},{2,3}}, use_global_device_ids=true, to_apply=%add
+  %across = f32[1000]{0} all-reduce(%inside), channel_id=2, replica_groups=[2,2]<=[2,2]T(1,0), use_global_device_ids=true, to_apply=%add
+  %swap = f32[1000]{0} collective-permute(%across), channel_id=3, source_target_pairs={{0,2},{2,0},{1,3},{3,1}}
+  ROOT %gathered = f32[4000]{0} all-gather(%swap), channel_id=4, replica_groups={}, dimensions={0}
+}
+'''
+
+
+def test_collectives_across_slices_are_told_from_those_within_one():
+  v5e = aot.chips.CHIPS['TPU v5 lite']
+  ici, dcn = aot.collective_summary(TWO_SLICES_HLO, v5e, [0, 0, 1, 1])
+  assert ici['all-reduce'] == {'count': 1, 'bytes': 4000.0,
+                               'seconds': pytest.approx(2 * 4000 / 200e9)}
+  assert dcn['all-reduce'] == {'count': 1, 'bytes': 4000.0, 'seconds': None}
+  assert dcn['collective-permute']['count'] == 1
+  assert dcn['all-gather'] == {'count': 1, 'bytes': 16000.0, 'seconds': None}
+  assert sum(entry['count'] for entry in ici.values()) == 1
+  # On one slice the same program has no DCN collective.
+  ici, dcn = aot.collective_summary(TWO_SLICES_HLO, v5e, [0, 0, 0, 0])
+  assert ici['all-reduce']['count'] == 2 and ici['all-gather']['count'] == 1
+  assert not any(entry['count'] for entry in dcn.values())
+
+
+@pytest.mark.parametrize('groups,expected', [
+    ('replica_groups={{0,3},{1,2}}', [[0, 3], [1, 2]]),
+    ('replica_groups=[2,2]<=[4]', [[0, 1], [2, 3]]),
+    ('replica_groups=[2,2]<=[2,2]T(1,0)', [[0, 2], [1, 3]]),
+    ('replica_groups=[1,4]<=[2,2]T(1,0)', [[0, 2, 1, 3]]),
+    ('replica_groups={}', [[0, 1, 2, 3]]),
+    ('source_target_pairs={{0,1},{1,0}}', [[0, 1], [1, 0]]),
+])
+def test_device_groups_read_both_forms_of_the_hlo(groups, expected):
+  instruction = types.SimpleNamespace(attributes=f'channel_id=1, {groups}')
+  assert aot.device_groups(instruction, 4) == expected
