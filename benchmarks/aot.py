@@ -25,8 +25,8 @@ A `cpu` topology has none of them, nor a time estimate: those are null.
 --num_slices=S compiles for S such slices joined over the data-center
 network (DCN), the mesh laid out by config.mesh.slices = S (data parallel
 across the slices). The collectives are then reported in two tables: those
-within a slice (ICI) and those whose device groups span slices (DCN; no
-time estimate, as there is no per-chip DCN figure to divide by).
+within a slice (ICI) and those between slices (DCN: benchmarks/hlo_cost.py;
+no time estimate, as there is no per-chip DCN figure to divide by).
 """
 
 import importlib.util
@@ -36,7 +36,6 @@ import re
 import sys
 import time
 
-import numpy as np
 from absl import app, flags
 import jax
 import ml_collections
@@ -122,53 +121,17 @@ def compile_train_step(config: ml_collections.ConfigDict,
   return compiled, time.perf_counter() - start, mesh
 
 
-# The devices each instance of a collective spans, as positions in the
-# program's device list: listed groups {{0,1},{2,3}} (a collective-permute's
-# source-target pairs alike), or the iota form [groups,size]<=[dims]T(perm).
-DEVICE_GROUPS = re.compile(r'(?:replica_groups|source_target_pairs)='
-                           r'(\{(?:\{[\d,]*\},?)*\}|\[[\d,]+\]<=\[[\d,]+\]'
-                           r'(?:T\([\d,]+\))?)')
-IOTA_GROUPS = re.compile(r'\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?')
-
-
-def _ints(text: str) -> list[int]:
-  return [int(i) for i in text.split(',') if i]
-
-
-def device_groups(instruction: hlo_cost.Instruction,
-                  devices: int) -> list[list[int]]:
-  """The groups of devices a collective runs among (all of them when the
-  program lists none)."""
-  found = DEVICE_GROUPS.search(instruction.attributes)
-  if not found or found.group(1) == '{}':
-    return [list(range(devices))]
-  if found.group(1).startswith('{'):
-    return [_ints(group) for group in re.findall(r'\{([\d,]*)\}',
-                                                 found.group(1))]
-  shape, dims, order = IOTA_GROUPS.fullmatch(found.group(1)).groups()
-  ids = np.arange(np.prod(_ints(dims))).reshape(_ints(dims))
-  if order:
-    ids = ids.transpose(_ints(order))
-  return ids.reshape(_ints(shape)).tolist()
-
-
-def crosses_slices(groups: list[list[int]], device_slices: list[int]) -> bool:
-  return any(len({device_slices[i] for i in group}) > 1 for group in groups)
-
-
-def collective_summary(hlo_text: str, chip: chips.Chip | None,
-                       device_slices: list[int]) -> tuple[dict, dict]:
+def collective_summary(hlo_text: str,
+                       chip: chips.Chip | None) -> tuple[dict, dict]:
   """({kind: {'count', 'bytes', 'seconds'}} of the collectives within a
-  slice (ICI), the same of those across slices (DCN)) per step, per chip.
-  `device_slices`: the slice of each device of the program, in its order.
+  slice (ICI), the same of those between slices (DCN)) per step, per chip.
   ICI seconds are None without an ICI figure; DCN seconds always."""
   ici, dcn = ({kind: {'count': 0, 'bytes': 0.0, 'seconds': None}
                for kind in hlo_cost.COLLECTIVES} for _ in range(2))
-  module = hlo_cost.Module(hlo_text)
-  named = {i.name: i for body in module.computations.values() for i in body}
-  for found in hlo_cost.collectives(module):
-    groups = device_groups(named[found.name], len(device_slices))
-    entry = (dcn if crosses_slices(groups, device_slices) else ici)[found.kind]
+  for found in hlo_cost.collectives(hlo_cost.Module(hlo_text)):
+    summary = dcn if found.over_dcn else ici
+    entry = summary.setdefault(found.kind, {'count': 0, 'bytes': 0.0,
+                                            'seconds': None})
     entry['count'] += found.count
     entry['bytes'] += found.count * found.bytes
   if chip and chip.ici_bandwidth:
@@ -192,9 +155,7 @@ def slice_report(config: ml_collections.ConfigDict, compiled, compile_s: float,
   optimal = cost.get('optimal_seconds')
   step_s = optimal if optimal and optimal > 0 else None
   step_flops = measure.flops_per_clip(config, train=True) * batch
-  collectives, dcn_collectives = collective_summary(
-      compiled.as_text(), chip,
-      [sharding.slice_of(d) for d in mesh.devices.flat])
+  collectives, dcn_collectives = collective_summary(compiled.as_text(), chip)
   hbm = chip.hbm_bytes if chip else None
   return {
       'chips': n, 'device_kind': device.device_kind,
