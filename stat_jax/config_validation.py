@@ -171,6 +171,9 @@ def check_training(config: ml_collections.ConfigDict) -> None:
            and config.batch_size % config.grad_accum_steps == 0,
            'grad_accum_steps', config.grad_accum_steps,
            f'must be >= 1 and divide batch_size ({config.batch_size})')
+  _require(isinstance(config.compilation_cache_dir, str),
+           'compilation_cache_dir', config.compilation_cache_dir,
+           "must be a folder (a gs:// path works too), or '' (off)")
   check_recipe(config)
 
 

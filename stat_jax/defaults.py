@@ -220,6 +220,10 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   # evaluation (stat_jax/eval_images.py); 0: none.
   c.attention_images = 4
   c.init_from = ''  # workdir or checkpoint dir of another run
+  # jax's persistent compilation cache: a restart loads the compiled train
+  # and eval steps from here (a gs:// path works too); '' = off
+  # (stat_jax/compile_cache.py).
+  c.compilation_cache_dir = '~/.cache/stat_jax/xla'
   # Resume even though the model / data / recipe keys differ from the
   # checkpoint's config (stat_jax/config_compare.py lists the keys that may
   # always differ); False refuses, naming the keys.
