@@ -8,6 +8,7 @@ training the tiny model as one 2-process job."""
 import functools
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import FAST_COMPILE, ROOT
-from stat_jax import defaults, launch
+from stat_jax import defaults
 
 RECIPES = [os.path.join(ROOT, 'docs', *path) for path in
            [('scale-out.md',), ('launch', 'gke-jobset.yaml'),
@@ -28,9 +29,18 @@ def read(path: str) -> str:
     return f.read()
 
 
+def commands(path: str) -> str:
+  """The text of a recipe file; of markdown, its code blocks."""
+  if not path.endswith('.md'):
+    return read(path)
+  return '\n'.join(line for line in read(path).splitlines()
+                   if line.startswith('    '))
+
+
 def test_every_override_of_the_recipes_is_a_config_key():
   schema = defaults.base_config(num_frames=16, num_classes=400)
-  keys = {key for path in RECIPES for key in OVERRIDE.findall(read(path))}
+  keys = {key for path in RECIPES
+          for key in OVERRIDE.findall(commands(path))}
   assert {'mesh.slices', 'data.train_spec', 'dtype'} <= keys
   for key in keys:
     functools.reduce(lambda section, name: section[name], key.split('.'),
@@ -69,10 +79,14 @@ sys.exit(max(task.wait() for task in tasks))
 
 def slurm_job_id() -> int:
   """A job id whose coordinator port (jax: 61440 + id mod 4096) is free."""
-  while True:
-    port = launch.free_port()
-    if port >= 61440:
-      return port - 61440
+  for job_id in range(1000, 1000 + 4096):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+      try:
+        sock.bind(('127.0.0.1', 61440 + job_id % 4096))
+        return job_id
+      except OSError:
+        continue
+  raise RuntimeError('no free port in 61440-65535')
 
 
 @pytest.mark.ci_extra
@@ -81,8 +95,9 @@ def test_the_sbatch_script_trains_as_two_srun_tasks(motion, tmp_path):
   bin_dir.mkdir()
   (bin_dir / 'srun').write_text(FAKE_SRUN)
   (bin_dir / 'srun').chmod(0o755)
-  (bin_dir / 'python').symlink_to(sys.executable)
-  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}',
+  path = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable),
+                         os.environ['PATH']])  # `python` is this one
+  env = dict(os.environ, PATH=path,
              JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_COMPILE,
              SLURM_JOB_ID=str(slurm_job_id()), SLURM_NTASKS='2',
              SLURM_STEP_NODELIST='localhost', SLURM_STEP_NUM_NODES='1')
