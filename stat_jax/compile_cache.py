@@ -3,9 +3,10 @@ compiled before (the train and eval steps) instead of compiling them again.
 
 `config.compilation_cache_dir` (default ~/.cache/stat_jax/xla; a gs://
 path works too, shared by every host of a job) is jax's persistent cache;
-'' turns it off. The environment variable JAX_COMPILATION_CACHE_DIR, when
-set, takes precedence (jax reads it itself). Each program loaded from the
-cache prints one line on process 0 with the compile time it saved.
+'' turns it off. Each program loaded from it prints one line to stderr on
+process 0, with the compile time it saved. The environment variable
+JAX_COMPILATION_CACHE_DIR, when set, takes precedence: jax reads it itself,
+and nothing is printed.
 
 CPU processes of one job are left without it: only process 0 writes the
 cache, and gloo gives the others 30 s to join each program's first run
@@ -13,6 +14,7 @@ while they compile what process 0 loaded (docs/scale-out.md#cpu-processes).
 """
 
 import os
+import sys
 
 import jax
 import ml_collections
@@ -26,7 +28,7 @@ def enable(config: ml_collections.ConfigDict) -> str | None:
   """Points jax's persistent cache at `directory(config)` (call before the
   first compile, after joining a multi-process job); that directory."""
   found = directory(config)
-  if found:
+  if found and not os.environ.get(ENV_VAR):
     jax.config.update('jax_compilation_cache_dir', found)
     _report_hits(found)
   return found
@@ -53,4 +55,4 @@ def _on_duration(event: str, seconds: float, **kwargs) -> None:
   del kwargs
   if event == _SAVED_EVENT and jax.process_index() == 0:
     print(f'Compilation cache hit ({_listening[0]}): {seconds:.1f} s of '
-          'compiling saved.', flush=True)
+          'compiling saved.', file=sys.stderr, flush=True)
