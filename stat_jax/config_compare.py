@@ -29,7 +29,7 @@ RUN_CONTROL_KEYS = (
     # how long, how often
     'total_steps', 'num_epochs', 'train_examples', 'log_every', 'eval_every',
     'checkpoint_every', 'keep_checkpoints', 'init_from',
-    'resume_with_changed_config', 'compilation_cache_dir',
+    'resume_with_changed_config', 'compilation_cache_dir', 'profile_steps',
     # where and how the same numbers are computed
     'mesh.', 'remat', 'grad_accum_steps', 'model.attention_impl',
     'model.conv_impl', 'model.head_layout',

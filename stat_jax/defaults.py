@@ -224,6 +224,10 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   # and eval steps from here (a gs:// path works too); '' = off
   # (stat_jax/compile_cache.py).
   c.compilation_cache_dir = '~/.cache/stat_jax/xla'
+  # (start, count): a jax.profiler trace of steps start .. start+count-1
+  # into workdir/tensorboard, for TensorBoard's profile plugin
+  # (stat_jax/profiling.py); () = off.
+  c.profile_steps = ()
   # Resume even though the model / data / recipe keys differ from the
   # checkpoint's config (stat_jax/config_compare.py lists the keys that may
   # always differ); False refuses, naming the keys.
