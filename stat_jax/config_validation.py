@@ -175,10 +175,10 @@ def check_training(config: ml_collections.ConfigDict) -> None:
            'compilation_cache_dir', config.compilation_cache_dir,
            "must be a folder (a gs:// path works too), or '' (off)")
   window = tuple(config.profile_steps)
-  _require(not window or (len(window) == 2 and all(map(_is_int, window))
-                          and min(window) >= 1), 'profile_steps',
+  _require(window == (0, 0) or (len(window) == 2 and all(map(_is_int, window))
+                                and min(window) >= 1), 'profile_steps',
            config.profile_steps, '(start, count) of positive integers, e.g. '
-           '(100, 5), or () (off)')
+           '(100, 5), or (0, 0) (off)')
   check_recipe(config)
 
 

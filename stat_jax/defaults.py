@@ -226,8 +226,8 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   c.compilation_cache_dir = '~/.cache/stat_jax/xla'
   # (start, count): a jax.profiler trace of steps start .. start+count-1
   # into workdir/tensorboard, for TensorBoard's profile plugin
-  # (stat_jax/profiling.py); () = off.
-  c.profile_steps = ()
+  # (stat_jax/profiling.py); (0, 0) = off.
+  c.profile_steps = (0, 0)
   # Resume even though the model / data / recipe keys differ from the
   # checkpoint's config (stat_jax/config_compare.py lists the keys that may
   # always differ); False refuses, naming the keys.

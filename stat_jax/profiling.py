@@ -4,7 +4,8 @@ and the share of time the loop waits for its next batch.
 `config.profile_steps = (start, count)` traces steps start .. start+count-1
 into workdir/tensorboard/plugins/profile/<time>/<host>.xplane.pb, the
 layout TensorBoard's profile plugin opens (`pip install
-tensorboard-plugin-profile`); every process traces its own host. () is off.
+tensorboard-plugin-profile`); every process traces its own host. (0, 0) is
+off.
 A run resumed past `start` takes no trace.
 
 The data wait is the time the loop spends getting the next global batch
@@ -24,7 +25,7 @@ class ProfileWindow:
   """Starts and stops the trace around the configured steps."""
 
   def __init__(self, profile_steps, workdir: str):
-    self.start, count = tuple(profile_steps) or (0, 0)
+    self.start, count = profile_steps
     self.last = self.start + count - 1
     self.log_dir = os.path.join(workdir, 'tensorboard')
     self.tracing = False

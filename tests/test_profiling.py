@@ -41,7 +41,7 @@ def test_the_window_traces_its_steps_for_tensorboard(tmp_path):
     assert b'window_probe_step' in f.read()
 
 
-@pytest.mark.parametrize('profile_steps,steps', [((), range(1, 4)),
+@pytest.mark.parametrize('profile_steps,steps', [((0, 0), range(1, 4)),
                                                  ((2, 2), range(5, 7))])
 def test_no_trace_when_off_or_resumed_past_the_window(tmp_path, profile_steps,
                                                       steps):
