@@ -172,6 +172,15 @@ def test_the_tiny_config_compiles_for_a_v5e_slice():
   assert "benchmarks.aot: unknown topology 'v5p:3x3x3'" in bad.stderr
 
 
+# The reduction of the hand-written all-reduces below.
+ADD_COMPUTATION = '''%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+'''
+
+
 class FakeCompiled:
   """What slice_report reads of a compiled program, set by hand: 1 GiB of
   temporaries, an all-reduce of 1000 float32 values, a step estimate."""
@@ -189,12 +198,7 @@ class FakeCompiled:
 
   def as_text(self):
     return '''HloModule fake
-%add (a: f32[], b: f32[]) -> f32[] {
-  %a = f32[] parameter(0)
-  %b = f32[] parameter(1)
-  ROOT %sum = f32[] add(%a, %b)
-}
-ENTRY %main (p: f32[1000]) -> f32[1000] {
+''' + ADD_COMPUTATION + '''ENTRY %main (p: f32[1000]) -> f32[1000] {
   %p = f32[1000]{0} parameter(0)
   ROOT %all-reduce = f32[1000]{0} all-reduce(%p), to_apply=%add
 }
@@ -236,12 +240,7 @@ def test_a_negative_compiler_estimate_is_no_estimate():
 # (DCN) runtime, as XLA:TPU writes it; and a host transfer that is no
 # collective.
 TWO_SLICES_HLO = '''HloModule two_slices
-%add (a: f32[], b: f32[]) -> f32[] {
-  %a = f32[] parameter(0)
-  %b = f32[] parameter(1)
-  ROOT %sum = f32[] add(%a, %b)
-}
-ENTRY %main (p: f32[1000]) -> f32[1000] {
+''' + ADD_COMPUTATION + '''ENTRY %main (p: f32[1000]) -> f32[1000] {
   %p = f32[1000]{0} parameter(0)
   %inside = f32[1000]{0} all-reduce(%p), channel_id=1, replica_groups={{0,1,2,3}}, use_global_device_ids=true, to_apply=%add
   %token = token[] after-all()

@@ -3,7 +3,8 @@ allows: every config override they pass names a key of the config (a typo
 in a recipe would stop a pod job only once it is scheduled), the GKE
 JobSet runs as many slices as its command's mesh spans, and the SLURM
 script (ci_extra) runs as two local tasks under the variables srun sets,
-training the tiny model as one 2-process job."""
+training the tiny model as one 2-process job (on a two-slice mesh, each
+process a slice)."""
 
 import functools
 import os
@@ -105,6 +106,7 @@ def test_the_sbatch_script_trains_as_two_srun_tasks(motion, tmp_path):
   result = subprocess.run(
       ['bash', RECIPES[2], 'configs/tiny.py', str(workdir),
        '--config.total_steps=2', '--config.eval_every=1000',
+       '--config.mesh.slices=2',  # each process a slice: the hybrid mesh
        f'--config.data.train_spec={motion["train"]}',
        f'--config.data.eval_spec={motion["val"]}',
        f'--config.data.label_map={motion["label_map"]}'],
