@@ -111,8 +111,7 @@ def parse(flag_values: flags.FlagValues, args: list[str]) -> list[str]:
   tool's `flag_values` (flags left out take their defaults, whatever an
   earlier call set); the arguments that are not flags. absl stops reading
   flags at '--'."""
-  if flag_values.is_parsed():
-    flag_values.unparse_flags()
+  flag_values.unparse_flags()
   try:
     return flag_values(['', *args])[1:]
   except FLAG_ERRORS as error:
@@ -137,7 +136,10 @@ def run(action: Callable[[list[str]], int],
 
 def parse_with_config(flag_values: flags.FlagValues, args: list[str]) -> list[str]:
   """parse() for a tool with a `--config` file flag: ml_collections reads
-  the `--config.x=y` overrides from sys.argv, so it holds `args` meanwhile."""
+  the `--config.x=y` overrides from sys.argv, so it holds `args` meanwhile,
+  and defines a flag for each, which a second parse would define again."""
+  for name in [name for name in flag_values if '.' in name]:
+    delattr(flag_values, name)  # the overrides of the last --config parsed
   program, sys.argv = sys.argv, [sys.argv[0], *args]
   try:
     return parse(flag_values, args)

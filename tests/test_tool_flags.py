@@ -31,6 +31,9 @@ def test_config_overrides_apply_to_one_call_only():
   cli.parse_with_config(speed.FLAGS, ['--config=configs/tiny.py',
                                       '--config.batch_size=3', '--batch=5'])
   assert (speed.FLAGS.config.batch_size, speed.FLAGS.batch) == (3, 5)
+  cli.parse_with_config(speed.FLAGS, ['--config=configs/tiny.py',
+                                      '--config.batch_size=4'])
+  assert (speed.FLAGS.config.batch_size, speed.FLAGS.batch) == (4, 1)
   cli.parse_with_config(speed.FLAGS, ['--config=configs/tiny.py'])
   tiny = importlib.import_module('configs.tiny').get_config(None)
   assert (speed.FLAGS.config.batch_size, speed.FLAGS.batch) == (
