@@ -19,7 +19,7 @@ from data import labels
 from data import eval_pipeline
 from data import train_pipeline
 from stat_jax import checkpoint, confusion, metrics, optim, sharding
-from stat_jax import config_compare, preflight
+from stat_jax import config_compare, preflight, profiling
 from stat_jax.config_validation import validate
 from stat_jax.eval_images import EvalImages
 from stat_jax.evaluation import (EVAL_SCALARS, ViewAccumulator, format_accuracy,
@@ -97,6 +97,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = metrics.make_writer(workdir)
   progress = metrics.Progress(total_steps, start, config.batch_size,
                               train_flops_per_clip=6 * model_macs(config))
+  window = profiling.ProfileWindow(config.profile_steps, workdir)
+  data_wait = profiling.DataWait()
   losses, pending, last_eval = {}, [], None
   loss_log = os.path.join(workdir, 'train_log.jsonl')
   truncate_loss_log(loss_log, start)  # a resumed run replays what follows
@@ -111,8 +113,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # process may not leave a step that the others have started.
     train_data.should_stop = lambda: preemption.signalled
     for step in range(start + 1, last_step + 1):
+      window.before_step(step)
       try:
-        batch = sharding.global_batch(next(train_data), mesh)
+        with data_wait.waiting():
+          batch = sharding.global_batch(next(train_data), mesh)
       except train_pipeline.Interrupted:  # SIGTERM while waiting for clips
         step -= 1
         losses.update(flush_losses(pending, ckpt, loss_log))
@@ -120,6 +124,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           ckpt.save(step, state, train_data.get_state(), config)
         break
       state, step_metrics = train_step(state, batch)
+      profiled = window.after_step(step, step_metrics)
+      if profiled:
+        log(profiled)
       pending.append((step, step_metrics))
       is_last = step == total_steps
       evaluate_now = is_last or step % config.eval_every == 0
@@ -131,14 +138,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         losses.update(flushed)
         pending = []
         rates = progress.report(step)
+        waited = data_wait.share()
         lr = float(schedule(step - 1))
         writer.write_scalars(step, {
             'train_loss': np.mean(list(flushed.values())), 'learning_rate': lr,
             'grad_norm': float(step_metrics['grad_norm']),
-            'clips_per_s': rates['clips_per_s'],
+            'clips_per_s': rates['clips_per_s'], 'data_wait_share': waited,
             'train_skipped_records': train_data.num_skipped})
         skipped, skip_warning = train_data.skip_report()
-        log(progress.line(step, flushed[step], lr, rates) + skipped)
+        log(progress.line(step, flushed[step], lr, rates)
+            + f' | data wait {waited:.0%}' + skipped)
         if skip_warning:
           log(skip_warning)
       if evaluate_now and config.data.eval_spec:
@@ -162,6 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         break
 
   # ------------------------------------------------------------ finish ---
+  window.stop()  # a run that stopped inside the window
   ckpt.wait()
   ckpt.close()
   writer.flush()

@@ -1,15 +1,20 @@
 """stat_jax/profiling.py: the profiler window traces exactly its steps into
 the layout TensorBoard's profile plugin reads, and the data wait share is
-waiting time over wall time, by a clock set by hand."""
+waiting time over wall time, by a clock set by hand; a training run shows
+both (progress line, TensorBoard, trace)."""
 
 import glob
 import os
+import re
+import time
 
 import jax
 import jax.numpy as jnp
 import pytest
+import tensorflow as tf
 
-from stat_jax import profiling
+import training_testlib
+from stat_jax import profiling, sharding, train_step, trainer
 
 
 def run_steps(window: profiling.ProfileWindow, steps) -> dict:
@@ -64,3 +69,53 @@ def test_the_data_wait_is_waiting_over_wall_time(monkeypatch):
     now[0] = 6.0
   now[0] = 10.0
   assert wait.share() == pytest.approx(1 / 5)  # since the previous share
+
+
+@pytest.mark.ci_extra  # a training run: about 12 s on 2 busy cores
+def test_a_run_reports_its_data_wait_and_traces_its_window(
+    motion, tmp_path, capsys, monkeypatch):
+  """A tiny run whose batches take 0.2 s to come and whose step is
+  instant: the progress lines and TensorBoard give the same data wait,
+  most of the first step's time; steps 2-3 are traced."""
+  config = training_testlib.run_config(motion, total_steps=4,
+                                       checkpoint_every=1000,
+                                       profile_steps=(2, 2))
+  config.data.eval_spec = ''
+  # The loop is under test, not learning: a state and a step that compile
+  # in no time (as test_faults_data does).
+  abstract, built = trainer.abstract_train_state, []
+  monkeypatch.setattr(trainer, 'abstract_train_state',
+                      lambda *a: built.append(abstract(*a)) or built[0])
+  monkeypatch.setattr(trainer, 'init_train_state', lambda *_: jax.tree.map(
+      lambda a: jnp.zeros(a.shape, a.dtype), built[0][2]))
+  monkeypatch.setattr(train_step, 'make_train_step', lambda *_: lambda state, b: (
+      state.replace(step=state.step + 1),
+      {'loss': b['video'].mean() + 1.0, 'grad_norm': b['label'].sum() * 0.0}))
+  global_batch = sharding.global_batch
+
+  def slow_batch(batch, mesh):
+    time.sleep(0.2)
+    return global_batch(batch, mesh)
+
+  monkeypatch.setattr(sharding, 'global_batch', slow_batch)
+  trainer.train_and_evaluate(config, str(tmp_path))
+  out = capsys.readouterr().out
+  waits = [int(share) for share in re.findall(r'\| data wait (\d+)%', out)]
+  # Later steps also hold the trace's start and stop, and the last save.
+  assert len(waits) == 4 and waits[0] >= 50 and max(waits) <= 100, out
+  logged = tensorboard_scalars(tmp_path, 'data_wait_share')
+  assert sorted(logged) == [1, 2, 3, 4]
+  assert [round(100 * logged[step]) for step in (1, 2, 3, 4)] == waits
+  assert f'Profile of steps 2-3: {tmp_path}/tensorboard/plugins/profile' in out
+  assert len(traces(tmp_path)) == 1
+
+
+def tensorboard_scalars(workdir, tag: str) -> dict:
+  """{step: value} of a scalar in the run's TensorBoard event files."""
+  values = {}
+  for events in glob.glob(os.path.join(workdir, 'tensorboard', 'events*')):
+    for event in tf.compat.v1.train.summary_iterator(events):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
