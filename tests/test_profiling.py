@@ -71,7 +71,7 @@ def test_the_data_wait_is_waiting_over_wall_time(monkeypatch):
   assert wait.share() == pytest.approx(1 / 5)  # since the previous share
 
 
-@pytest.mark.ci_extra  # a training run: about 12 s on 2 busy cores
+@pytest.mark.ci_extra  # a training run: too slow for the README test command
 def test_a_run_reports_its_data_wait_and_traces_its_window(
     motion, tmp_path, capsys, monkeypatch):
   """A tiny run whose batches take 0.2 s to come and whose step is
