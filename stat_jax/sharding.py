@@ -1,14 +1,15 @@
 """Device mesh ("data", "fsdp"), parameter sharding rules, global batches.
 
-Batches are split over both mesh axes. With `config.mesh.slices` = S > 1
-(a multi-slice TPU job) the mesh is hybrid: "data" spans the S slices over
-the data-center network (DCN), each slice holding data / S rows of the mesh
-whole, so that every fsdp group and its all-gathers stay on one slice's
-inter-chip links (ICI) and only the gradient reduction over "data" crosses
-DCN. Devices without a slice index (CPUs, GPUs) count each process as a
-slice. A parameter is sharded over "fsdp"
+Batches are split over both mesh axes. A parameter is sharded over "fsdp"
 along its largest dimension that the fsdp size divides, if it holds at least
 `config.mesh.fsdp_min_size` values; otherwise (and for scalars) replicated.
+
+With `config.mesh.slices` = S > 1 (a multi-slice TPU job) the mesh is
+hybrid: "data" spans the S slices over the data-center network (DCN), each
+slice holding data / S rows of the mesh whole, so that every fsdp group and
+its all-gathers stay on one slice's inter-chip links (ICI) and only the
+gradient reduction over "data" crosses DCN. Devices without a slice index
+(CPUs, GPUs) count each process as a slice.
 """
 
 import math
