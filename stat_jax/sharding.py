@@ -8,8 +8,8 @@ With `config.mesh.slices` = S > 1 (a multi-slice TPU job) the mesh is
 hybrid: "data" spans the S slices over the data-center network (DCN), each
 slice holding data / S rows of the mesh whole, so that every fsdp group and
 its all-gathers stay on one slice's inter-chip links (ICI) and only the
-gradient reduction over "data" crosses DCN. Devices without a slice index
-(CPUs, GPUs) count each process as a slice.
+gradient reduction over "data" crosses DCN. On CPUs and GPUs each process
+counts as a slice.
 """
 
 import math
@@ -47,8 +47,9 @@ def device_grid(mesh_config: ml_collections.ConfigDict,
 
 
 def slice_of(device) -> int:
-  """The slice a device belongs to: its TPU slice, else its process."""
-  if hasattr(device, 'slice_index'):
+  """The slice a device belongs to: a TPU's slice, else (CPUs, GPUs, whose
+  slice index, where they have one, is 0) its process."""
+  if device.platform == 'tpu':
     return device.slice_index
   return device.process_index
 
@@ -62,7 +63,7 @@ def _hybrid_grid(data: int, fsdp: int, slices: int, devices) -> np.ndarray:
                      f'data axis ({data})')
   return mesh_utils.create_hybrid_device_mesh(
       (data // slices, fsdp), (slices, 1), devices,
-      process_is_granule=not hasattr(devices[0], 'slice_index'),
+      process_is_granule=devices[0].platform != 'tpu',
       allow_split_physical_axes=True)  # [data, fsdp]
 
 

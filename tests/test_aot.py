@@ -208,7 +208,8 @@ class FakeCompiled:
 def fake_v5e_slice(chips: int):
   """A mesh-like object of `chips` TPU v5e chips (197 TFLOP/s bf16, 16 GB,
   200 GB/s of ICI one way: cloud.google.com/tpu/docs/v5e)."""
-  chip = types.SimpleNamespace(device_kind='TPU v5 lite', slice_index=0)
+  chip = types.SimpleNamespace(device_kind='TPU v5 lite', platform='tpu',
+                               slice_index=0)
   return types.SimpleNamespace(devices=np.array([chip] * chips), size=chips,
                                shape={'data': chips, 'fsdp': 1})
 
