@@ -248,11 +248,15 @@ class STAT(nnx.Module):
     return self.head(self.dropout(video_embedding))
 
 
-def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> STAT:
-  """The STAT of `config`; `model.eval()` for inference. Only what the model
-  reads is validated first (config.model, the clip shape, dtype): training
-  fields may be absent."""
+def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+  """The STAT (or, with model.arch = 'mvit', the MViT-B) of `config`;
+  `model.eval()` for inference. Only what the model reads is validated
+  first (config.model, the clip shape, dtype): training fields may be
+  absent."""
   validate_model(config)
+  if config.model.arch == 'mvit':
+    from stat_jax import mvit  # pylint: disable=g-import-not-at-top  (it imports this module)
+    return mvit.MViT(config, rngs=rngs)
   return STAT(config, rngs=rngs)
 
 
@@ -265,6 +269,6 @@ def resolve_for_platform(model: ml_collections.ConfigDict,
   model.head_layout = resolve_head_layout(model.head_layout, platform)
 
 
-def abstract_model(config: ml_collections.ConfigDict) -> STAT:
-  """The STAT of `config` with shapes only (no memory, no compute)."""
+def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
+  """The model of `config` with shapes only (no memory, no compute)."""
   return nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
