@@ -128,8 +128,7 @@ def _same_path(saved: dict):
   return adapt
 
 
-def transfer_table(saved: dict, ours: dict, source_arch: str,
-                   adapt) -> tuple[dict, list]:
+def transfer_table(saved: dict, ours: dict, adapt) -> tuple[dict, list]:
   """({our name: new value} of what `adapt` fills, rows (status, name,
   source names, note)) for our parameters `ours` {name: shape}."""
   values, rows, used = {}, [], set()
@@ -143,7 +142,7 @@ def transfer_table(saved: dict, ours: dict, source_arch: str,
     used.update(sources)
     rows.append(('adapted' if note else 'copied', name,
                  ', '.join(sources) if sources != [name] else '', note))
-  rows += [('unused', name, source_arch, '') for name in sorted(set(saved) - used)]
+  rows += [('unused', name, '', '') for name in sorted(set(saved) - used)]
   return values, rows
 
 
@@ -178,8 +177,8 @@ def load_pretrained(source: str, params: nnx.State, log=print, *,
     adapt = _MViTToSTAT(saved, source_model, target)
   else:
     adapt = _same_path(saved)
-  values, rows = transfer_table(saved, {n: tuple(l.shape) for n, l in ours.items()},
-                                source_arch, adapt)
+  values, rows = transfer_table(
+      saved, {name: tuple(leaf.shape) for name, leaf in ours.items()}, adapt)
   table = format_table(path, f'{source_arch} -> {target_arch}', rows)
   log(table)
   if report_path and jax.process_index() == 0:

@@ -7,8 +7,6 @@ one tensor does not; a pickle that would run code is refused.
 torch is a test dependency (requirements-test.txt): these are ci_extra.
 """
 
-import contextlib
-import io
 import json
 import os
 import pickle
@@ -18,10 +16,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
 from stat_jax import param_names
 from stat_jax.deploy import import_torch, inference, predict
-from mvit_testlib import tiny_mvit_config
+from mvit_testlib import run_import, run_tool
 
 # triton, the GPU kernel compiler of CUDA builds of torch, crashes the
 # process when imported after TensorFlow (both bundle LLVM); torchvision
@@ -96,21 +93,6 @@ def pyslowfast_state(state: dict) -> dict:
   return renamed
 
 
-def run_tool(module, *args):
-  """(exit status, stdout, stderr) of a tool's main(argv), in process."""
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    status = module.main(list(args))
-  return status, out.getvalue(), err.getvalue()
-
-
-def import_run(checkpoint, fmt, out):
-  return run_tool(import_torch, f'--checkpoint={checkpoint}',
-                  f'--format={fmt}',
-                  f'--config={os.path.join(ROOT, "tests", "mvit_testlib.py")}',
-                  f'--out={out}')
-
-
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory):
   """The tiny torchvision MViT saved as a .pth, a clip, and its logits."""
@@ -126,7 +108,7 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope='module')
 def imported(reference):
   out = reference['folder'] / 'run'
-  status, stdout, stderr = import_run(reference['folder'] / 'mvit.pth',
+  status, stdout, stderr = run_import(reference['folder'] / 'mvit.pth',
                                       'torchvision', out)
   assert status == 0, stderr
   assert 'wrote' in stdout
@@ -183,7 +165,7 @@ def test_pyslowfast_names_and_safetensors_import_the_same(reference, imported,
   for checkpoint, fmt in ((pyth, 'pyslowfast'),
                           (tmp_path / 'mvit.safetensors', 'torchvision')):
     out = tmp_path / fmt
-    status, _, stderr = import_run(checkpoint, fmt, out)
+    status, _, stderr = run_import(checkpoint, fmt, out)
     assert status == 0, stderr
     got = param_names.named_arrays(inference.restore(str(out)).params)
     assert got.keys() == expected.keys()
@@ -206,7 +188,7 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
   for path, error in ((zipped, 'refused, it holds more than tensors'),
                       (plain, 'refused, it holds more than tensors'),
                       (text, 'not a PyTorch checkpoint')):
-    status, _, stderr = import_run(path, 'torchvision', tmp_path / 'out')
+    status, _, stderr = run_import(path, 'torchvision', tmp_path / 'out')
     assert status == 1
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert f'{path}: {error}' in stderr

@@ -126,12 +126,18 @@ def convert(tensors: dict, expected: dict, fmt: str, source: str) -> dict:
           for theirs, ours in wanted.items()}
 
 
-def _refusal(error: pickle.UnpicklingError) -> str:
-  """The line of torch's weights-only refusal that names what it refused."""
+def _unpickling_error(path: str, error: pickle.UnpicklingError) -> UserError:
+  """torch's weights-only refusal as one line: an object it would not build
+  (a global such as os.system), or bytes that are no pickle it reads."""
   lines = [line.strip() for line in str(error).splitlines()]
-  named = [line for line in lines if line.startswith(('Trying to load',
-                                                      'Unsupported'))]
-  return (named or ['pickled objects other than tensors'])[0]
+  refused = [line for line in lines if line.startswith('Trying to load')]
+  if refused:
+    return UserError(f'{path}: refused, it holds more than tensors '
+                     f'(torch.load with weights_only=True: {refused[0]}); '
+                     'nothing in it was run')
+  unreadable = [line for line in lines if line.startswith('Unsupported')]
+  return UserError(f'{path}: not a PyTorch checkpoint (torch.load with '
+                   f'weights_only=True: {(unreadable or lines)[0]})')
 
 
 def _read_torch(path: str) -> dict:
@@ -144,9 +150,7 @@ def _read_torch(path: str) -> dict:
   try:
     loaded = torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as error:
-    raise UserError(f'{path}: refused, it holds more than tensors (torch.load'
-                    f' with weights_only=True: {_refusal(error)}); nothing in '
-                    'it was run') from error
+    raise _unpickling_error(path, error) from error
   except Exception as error:  # torch raises many types for a bad file
     reason = (str(error).strip().splitlines() or [''])[0][:200]
     raise UserError(f'{path}: not a PyTorch checkpoint (torch.load: '
