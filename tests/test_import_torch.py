@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from stat_jax import param_names
 from stat_jax.deploy import import_torch, inference, predict
 from mvit_testlib import run_import, run_tool
@@ -194,3 +195,22 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
     assert f'{path}: {error}' in stderr
   assert not (tmp_path / 'ran_code').exists()
   assert not (tmp_path / 'out').exists()
+
+
+def test_torchvisions_mvit_v1_b_at_16x224(tmp_path):
+  """The full MViT-B 16x4 (torchvision's mvit_v1_b, random init) imported
+  with configs/mvit_b.py:16 gives its logits."""
+  from torchvision.models.video import mvit_v1_b  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = mvit_v1_b(weights=None).eval()
+  torch.save(model.state_dict(), tmp_path / 'mvit_v1_b.pth')
+  clip = np.random.default_rng(0).normal(size=(1, 16, 224, 224, 3)).astype(np.float32)
+  status, _, stderr = run_tool(
+      import_torch, f'--checkpoint={tmp_path / "mvit_v1_b.pth"}',
+      '--format=torchvision', f'--config={ROOT}/configs/mvit_b.py:16',
+      f'--out={tmp_path / "run"}')
+  assert status == 0, stderr
+  restored = inference.restore(str(tmp_path / 'run'))
+  logits = predict.logits_fn(restored.parts)(restored.params, clip)
+  np.testing.assert_allclose(np.asarray(logits), torch_logits(model, clip),
+                             atol=1e-4, rtol=0)

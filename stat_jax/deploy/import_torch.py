@@ -192,11 +192,12 @@ def import_checkpoint(path: str, fmt: str, config, out: str) -> str:
                     "MViT-B's; give an MViT config (configs/mvit_b.py)")
   if os.path.exists(out):
     raise UserError(f'--out {out} exists; give a new directory')
+  tensors = read_state_dict(path)
   mesh = sharding.make_mesh(config, jax.local_devices()[:1])
   parts, tx, _, _ = abstract_train_state(config, mesh)
   expected = {param_names.name_of(name): tuple(variable.get_value().shape)
               for name, variable in nnx.to_flat_state(parts.abstract_params)}
-  arrays = convert(read_state_dict(path), expected, fmt, path)
+  arrays = convert(tensors, expected, fmt, path)
   params = param_names.from_named_arrays(arrays, parts.abstract_params, path)
   state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                      opt_state=tx.init(params))
