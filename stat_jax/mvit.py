@@ -25,8 +25,7 @@ from flax import nnx
 from stat_jax import arch, conv
 from stat_jax.attention import (dense_init, merge_heads, resolve_attention_impl,
                                 resolve_head_layout, split_heads)
-from stat_jax.model import (Mlp, STABlock, TokenEmbedding, drop_path,
-                            embedding_init)
+from stat_jax.model import STABlock, TokenEmbedding, embedding_init
 
 
 class Pool3d(nnx.Module):
@@ -106,21 +105,14 @@ class MViTBlock(STABlock):
   """
 
   def __init__(self, spec: arch.BlockSpec, model: ml_collections.ConfigDict,
-               *, dtype, rngs):  # pylint: disable=super-init-not-called
-    dim = spec.dim
+               *, dtype, rngs):
     # STABlock.skip sees the patches frame by frame: no summary tokens.
-    self.q_stride, self.num_summary = spec.q_stride, 0
-    self.norm1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
-    self.attn = PoolingAttention(dim, spec.heads, q_stride=spec.q_stride,
-                                 kv_stride=spec.kv_stride, model=model,
-                                 dtype=dtype, rngs=rngs)
-    self.drop_path = drop_path(spec.drop_path, rngs)
-    self.norm2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
-    self.mlp = Mlp(dim, int(dim * model.mlp_ratio), spec.dim_out, dtype=dtype,
-                   rngs=rngs)
-    self.proj = (nnx.Linear(dim, spec.dim_out, dtype=dtype,
-                            kernel_init=dense_init, rngs=rngs)
-                 if spec.dim_out != dim else None)
+    super().__init__(spec, model, num_summary=0, dtype=dtype, rngs=rngs)
+
+  def make_attention(self, spec, model, *, dtype, rngs) -> PoolingAttention:
+    return PoolingAttention(spec.dim, spec.heads, q_stride=spec.q_stride,
+                            kv_stride=spec.kv_stride, model=model,
+                            dtype=dtype, rngs=rngs)
 
   def skip(self, x, grid):
     """x: [B, 1, 1 + nt*nh*nw, C] -> [B, 1, 1 + nt*nh'*nw', C]."""
