@@ -1,7 +1,9 @@
 """Warm-start STAT from MViT-B (config.init_from): from a tiny MViT
 imported by stat_jax.deploy.import_torch, STAT copies each block's
 parameters from the MViT block in its place, adapts the pooling convs and
-leaves the rest new; the table says so; training runs from it.
+leaves the rest new; the table says so; training runs from it. And the
+imported run as a run: MViT trains and evaluates from it, predict
+--clip_npy refuses a clip of the wrong shape in one line.
 
 ci_extra: each test compiles or initialises a model (too slow for the
 README's test command).
@@ -15,8 +17,9 @@ import pytest
 import safetensors.numpy
 
 from configs import tiny
-from mvit_testlib import run_import, torchvision_tensors
+from mvit_testlib import run_import, run_tool, torchvision_tensors
 from stat_jax import param_names, trainer
+from stat_jax.deploy import predict
 from stat_jax.errors import UserError
 from stat_jax.train_state import ModelParts
 from stat_jax.transfer import load_pretrained
@@ -115,3 +118,25 @@ def test_training_runs_from_the_warm_start(imported, motion, tmp_path):
   assert all(np.isfinite(loss) for loss in result['losses'].values())
   with open(os.path.join(workdir, 'init_from.txt')) as f:
     assert '(mvit -> stat): copied 60, adapted 8, new 24' in f.readline()
+
+
+def test_mvit_trains_and_evaluates_from_the_imported_run(imported, motion,
+                                                         tmp_path):
+  config = run_config(motion, total_steps=2, init_from=imported[0])
+  config.model.arch, config.model.stem_layers = 'mvit', 1
+  result = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert sorted(result['losses']) == [1, 2]
+  assert result['eval']['num_videos'] == 7
+  with open(tmp_path / 'run' / 'init_from.txt') as f:
+    assert (f'(mvit -> mvit): copied {len(imported[1])}, adapted 0, new 0, '
+            'unused 0') in f.readline()
+
+
+def test_predict_clip_npy_refuses_a_clip_of_another_shape(imported, tmp_path):
+  clip = tmp_path / 'clip.npy'
+  np.save(clip, np.zeros((1, 8, 32, 32, 3), np.float64))
+  status, _, stderr = run_tool(predict, f'--workdir={imported[0]}',
+                               f'--clip_npy={clip}', '--json')
+  assert status == 1 and len(stderr.splitlines()) == 1, stderr
+  assert (f'{clip}: holds float64 [1, 8, 32, 32, 3]; the run takes '
+          'preprocessed clips float32 [B, 8, 32, 32, 3]') in stderr
