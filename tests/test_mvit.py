@@ -14,6 +14,7 @@ import safetensors.numpy
 from configs import mvit_b
 from mvit_testlib import run_import, torchvision_tensors
 from stat_jax import flops
+from stat_jax.config_validation import ConfigError, validate
 
 
 def test_mvit_b_16x4_cost_is_torchvisions():
@@ -61,3 +62,24 @@ def test_a_file_that_is_no_checkpoint_gets_one_line(tmp_path):
   assert status == 1 and len(stderr.splitlines()) == 1, stderr
   assert f'{path}: not a safetensors file' in stderr
   assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('model.arch', 'vit', r"config\.model\.arch = 'vit': must be one of stat, mvit"),
+    ('model.stem_layers', 3, r'config\.model\.stem_layers = 3: must be 1 with '
+                             r'model\.arch = mvit'),
+    ('attention_images', 4, r'config\.attention_images = 4: must be 0 with '
+                            r'model\.arch = mvit'),
+])
+def test_mvit_config_values_are_checked(key, value, message):
+  config = mvit_b.get_config('16')
+  section, _, name = key.rpartition('.')
+  (config[section] if section else config)[name] = value
+  with pytest.raises(ConfigError, match=message):
+    validate(config)
+
+
+def test_unknown_mvit_clip_length_is_refused():
+  with pytest.raises(ValueError, match=r'configs/mvit_b\.py:64: the clip '
+                     r'length must be one of \[16, 32\]'):
+    mvit_b.get_config('64')
