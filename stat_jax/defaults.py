@@ -220,7 +220,9 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   # Val clips whose frame-to-frame attention maps TensorBoard shows at each
   # evaluation (stat_jax/eval_images.py); 0: none.
   c.attention_images = 4
-  c.init_from = ''  # workdir or checkpoint dir of another run
+  # Workdir or checkpoint dir of another run to start from (an MViT-B run
+  # or import warm-starts STAT by role: stat_jax/transfer.py).
+  c.init_from = ''
   # Resume even though the model / data / recipe keys differ from the
   # checkpoint's config (stat_jax/config_compare.py lists the keys that may
   # always differ); False refuses, naming the keys.
