@@ -109,8 +109,7 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope='module')
 def imported(reference):
   out = reference['folder'] / 'run'
-  status, stdout, stderr = run_import(reference['folder'] / 'mvit.pth',
-                                      'torchvision', out)
+  status, stdout, stderr = run_import(reference['folder'] / 'mvit.pth', out)
   assert status == 0, stderr
   assert 'wrote' in stdout
   return inference.restore(str(out))
@@ -166,7 +165,7 @@ def test_pyslowfast_names_and_safetensors_import_the_same(reference, imported,
   for checkpoint, fmt in ((pyth, 'pyslowfast'),
                           (tmp_path / 'mvit.safetensors', 'torchvision')):
     out = tmp_path / fmt
-    status, _, stderr = run_import(checkpoint, fmt, out)
+    status, _, stderr = run_import(checkpoint, out, fmt)
     assert status == 0, stderr
     got = param_names.named_arrays(inference.restore(str(out)).params)
     assert got.keys() == expected.keys()
@@ -189,7 +188,7 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
   for path, error in ((zipped, 'refused, it holds more than tensors'),
                       (plain, 'refused, it holds more than tensors'),
                       (text, 'not a PyTorch checkpoint')):
-    status, _, stderr = run_import(path, 'torchvision', tmp_path / 'out')
+    status, _, stderr = run_import(path, tmp_path / 'out')
     assert status == 1
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert f'{path}: {error}' in stderr
