@@ -249,8 +249,8 @@ def run(args: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
   """The command line after the program name, run in this process."""
-  return run(cli.parse(FLAGS, argv))
+  return run(cli.parse_with_config(FLAGS, argv))
 
 
 if __name__ == '__main__':
-  cli.run(run, FLAGS)
+  cli.run_with_config(main)
