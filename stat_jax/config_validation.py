@@ -18,6 +18,7 @@ from stat_jax.attention import (ATTENTION_IMPLS, ATTENTION_SETS, CUDNN_DTYPES,
                                 HEAD_LAYOUTS, SPATIAL_SUMMARIES)
 
 DTYPES = ('float32', 'bfloat16', 'float16')
+ARCHS = ('stat', 'mvit')
 SAMPLINGS = ('segment', 'dense')
 
 
@@ -52,6 +53,11 @@ def _require(ok: bool, key: str, value, allowed: str) -> None:
 
 def check_model(config: ml_collections.ConfigDict) -> None:
   m = config.model
+  _require(m.arch in ARCHS, 'model.arch', m.arch,
+           f'must be one of {", ".join(ARCHS)}')
+  _require(m.arch != 'mvit' or m.stem_layers == 1, 'model.stem_layers',
+           m.stem_layers, 'must be 1 with model.arch = mvit (its patch '
+           'embedding)')
   _require(config.dtype in DTYPES, 'dtype', config.dtype,
            f'must be one of {", ".join(DTYPES)}')
   _require(m.attention in ATTENTION_SETS, 'model.attention', m.attention,
@@ -159,6 +165,10 @@ def check_training(config: ml_collections.ConfigDict) -> None:
   _require(_is_int(config.attention_images) and config.attention_images >= 0,
            'attention_images', config.attention_images,
            'must be an integer >= 0 (0 = no attention maps in TensorBoard)')
+  _require(config.model.arch == 'stat' or not config.attention_images,
+           'attention_images', config.attention_images,
+           f'must be 0 with model.arch = {config.model.arch} (the maps are '
+           "STA's)")
   _require(_is_int(config.keep_checkpoints) and config.keep_checkpoints >= 1,
            'keep_checkpoints', config.keep_checkpoints,
            'must be an integer >= 1 (0 would delete each checkpoint as soon '

@@ -41,6 +41,11 @@ def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
   """The STAT architecture of the paper (defaults = its main setting)."""
   m = ml_collections.ConfigDict()
   m.num_classes = num_classes
+  # 'stat', or 'mvit': MViT-B v1 (Fan et al. 2021), the paper's baseline
+  # (stat_jax/mvit.py, configs/mvit_b.py). MViT reads the stage, pooling,
+  # MLP and stem keys below (stem_layers = 1: its patch embedding); the
+  # STA keys (attention, window, spatial_summary, lta, sa_pool) are STAT's.
+  m.arch = 'stat'
   # Table 1: which key sets each query attends.
   m.attention = 'ca+sa+la'  # one of ca, ca+sa, ca+la, ca+sa+la
   # Table 2: short-term window `to` (odd); frame i sees to-1 neighbours.
@@ -219,7 +224,9 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   # Val clips whose frame-to-frame attention maps TensorBoard shows at each
   # evaluation (stat_jax/eval_images.py); 0: none.
   c.attention_images = 4
-  c.init_from = ''  # workdir or checkpoint dir of another run
+  # Workdir or checkpoint dir of another run to start from (an MViT-B run
+  # or import warm-starts STAT by role: stat_jax/transfer.py).
+  c.init_from = ''
   # jax's persistent compilation cache: a restart loads the compiled train
   # and eval steps from here (a gs:// path works too); '' = off
   # (stat_jax/compile_cache.py).

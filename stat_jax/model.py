@@ -80,13 +80,7 @@ class STABlock(nnx.Module):
     dim = spec.dim
     self.q_stride, self.num_summary = spec.q_stride, num_summary
     self.norm1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
-    self.attn = ShrinkingTemporalAttention(
-        dim, spec.heads, q_stride=spec.q_stride, kv_stride=spec.kv_stride,
-        attention=model.attention, window=model.window,
-        num_summary=num_summary, pool_kernel=model.pool_kernel,
-        sa_pool=model.sa_pool, qkv_bias=model.qkv_bias, dtype=dtype, rngs=rngs,
-        attention_impl=model.attention_impl, conv_impl=model.conv_impl,
-        head_layout=model.head_layout)
+    self.attn = self.make_attention(spec, model, dtype=dtype, rngs=rngs)
     self.drop_path = drop_path(spec.drop_path, rngs)
     self.norm2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * model.mlp_ratio), spec.dim_out, dtype=dtype,
@@ -94,6 +88,18 @@ class STABlock(nnx.Module):
     self.proj = (nnx.Linear(dim, spec.dim_out, dtype=dtype,
                             kernel_init=dense_init, rngs=rngs)
                  if spec.dim_out != dim else None)
+
+  def make_attention(self, spec: arch.BlockSpec,
+                     model: ml_collections.ConfigDict, *, dtype,
+                     rngs) -> nnx.Module:
+    """STA (mvit.MViTBlock puts pooling attention here)."""
+    return ShrinkingTemporalAttention(
+        spec.dim, spec.heads, q_stride=spec.q_stride, kv_stride=spec.kv_stride,
+        attention=model.attention, window=model.window,
+        num_summary=self.num_summary, pool_kernel=model.pool_kernel,
+        sa_pool=model.sa_pool, qkv_bias=model.qkv_bias, dtype=dtype, rngs=rngs,
+        attention_impl=model.attention_impl, conv_impl=model.conv_impl,
+        head_layout=model.head_layout)
 
   def skip(self, x, grid):
     """Max-pool the patch tokens like Q (kernel 3, stride q_stride)."""
@@ -248,11 +254,15 @@ class STAT(nnx.Module):
     return self.head(self.dropout(video_embedding))
 
 
-def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> STAT:
-  """The STAT of `config`; `model.eval()` for inference. Only what the model
-  reads is validated first (config.model, the clip shape, dtype): training
-  fields may be absent."""
+def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+  """The STAT (or, with model.arch = 'mvit', the MViT-B) of `config`;
+  `model.eval()` for inference. Only what the model reads is validated
+  first (config.model, the clip shape, dtype): training fields may be
+  absent."""
   validate_model(config)
+  if config.model.arch == 'mvit':
+    from stat_jax import mvit  # pylint: disable=g-import-not-at-top  (it imports this module)
+    return mvit.MViT(config, rngs=rngs)
   return STAT(config, rngs=rngs)
 
 
@@ -265,6 +275,6 @@ def resolve_for_platform(model: ml_collections.ConfigDict,
   model.head_layout = resolve_head_layout(model.head_layout, platform)
 
 
-def abstract_model(config: ml_collections.ConfigDict) -> STAT:
-  """The STAT of `config` with shapes only (no memory, no compute)."""
+def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
+  """The model of `config` with shapes only (no memory, no compute)."""
   return nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
