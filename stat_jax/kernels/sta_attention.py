@@ -56,7 +56,8 @@ def block_rows(nq: int) -> int:
   if nq <= MAX_BLOCK_Q:
     return nq
   tiles = -(-nq // MAX_BLOCK_Q)
-  return -(-nq // tiles + 7) // 8 * 8
+  rows = -(-nq // tiles)
+  return -(-rows // 8) * 8
 
 
 def make_layout(nq: int, skip: int, window_index: np.ndarray,
