@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from stat_jax import attention_cudnn, attention_pallas, attention_xla, conv
+from stat_jax.errors import UserError
 
 ATTENTION_SETS = ('ca', 'ca+sa', 'ca+la', 'ca+sa+la')
 SPATIAL_SUMMARIES = ('cls', 'avgpool')
@@ -90,13 +91,19 @@ def frame_masses(q, k_ca, k_sa, window_index, window_valid, k_la):
           'ca_keys': ca_keys}
 
 
-def resolve_attention_impl(impl: str) -> str:
-  """'xla', 'cudnn' or 'pallas' for ATTENTION_IMPLS `impl`.
+def resolve_attention_impl(impl: str, platform: str | None = None) -> str:
+  """'xla', 'cudnn' or 'pallas' for ATTENTION_IMPLS `impl` on `platform`
+  (default: the default backend's).
 
   'auto' is 'xla': it runs on every backend and dtype. 'cudnn' and
   'pallas' are chosen explicitly; what each costs is in
-  benchmarks/RESULTS.md.
+  benchmarks/RESULTS.md. 'pallas' is refused on a GPU, where its TPU
+  kernels do not lower.
   """
+  if impl == 'pallas' and (platform or jax.default_backend()) == 'gpu':
+    raise UserError("config.model.attention_impl = 'pallas': its kernels are "
+                    'Pallas TPU kernels, which do not lower on a GPU; use '
+                    'cudnn or xla there')
   return 'xla' if impl == 'auto' else impl
 
 

@@ -17,6 +17,7 @@ from flax import nnx
 from configs import tiny
 from stat_jax import attention as sta_lib
 from stat_jax.kernels import common, sta_attention
+from stat_jax.errors import UserError
 from stat_jax.model import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,6 +106,13 @@ def test_class_token_keys_count_only_through_la(small_tiles):
         impl='pallas'))
     changed = np.abs(run(moved) - run(k)).max(axis=(0, 2, 3, 4))  # [nt]
     assert (changed > 1e-4).all() if changes else (changed == 0).all()
+
+
+def test_pallas_is_refused_on_a_gpu():
+  resolve = sta_lib.resolve_attention_impl
+  assert resolve('pallas', 'tpu') == resolve('pallas', 'cpu') == 'pallas'
+  with pytest.raises(UserError, match=r"attention_impl = 'pallas'.*GPU"):
+    resolve('pallas', 'gpu')
 
 
 def layout_and_shapes():
@@ -209,18 +217,29 @@ args = (struct(2, 4, 2, 40, 96), *[struct(2, 4, 2, 10, 96)] * 2,
 loss = lambda *a: sta_lib.shrinking_temporal_attention(
     *a, attention='ca+sa+la', window=3, num_summary=1,
     impl='pallas').astype(jnp.float32).sum()
-hlo = jax.jit(jax.grad(loss, argnums=range(5))).lower(*args).as_text()
-print(hlo.count('tpu_custom_call'))
+lowered = jax.jit(jax.value_and_grad(loss, argnums=range(5))).lower(*args)
+print(lowered.as_text().count('tpu_custom_call'),
+      int(lowered.compile().cost_analysis()['flops']))
 '''
 
 
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
                     reason='libtpu not installed (pip install "jax[tpu]")')
 def test_kernels_lower_for_a_tpu_mesh():
-  """Forward and backward kernels become Mosaic custom calls for v5p."""
+  """Forward and backward kernels compile as Mosaic custom calls for v5p,
+  and the program's FLOPs include what they declare."""
   result = subprocess.run(
       [sys.executable, '-c', LOWER_FOR_TPU], cwd=ROOT, capture_output=True,
       text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT),
       check=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.split()[-1] == '2'
+  kernels, program_flops = map(int, result.stdout.split()[-2:])
+  assert kernels == 2
+  index, valid = sta_lib.window_table(4, 3)
+  layout = sta_attention.make_layout(40, 1, index, valid)
+  struct = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  q, k = struct(2, 4, 2, 40, 96), struct(2, 4, 2, 10, 96)
+  sa, la = (struct(2, 4, 2, 4, 96),) * 2, (struct(2, 2, 4, 96),) * 2
+  declared = sum(cost(layout, q, k, k, sa, la).flops for cost in (
+      sta_attention.forward_cost, sta_attention.backward_cost))
+  assert declared <= program_flops < 1.5 * declared

@@ -20,7 +20,7 @@ back. It reduces the K_SA and K_LA gradients over the frames that share
 them in VMEM (those grid axes run in order).
 
 Every pallas_call runs as a Mosaic kernel on a TPU and in interpret mode
-on any other platform (tests on the CPU).
+on the CPU (tests).
 """
 
 import dataclasses
@@ -195,7 +195,8 @@ def _forward_kernel(window_ref, *refs, layout, has_sa, has_la, scale):
 def _pallas(kernel, *, grid, in_specs, out_specs, out_shape, dims, cost,
             name):
   """pl.pallas_call with the window table as scalar prefetch: a Mosaic
-  kernel on a TPU, interpreted on any other platform."""
+  kernel on a TPU, interpreted on the CPU (no other platform: Pallas on a
+  GPU lowers through Triton or Mosaic GPU, with other kernels)."""
   def call(interpret):
     return pl.pallas_call(
         kernel, out_shape=out_shape, name=name, interpret=interpret,
@@ -205,7 +206,7 @@ def _pallas(kernel, *, grid, in_specs, out_specs, out_shape, dims, cost,
         compiler_params=pltpu.CompilerParams(dimension_semantics=dims),
         cost_estimate=cost)
   return lambda *args: jax.lax.platform_dependent(
-      *args, tpu=call(False), default=call(True))
+      *args, tpu=call(False), cpu=call(True))
 
 
 def _forward(layout, q, k, v, sa, la):
