@@ -5,6 +5,11 @@ pooling wrote it, class token included and masked, and K_SA of the whole
 clip, picking each frame's window in VMEM: no K̂_i is built in memory.
 """
 
+import functools
+
+import jax
+from jax.sharding import PartitionSpec
+
 from stat_jax.kernels import sta_attention
 
 
@@ -24,9 +29,13 @@ def pallas_attention(q, k, v, k_sa, v_sa, window_index, window_valid, k_la,
     [B, nt, h, nq, d]
   """
   layout = sta_attention.make_layout(q.shape[3], num_summary, window_index,
-                                     window_valid)
-  if not layout.slots:
-    k_sa = v_sa = None
-  if not k_la.shape[2]:
-    k_la = v_la = None
-  return sta_attention.sta_attention(q, k, v, k_sa, v_sa, k_la, v_la, layout)
+                                     window_valid, long_term=k_la.shape[2] > 0)
+  attend = functools.partial(sta_attention.sta_attention, layout=layout)
+  mesh = jax.typeof(q).sharding.mesh
+  if mesh.empty or mesh.size == 1:
+    return attend(q, k, v, k_sa, v_sa, k_la, v_la)
+  # XLA cannot split a Mosaic kernel over devices: each runs it on its own
+  # clips, which stat_jax/sharding.py splits over every axis of the mesh.
+  clips = PartitionSpec(mesh.axis_names)
+  return jax.shard_map(attend, mesh=mesh, in_specs=clips, out_specs=clips,
+                       check_vma=False)(q, k, v, k_sa, v_sa, k_la, v_la)

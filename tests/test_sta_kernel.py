@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import run_on_cpu_devices
 from configs import tiny
 from stat_jax import attention as sta_lib
 from stat_jax.kernels import common, sta_attention
@@ -119,7 +120,7 @@ def layout_and_shapes():
   """A layout of 3 query tiles with SA (window 5) and LA, and its shapes."""
   index, valid = sta_lib.window_table(NT, 5)
   layout = dataclasses.replace(
-      sta_attention.make_layout(NQ, 1, index, valid), block_q=8)
+      sta_attention.make_layout(NQ, 1, index, valid, True), block_q=8)
   struct = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   q, k = struct(B, NT, HEADS, NQ, D), struct(B, NT, HEADS, NK, D)
   sa = (struct(B, NT, HEADS, NSA, D),) * 2
@@ -198,6 +199,36 @@ def test_tiny_stat_pallas_matches_xla():
                                atol=1e-5 * float(np.abs(want).max()) + 1e-7)
 
 
+SPLIT_CLIPS = '''
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from stat_jax import attention as sta_lib
+mesh = Mesh(np.array(jax.devices()).reshape(2, 1), ('data', 'fsdp'))
+clips = NamedSharding(mesh, PartitionSpec(('data', 'fsdp')))
+keys = jax.random.split(jax.random.key(0), 5)
+shapes = [(4, 4, 2, 20, 16), *[(4, 4, 2, 5, 16)] * 2, *[(4, 4, 2, 4, 16)] * 2]
+args = [jax.device_put(jax.random.normal(key, shape), clips)
+        for key, shape in zip(keys, shapes)]
+def loss(impl):
+  return jax.jit(jax.value_and_grad(lambda *a: jnp.sin(
+      sta_lib.shrinking_temporal_attention(
+          *a, attention='ca+sa+la', window=3, num_summary=1, impl=impl)).sum(),
+      argnums=range(5)))
+(got, got_grads), (want, want_grads) = loss('pallas')(*args), loss('xla')(*args)
+print(json.dumps([float(abs(got - want))] + [float(jnp.abs(g - w).max())
+                 for g, w in zip(got_grads, want_grads)]))
+'''
+
+
+@pytest.mark.ci_extra  # a subprocess on 2 devices: about 15 s
+def test_clips_split_over_devices_match_xla():
+  """Under a mesh each device runs the kernels on its own clips (XLA
+  cannot split a Mosaic kernel): same values and gradients as 'xla'."""
+  errors = run_on_cpu_devices(SPLIT_CLIPS, 2)
+  assert max(errors) < 1e-4, errors
+
+
 LOWER_FOR_TPU = '''
 import os
 os.environ.update(TPU_WORKER_HOSTNAMES='localhost', TPU_ACCELERATOR_TYPE='v5p-8',
@@ -236,7 +267,7 @@ def test_kernels_lower_for_a_tpu_mesh():
   kernels, program_flops = map(int, result.stdout.split()[-2:])
   assert kernels == 2
   index, valid = sta_lib.window_table(4, 3)
-  layout = sta_attention.make_layout(40, 1, index, valid)
+  layout = sta_attention.make_layout(40, 1, index, valid, True)
   struct = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   q, k = struct(2, 4, 2, 40, 96), struct(2, 4, 2, 10, 96)
   sa, la = (struct(2, 4, 2, 4, 96),) * 2, (struct(2, 2, 4, 96),) * 2

@@ -44,10 +44,12 @@ MAX_BLOCK_Q = 1024
 class Layout:
   """The static part of a call: skip: leading keys of K_CA_i masked out;
   window: [nt * slots] neighbour frames of each frame, -1 outside the
-  clip; slots: to - 1 (0 without SA); block_q: query rows per tile."""
+  clip; slots: to - 1 (0 without SA); long_term: whether K_LA is given;
+  block_q: query rows per tile."""
   skip: int
   window: tuple[int, ...]
   slots: int
+  long_term: bool
   block_q: int
 
 
@@ -61,12 +63,13 @@ def block_rows(nq: int) -> int:
 
 
 def make_layout(nq: int, skip: int, window_index: np.ndarray,
-                window_valid: np.ndarray) -> Layout:
+                window_valid: np.ndarray, long_term: bool) -> Layout:
   """Layout from the window table of attention.window_table ([nt, to-1]
-  index and valid)."""
+  index and valid; to-1 = 0 without SA)."""
   table = np.where(window_valid, window_index, -1).astype(np.int32)
   return Layout(skip=skip, window=tuple(table.ravel().tolist()),
-                slots=table.shape[1], block_q=block_rows(nq))
+                slots=table.shape[1], long_term=long_term,
+                block_q=block_rows(nq))
 
 
 def sta_attention(q, k, v, k_sa, v_sa, k_la, v_la, layout: Layout):
@@ -76,37 +79,42 @@ def sta_attention(q, k, v, k_sa, v_sa, k_la, v_la, layout: Layout):
     q: [B, nt, h, nq, d] queries.
     k, v: [B, nt, h, nk, d] K_CA_i / V_CA_i, the first layout.skip of them
       masked.
-    k_sa, v_sa: [B, nt, h, n_sa, d] short-term keys/values, or None (no SA).
-    k_la, v_la: [B, h, n_la, d] long-term keys/values, or None (no LA).
+    k_sa, v_sa: [B, nt, h, n_sa, d] short-term keys/values (unused when
+      layout.slots is 0).
+    k_la, v_la: [B, h, n_la, d] long-term keys/values (unused unless
+      layout.long_term).
   Returns:
     [B, nt, h, nq, d] in q's dtype.
   """
-  sa = None if k_sa is None else (k_sa, v_sa)
-  la = None if k_la is None else (k_la, v_la)
-  return _attention(layout, q, k, v, sa, la)
+  arrays = (q, k, v, *((k_sa, v_sa) if layout.slots else ()),
+            *((k_la, v_la) if layout.long_term else ()))
+  return _attention(layout, *arrays)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(layout, q, k, v, sa, la):
-  return _forward(layout, q, k, v, sa, la)
+def _attention(layout, *arrays):
+  return _forward(layout, _window_array(layout), *arrays)
 
 
-def _attention_fwd(layout, q, k, v, sa, la):
-  return _forward(layout, q, k, v, sa, la), (q, k, v, sa, la)
+def _attention_fwd(layout, *arrays):
+  return _forward(layout, _window_array(layout), *arrays), arrays
 
 
-def _attention_bwd(layout, residuals, dout):
-  q, k, v, sa, la = residuals
-  grads = _backward(layout, q, k, v, sa, la, dout)
-  inputs = (k, v, *(sa or ()), *(la or ()))
-  dq, *dkeys = grads
-  dkeys = [g.astype(x.dtype) for g, x in zip(dkeys, inputs)]
-  dsa = None if sa is None else tuple(dkeys[2:4])
-  dla = None if la is None else tuple(dkeys[-2:])
-  return dq, dkeys[0], dkeys[1], dsa, dla
+def _attention_bwd(layout, arrays, dout):
+  dq, *dkeys = _backward(layout, _window_array(layout), *arrays, dout)
+  return (dq, *[g.astype(x.dtype) for g, x in zip(dkeys, arrays[1:])])
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _sets(layout: Layout, arrays):
+  """(q, k, v, (k_sa, v_sa) or None, (k_la, v_la) or None) of the flat
+  arrays of _attention."""
+  q, k, v, *rest = arrays
+  sa = tuple(rest[:2]) if layout.slots else None
+  la = tuple(rest[-2:]) if layout.long_term else None
+  return q, k, v, sa, la
 
 
 def grid_and_specs(layout: Layout, q_shape, k_shape, sa_shape, la_shape):
@@ -209,20 +217,27 @@ def _pallas(kernel, *, grid, in_specs, out_specs, out_shape, dims, cost,
       *args, tpu=call(False), cpu=call(True))
 
 
-def _forward(layout, q, k, v, sa, la):
+def _forward(layout, window, *arrays):
+  """The forward kernel on the window table and the flat arrays of
+  _attention -> out."""
+  q, k, v, sa, la = _sets(layout, arrays)
   grid, q_spec, kv_spec, sa_spec, la_spec = grid_and_specs(
       layout, q.shape, k.shape, _shape(sa), _shape(la))
   kernel = functools.partial(
       _forward_kernel, layout=layout, has_sa=sa is not None,
       has_la=la is not None, scale=1 / math.sqrt(q.shape[-1]))
-  arrays = (q, k, v, *(sa or ()), *(la or ()))
   return _pallas(
       kernel, grid=grid, name='sta_attention_forward',
-      in_specs=[q_spec, kv_spec, kv_spec, *[sa_spec] * (2 * (sa is not None)),
-                *[la_spec] * (2 * (la is not None))],
+      in_specs=[q_spec, *_key_specs(kv_spec, sa_spec, la_spec)],
       out_specs=q_spec, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       dims=('parallel',) * 4,
-      cost=forward_cost(layout, q, k, v, sa, la))(_window_array(layout), *arrays)
+      cost=forward_cost(layout, q, k, v, sa, la))(window, *arrays)
+
+
+def _key_specs(kv_spec, sa_spec, la_spec):
+  """The BlockSpecs of k, v and the present K_SA / K_LA pairs."""
+  return [kv_spec, kv_spec, *[spec for spec in (sa_spec, la_spec)
+                              if spec is not None for _ in range(2)]]
 
 
 def _backward_kernel(window_ref, *refs, layout, has_sa, has_la, scale, nq):
@@ -276,24 +291,26 @@ def _transposed_dot(a, b):
                              preferred_element_type=jnp.float32)
 
 
-def _backward(layout, q, k, v, sa, la, dout):
+def _backward(layout, window, *arrays_and_dout):
+  """The backward kernel on the window table, the flat arrays of
+  _attention and dO -> (dq, then float32 gradients of k, v and the K_SA /
+  K_LA pairs)."""
+  *arrays, dout = arrays_and_dout
+  q, k, v, sa, la = _sets(layout, arrays)
   grid, q_spec, kv_spec, sa_spec, la_spec = grid_and_specs(
       layout, q.shape, k.shape, _shape(sa), _shape(la))
   kernel = functools.partial(
       _backward_kernel, layout=layout, has_sa=sa is not None,
       has_la=la is not None, scale=1 / math.sqrt(q.shape[-1]), nq=q.shape[3])
-  keys = (k, v, *(sa or ()), *(la or ()))
-  key_specs = [kv_spec, kv_spec, *[sa_spec] * (2 * (sa is not None)),
-               *[la_spec] * (2 * (la is not None))]
+  key_specs = _key_specs(kv_spec, sa_spec, la_spec)
   # Key gradients accumulate over query tiles and frames in float32.
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)] + [
-      jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in keys]
+      jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in arrays[1:]]
   return _pallas(
       kernel, grid=grid, name='sta_attention_backward',
       in_specs=[q_spec, *key_specs, q_spec], out_specs=[q_spec, *key_specs],
       out_shape=out_shape, dims=('parallel', 'parallel', 'arbitrary', 'arbitrary'),
-      cost=backward_cost(layout, q, k, v, sa, la))(_window_array(layout), q, *keys,
-                                             dout)
+      cost=backward_cost(layout, q, k, v, sa, la))(window, *arrays, dout)
 
 
 def _shape(pair):
