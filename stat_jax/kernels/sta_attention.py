@@ -317,7 +317,7 @@ def _shape(pair):
   return None if pair is None else pair[0].shape
 
 
-def _key_bytes(layout: Layout, q, k, v, sa, la, dtype=None) -> int:
+def _key_bytes(q, k, v, sa, la, dtype=None) -> int:
   """HBM bytes of the key/value blocks the grid copies: K_CA / V_CA once
   per (clip, head, frame), K_SA / K_LA once per (clip, head), padded to TPU
   tiles, in `dtype` (None: their own)."""
@@ -353,13 +353,8 @@ def forward_cost(layout: Layout, q, k, v, sa, la) -> pl.CostEstimate:
   for QKᵀ and PV, 4 for the scale, max, subtraction and sum, and one exp;
   reads of q and the key blocks, the write of the output, the window
   table."""
-  rows, keys = _rows_and_keys(layout, q, k, sa, la)
-  return cost_estimate(
-      flops=rows * keys * (4 * q.shape[-1] + 4),
-      transcendentals=rows * keys,
-      bytes_accessed=(2 * _q_tiles_bytes(layout, q)
-                      + _key_bytes(layout, q, k, v, sa, la)
-                      + 4 * len(layout.window)))
+  return _cost(layout, q, k, v, sa, la, flops_per_logit=4 * q.shape[-1] + 4,
+               q_tiles=2, key_grads=False)
 
 
 def backward_cost(layout: Layout, q, k, v, sa, la) -> pl.CostEstimate:
@@ -367,11 +362,20 @@ def backward_cost(layout: Layout, q, k, v, sa, la) -> pl.CostEstimate:
   per computed query row and key 10·d FLOPs (QKᵀ, dO Vᵀ, dQ, dK, dV), 8
   elementwise and one exp; reads of q, dO and the key blocks, writes of dQ
   and of the float32 key gradients, the window table."""
+  return _cost(layout, q, k, v, sa, la, flops_per_logit=10 * q.shape[-1] + 8,
+               q_tiles=3, key_grads=True)
+
+
+def _cost(layout: Layout, q, k, v, sa, la, *, flops_per_logit: int,
+          q_tiles: int, key_grads: bool) -> pl.CostEstimate:
+  """CostEstimate of a kernel that computes every logit of the grid with
+  `flops_per_logit` and one exp, and moves `q_tiles` q-shaped tiles per
+  step, the key blocks, their float32 gradients if `key_grads`, and the
+  window table."""
   rows, keys = _rows_and_keys(layout, q, k, sa, la)
-  return cost_estimate(
-      flops=rows * keys * (10 * q.shape[-1] + 8),
-      transcendentals=rows * keys,
-      bytes_accessed=(3 * _q_tiles_bytes(layout, q)
-                      + _key_bytes(layout, q, k, v, sa, la)
-                      + _key_bytes(layout, q, k, v, sa, la, jnp.float32)
-                      + 4 * len(layout.window)))
+  moved = (q_tiles * _q_tiles_bytes(layout, q) + _key_bytes(q, k, v, sa, la)
+           + 4 * len(layout.window))
+  if key_grads:
+    moved += _key_bytes(q, k, v, sa, la, jnp.float32)
+  return cost_estimate(flops=rows * keys * flops_per_logit,
+                       transcendentals=rows * keys, bytes_accessed=moved)
