@@ -4,6 +4,7 @@ recounted from its grid and block shapes."""
 
 import dataclasses
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -229,6 +230,7 @@ def test_clips_split_over_devices_match_xla():
   assert max(errors) < 1e-4, errors
 
 
+# ALLOW_MULTIPLE_LIBTPU_LOAD: another test worker may hold libtpu's lock.
 LOWER_FOR_TPU = '''
 import os
 os.environ.update(TPU_WORKER_HOSTNAMES='localhost', TPU_ACCELERATOR_TYPE='v5p-8',
@@ -274,3 +276,20 @@ def test_kernels_lower_for_a_tpu_mesh():
   declared = sum(cost(layout, q, k, k, sa, la).flops for cost in (
       sta_attention.forward_cost, sta_attention.backward_cost))
   assert declared <= program_flops < 1.5 * declared
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                    reason='libtpu not installed (pip install "jax[tpu]")')
+def test_the_tiny_config_compiles_for_a_v5e_slice_with_the_kernels():
+  """The tiny train step with attention_impl 'pallas', 4 chips data
+  parallel: each chip runs the kernels on its clips."""
+  result = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.aot', '--config=configs/tiny.py',
+       '--topology=v5e:2x2', '--batch_per_chip=2', '--json',
+       '--config.model.attention_impl=pallas'], cwd=ROOT, capture_output=True,
+      text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT,
+                                       ALLOW_MULTIPLE_LIBTPU_LOAD='1'),
+      check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.splitlines()[-1])
+  assert report['chips'] == 4 and report['fits']
