@@ -1,16 +1,13 @@
 """STA attention implementation 'pallas': equations (7)-(8) in fused Pallas
 kernels (stat_jax/kernels/sta_attention.py), Mosaic kernels on a TPU and
-interpreted elsewhere (slow: for tests). The kernels read K_CA_i where the
+interpreted on the CPU (slow: for tests). The kernels read K_CA_i where the
 pooling wrote it, class token included and masked, and K_SA of the whole
 clip, picking each frame's window in VMEM: no K̂_i is built in memory.
 """
 
 import functools
 
-import jax
-from jax.sharding import PartitionSpec
-
-from stat_jax.kernels import sta_attention
+from stat_jax.kernels import common, sta_attention
 
 
 def pallas_attention(q, k, v, k_sa, v_sa, window_index, window_valid, k_la,
@@ -30,12 +27,7 @@ def pallas_attention(q, k, v, k_sa, v_sa, window_index, window_valid, k_la,
   """
   layout = sta_attention.make_layout(q.shape[3], num_summary, window_index,
                                      window_valid, long_term=k_la.shape[2] > 0)
-  attend = functools.partial(sta_attention.sta_attention, layout=layout)
-  mesh = jax.typeof(q).sharding.mesh
-  if mesh.empty or mesh.size == 1:
-    return attend(q, k, v, k_sa, v_sa, k_la, v_la)
-  # XLA cannot split a Mosaic kernel over devices: each runs it on its own
-  # clips, which stat_jax/sharding.py splits over every axis of the mesh.
-  clips = PartitionSpec(mesh.axis_names)
-  return jax.shard_map(attend, mesh=mesh, in_specs=clips, out_specs=clips,
-                       check_vma=False)(q, k, v, k_sa, v_sa, k_la, v_la)
+  # Under a mesh each device runs the kernels on its own clips.
+  attend = common.on_own_clips(
+      functools.partial(sta_attention.sta_attention, layout=layout), 7)
+  return attend(q, k, v, k_sa, v_sa, k_la, v_la)

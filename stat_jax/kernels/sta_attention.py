@@ -33,7 +33,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from stat_jax.kernels.common import cost_estimate, padded_bytes
+from stat_jax.kernels.common import (cost_estimate, padded_bytes,
+                                     tpu_or_interpreted)
 
 # Query rows a tile holds at most; a frame with more is cut into equal
 # tiles (rows rounded up to 8, the last tile padded).
@@ -202,19 +203,16 @@ def _forward_kernel(window_ref, *refs, layout, has_sa, has_la, scale):
 
 def _pallas(kernel, *, grid, in_specs, out_specs, out_shape, dims, cost,
             name):
-  """pl.pallas_call with the window table as scalar prefetch: a Mosaic
-  kernel on a TPU, interpreted on the CPU (no other platform: Pallas on a
-  GPU lowers through Triton or Mosaic GPU, with other kernels)."""
-  def call(interpret):
-    return pl.pallas_call(
-        kernel, out_shape=out_shape, name=name, interpret=interpret,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
-            out_specs=out_specs),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=dims),
-        cost_estimate=cost)
-  return lambda *args: jax.lax.platform_dependent(
-      *args, tpu=call(False), cpu=call(True))
+  """pl.pallas_call with the window table as scalar prefetch, a Mosaic
+  kernel on a TPU and interpreted on the CPU (common.tpu_or_interpreted;
+  a GPU would need Triton or Mosaic GPU kernels)."""
+  return tpu_or_interpreted(lambda interpret: pl.pallas_call(
+      kernel, out_shape=out_shape, name=name, interpret=interpret,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
+          out_specs=out_specs),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=dims),
+      cost_estimate=cost))
 
 
 def _forward(layout, window, *arrays):
