@@ -20,18 +20,23 @@ import json
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
 from benchmarks import aot
-from stat_jax import defaults, model as model_lib
+from stat_jax import cli, defaults, model as model_lib
+from stat_jax.errors import UserError
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Model config.')
-flags.DEFINE_string('topology', 'v5p:2x2x1', 'TPU slice whose chip to compile for.')
-flags.DEFINE_integer('batch_per_chip', 8, 'Clips per chip.')
-flags.DEFINE_list('impls', ['xla', 'pallas'], 'attention_impl values to compare.')
+FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
+config_flags.DEFINE_config_file('config', None, 'Model config.',
+                                flag_values=FLAGS)
+flags.DEFINE_string('topology', 'v5p:2x2x1',
+                    'TPU slice whose chip to compile for.', flag_values=FLAGS)
+flags.DEFINE_integer('batch_per_chip', 8, 'Clips per chip.', flag_values=FLAGS)
+flags.DEFINE_list('impls', ['xla', 'pallas'],
+                  'attention_impl values to compare.', flag_values=FLAGS)
+flags.mark_flags_as_required(['config'], flag_values=FLAGS)
 
 
 def block_inputs(config) -> collections.Counter:
@@ -86,8 +91,10 @@ def compile_attention(config, index: int, shape, grid, device) -> dict:
           ('flops', 'bytes accessed', 'optimal_seconds')}
 
 
-def main(argv):
-  del argv
+def _compare() -> int:
+  if FLAGS.topology == 'cpu':
+    raise UserError('--topology=cpu: give a TPU slice (v5p:2x2x1); the '
+                    'estimates are the TPU compiler\'s')
   device = aot.slice_devices(FLAGS.topology)[0]
   rows = []
   for impl in FLAGS.impls:
@@ -106,8 +113,14 @@ def main(argv):
           f'{total("flops") / 1e9:.1f} GFLOP, '
           f'{total("bytes accessed") / 1e9:.2f} GB, '
           f'est {total("optimal_seconds") * 1e3:.2f} ms per chip')
+  return 0
+
+
+def main(argv: list[str]) -> int:
+  """The command line after the program name, run in this process."""
+  cli.no_positional(cli.parse_with_config(FLAGS, argv))
+  return cli.report_user_errors('benchmarks.sta_blocks', _compare)
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run_with_config(main)
