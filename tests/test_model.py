@@ -230,7 +230,7 @@ def test_every_conv_impl_gives_the_same_logits_and_gradients():
 
 
 @pytest.mark.parametrize('impl,dtype,message', [
-    ('flash', 'float32', r'model.attention_impl.*xla, cudnn, auto'),
+    ('flash', 'float32', r'model.attention_impl.*xla, cudnn, pallas, auto'),
     ('cudnn', 'float32', r"cudnn needs dtype bfloat16 or float16.*'float32'"),
 ])
 def test_attention_impl_is_validated(impl, dtype, message):
