@@ -209,7 +209,7 @@ def _report() -> int:
   config = FLAGS.config
   if FLAGS.batch_per_chip:
     config.batch_size = FLAGS.batch_per_chip * len(devices)
-  model.resolve_for_platform(config.model, devices[0].platform)
+  model.resolve_for_platform(config, devices[0].platform)
   validate(config)
   compiled, compile_s, mesh = compile_train_step(config, devices)
   report = slice_report(config, compiled, compile_s, mesh)

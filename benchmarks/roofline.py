@@ -194,7 +194,7 @@ def main(argv):
   elif FLAGS.peak_tflops is None or FLAGS.bandwidth_gbs is None:
     raise app.UsageError('--target attached needs --peak_tflops and --bandwidth_gbs')
   config = step_flags.config()
-  model.resolve_for_platform(config.model, 'gpu' if gpu else None)
+  model.resolve_for_platform(config, 'gpu' if gpu else None)
   compiled = compiled_step(config, FLAGS.batch, FLAGS.train,
                            compile_only_device(gpu) if gpu else None)
   hlo = compiled.as_text()

@@ -17,7 +17,7 @@ from stat_jax.errors import UserError
 from stat_jax.attention import (ATTENTION_IMPLS, ATTENTION_SETS, CUDNN_DTYPES,
                                 HEAD_LAYOUTS, SPATIAL_SUMMARIES)
 
-DTYPES = ('float32', 'bfloat16', 'float16')
+DTYPES = ('float32', 'bfloat16', 'float16', 'auto')
 SAMPLINGS = ('segment', 'dense')
 
 
@@ -80,7 +80,8 @@ def check_model(config: ml_collections.ConfigDict) -> None:
              'must be an integer >= 1')
   _require(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl',
            m.attention_impl, f'must be one of {", ".join(ATTENTION_IMPLS)}')
-  _require(m.attention_impl != 'cudnn' or config.dtype in CUDNN_DTYPES,
+  # 'auto' is bfloat16 on the GPUs that cudnn runs on.
+  _require(m.attention_impl != 'cudnn' or config.dtype in (*CUDNN_DTYPES, 'auto'),
            'model.attention_impl', m.attention_impl,
            f'cudnn needs dtype {" or ".join(CUDNN_DTYPES)} (dtype is '
            f'{config.dtype!r}); use auto or xla')

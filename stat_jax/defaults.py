@@ -184,7 +184,9 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   c.num_epochs = 200
   c.train_examples = 240_000  # train videos; with num_epochs: total_steps
   c.grad_accum_steps = 1
-  c.dtype = 'float32'  # compute dtype; params are always float32
+  # Compute dtype; params are always float32. 'auto' is bfloat16 on TPUs and
+  # GPUs, float32 on the CPU (model.resolve_dtype).
+  c.dtype = 'float32'
   c.remat = False  # rematerialise each STA block in the backward pass
 
   c.optimizer = ml_collections.ConfigDict()

@@ -192,16 +192,39 @@ def test_kernel_choices_are_validated(key, value, message):
 def test_auto_kernel_choices_settle_for_the_target_platform():
   """aot.py compiles TPU programs on a CPU host: 'auto' must follow the
   target, not the host's backend; explicit choices stay."""
-  model = tiny.get_config().model
-  model_lib.resolve_for_platform(model, 'tpu')
-  assert (model.conv_impl, model.head_layout) == ('xla', 'products')
-  model = tiny.get_config().model
-  model.conv_impl = 'cpu'
-  model_lib.resolve_for_platform(model, 'gpu')
-  assert (model.conv_impl, model.head_layout) == ('cpu', 'products')
-  model = tiny.get_config().model
-  model_lib.resolve_for_platform(model, None)  # this host: the CPU
-  assert (model.conv_impl, model.head_layout) == ('cpu', 'transposed')
+  config = tiny.get_config()
+  config.dtype = 'auto'
+  model_lib.resolve_for_platform(config, 'tpu')
+  assert config.dtype == 'bfloat16'
+  assert (config.model.conv_impl, config.model.head_layout) == ('xla', 'products')
+  config = tiny.get_config()
+  config.model.conv_impl, config.dtype = 'cpu', 'float32'
+  model_lib.resolve_for_platform(config, 'gpu')
+  assert config.dtype == 'float32'
+  assert (config.model.conv_impl, config.model.head_layout) == ('cpu', 'products')
+  config = tiny.get_config()
+  config.dtype = 'auto'
+  model_lib.resolve_for_platform(config, None)  # this host: the CPU
+  assert config.dtype == 'float32'
+  assert (config.model.conv_impl, config.model.head_layout) == ('cpu', 'transposed')
+
+
+def test_the_kinetics_and_ssv2_configs_compute_in_bfloat16_on_accelerators():
+  """dtype 'auto': bfloat16 on TPU and GPU, float32 on the CPU; the
+  parameters stay float32 (a model built here, on the CPU, computes in
+  float32)."""
+  for module in (k400, ssv2):
+    config = module.get_config('16')
+    assert config.dtype == 'auto'
+    assert [model_lib.resolve_dtype(config.dtype, p)
+            for p in ('tpu', 'gpu', 'cpu')] == ['bfloat16', 'bfloat16', 'float32']
+  config = tiny.get_config()
+  config.dtype = 'auto'
+  model = built(config)
+  model.eval()
+  assert all(x.dtype == jnp.float32
+             for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert forward(model, jnp.ones((1, 8, 32, 32, 3))).dtype == jnp.float32
 
 
 def test_every_conv_impl_gives_the_same_logits_and_gradients():
