@@ -14,6 +14,7 @@ from stat_jax import arch, conv
 from stat_jax.config_validation import validate_model
 from stat_jax.attention import (ShrinkingTemporalAttention, dense_init,
                                 resolve_head_layout)
+from stat_jax.kernels import mlp as mlp_kernel
 
 embedding_init = nnx.initializers.truncated_normal(stddev=0.02)
 
@@ -94,6 +95,10 @@ class STABlock(nnx.Module):
     self.proj = (nnx.Linear(dim, spec.dim_out, dtype=dtype,
                             kernel_init=dense_init, rngs=rngs)
                  if spec.dim_out != dim else None)
+    # The fused kernel where the MLP's skip is its input (no projection).
+    self.mlp_impl = (mlp_kernel.resolve_mlp_impl(model.mlp_impl)
+                     if self.proj is None and dim <= mlp_kernel.MAX_WIDTH
+                     else 'xla')
 
   def skip(self, x, grid):
     """Max-pool the patch tokens like Q (kernel 3, stride q_stride)."""
@@ -120,10 +125,28 @@ class STABlock(nnx.Module):
     """The output tokens alone (what remat recomputes; grid is static)."""
     attended, _ = self.attn(self.norm1(x), grid)
     x = self.skip(x, grid) + self.drop_path(attended)
+    if self.mlp_impl != 'xla':
+      return self.fused_mlp(x)
     x_norm = self.norm2(x)
     if self.proj is not None:
       x = self.proj(x_norm)
     return x + self.drop_path(self.mlp(x_norm))
+
+
+  def fused_mlp(self, x):
+    """x + drop_path(MLP(norm2(x))) by the Pallas kernel, frame by frame."""
+    batch, nt, tokens, dim = x.shape
+    # The drop-path scale of each clip: the mask nnx.Dropout draws for x.
+    scale = self.drop_path(jnp.ones((batch, 1, 1, 1), jnp.float32))
+    fc1, fc2 = self.mlp.fc1, self.mlp.fc2
+    weights = mlp_kernel.MlpWeights(
+        self.norm2.scale[...], self.norm2.bias[...],
+        fc1.kernel[...].astype(x.dtype), fc1.bias[...],
+        fc2.kernel[...].astype(x.dtype), fc2.bias[...])
+    out = mlp_kernel.fused_mlp(
+        x.reshape(batch * nt, tokens, dim), scale.reshape(batch), weights, nt,
+        self.norm2.epsilon, self.mlp_impl == 'interpret')
+    return out.reshape(x.shape)
 
 
 class TemporalBlock(nnx.Module):
@@ -268,7 +291,8 @@ def resolve_dtype(dtype: str, platform: str | None = None) -> str:
 
 def resolve_for_platform(config: ml_collections.ConfigDict,
                          platform: str | None) -> None:
-  """Settle config.dtype, model.conv_impl and model.head_layout 'auto' for
+  """Settle config.dtype, model.conv_impl, model.head_layout and
+  model.mlp_impl 'auto' for
   `platform` (None: this process's backend), for a program compiled here
   to run on another platform: 'auto' would otherwise follow the compiling
   host."""
@@ -276,6 +300,8 @@ def resolve_for_platform(config: ml_collections.ConfigDict,
   config.model.conv_impl = conv.resolve_conv_impl(config.model.conv_impl, platform)
   config.model.head_layout = resolve_head_layout(config.model.head_layout,
                                                  platform)
+  config.model.mlp_impl = mlp_kernel.resolve_mlp_impl(config.model.mlp_impl,
+                                                      platform)
 
 
 def abstract_model(config: ml_collections.ConfigDict) -> STAT:

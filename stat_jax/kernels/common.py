@@ -11,6 +11,7 @@ again whenever its index changes from one grid step to the next.
 import itertools
 import math
 
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
@@ -48,3 +49,45 @@ def cost_estimate(*, flops, transcendentals, bytes_accessed) -> pl.CostEstimate:
   """pl.CostEstimate from counts that may be numpy or Python numbers."""
   return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals),
                          bytes_accessed=int(bytes_accessed))
+
+
+# XLA's float32 erf (and Eigen's): x P(x^2) / Q(x^2) on x clamped to [-4, 4],
+# where erf is 1 to float32 precision. Mosaic has no erf (jax lowers it
+# through erfc), so the kernels evaluate the same rational function.
+ERF_NUMERATOR = (-2.72614225801306e-10, 2.77068142495902e-08,
+                 -2.10102402082508e-06, -5.69250639462346e-05,
+                 -7.34990630326855e-04, -2.95459980854025e-03,
+                 -1.60960333262415e-02)
+SQRT_HALF = 0.7071067811865476
+INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+ERF_DENOMINATOR = (-1.45660718464996e-05, -2.13374055278905e-04,
+                   -1.68282697438203e-03, -7.37332916720468e-03,
+                   -1.42647390514189e-02)
+
+
+def _polynomial(x, coefficients):
+  """Horner's rule, highest power first."""
+  result = coefficients[0]
+  for c in coefficients[1:]:
+    result = result * x + c
+  return result
+
+
+def erf(x):
+  """erf of a float32 array, as XLA computes it (within float32 rounding)."""
+  x = jnp.clip(x, -4.0, 4.0)
+  squared = x * x
+  return (x * _polynomial(squared, ERF_NUMERATOR)
+          / _polynomial(squared, ERF_DENOMINATOR))
+
+
+def gelu(x):
+  """The exact (erf) GELU, x Phi(x), of a float32 array."""
+  return 0.5 * x * (1.0 + erf(x * SQRT_HALF))
+
+
+def gelu_derivative(x):
+  """d gelu / dx = Phi(x) + x phi(x), phi the standard normal density."""
+  return (0.5 * (1.0 + erf(x * SQRT_HALF))
+          + x * jnp.exp(-0.5 * x * x) * INV_SQRT_2PI)
+
