@@ -105,9 +105,8 @@ def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
   # How the STA blocks' MLPs of width <= 384 compute LN -> fc1 -> GELU ->
   # fc2 + skip (same numbers, stat_jax/kernels/mlp.py): 'xla' leaves it to
   # XLA; 'pallas' is one fused Pallas kernel that keeps the 4C hidden
-  # activations on chip (TPU only); 'interpret' runs that kernel in
-  # Pallas's interpreter (slow; to check it on a CPU); 'auto' is 'pallas' on
-  # TPUs, else 'xla'.
+  # activations on chip (TPU; interpreted, slowly, on the CPU; refused on
+  # a GPU); 'auto' is 'pallas' on TPUs, else 'xla'.
   m.mlp_impl = 'auto'
   m.drop_path = 0.2  # stochastic depth, rising linearly over the blocks
   m.dropout = 0.5  # before the classifier

@@ -143,9 +143,9 @@ class STABlock(nnx.Module):
         self.norm2.scale[...], self.norm2.bias[...],
         fc1.kernel[...].astype(x.dtype), fc1.bias[...],
         fc2.kernel[...].astype(x.dtype), fc2.bias[...])
-    out = mlp_kernel.fused_mlp(
-        x.reshape(batch * nt, tokens, dim), scale.reshape(batch), weights, nt,
-        self.norm2.epsilon, self.mlp_impl == 'interpret')
+    out = mlp_kernel.fused_mlp(x.reshape(batch * nt, tokens, dim),
+                               scale.reshape(batch), weights, nt,
+                               self.norm2.epsilon)
     return out.reshape(x.shape)
 
 

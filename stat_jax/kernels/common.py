@@ -11,6 +11,7 @@ again whenever its index changes from one grid step to the next.
 import itertools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
@@ -91,3 +92,12 @@ def gelu_derivative(x):
   return (0.5 * (1.0 + erf(x * SQRT_HALF))
           + x * jnp.exp(-0.5 * x * x) * INV_SQRT_2PI)
 
+
+
+def tpu_or_interpreted(call):
+  """The kernel `call(interpret)` returns, as a Mosaic kernel where the
+  program is lowered for a TPU and run by Pallas's interpreter where it is
+  lowered for the CPU (tests); the platform is the lowering's, so a TPU
+  program compiled ahead of time on a CPU host gets the Mosaic kernel."""
+  return lambda *args: jax.lax.platform_dependent(
+      *args, tpu=call(False), cpu=call(True))

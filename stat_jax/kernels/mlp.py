@@ -26,6 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from stat_jax.errors import UserError
 from stat_jax.kernels import common
 
 # Rows (frames x tokens) a grid step aims for: enough to amortise the step's
@@ -39,9 +40,9 @@ VMEM_LIMIT = 64 * 2**20
 MIN_VMEM_LIMIT = 32 * 2**20
 F32 = jnp.float32
 # model.mlp_impl: 'xla' leaves the MLP to XLA; 'pallas' runs these kernels
-# (TPU); 'interpret' runs them in Pallas's interpreter on any backend (slow:
-# for checking them on a CPU); 'auto' is 'pallas' on TPUs, else 'xla'.
-MLP_IMPLS = ('auto', 'xla', 'pallas', 'interpret')
+# (compiled on a TPU, interpreted on the CPU: slow, for tests); 'auto' is
+# 'pallas' on TPUs, else 'xla'.
+MLP_IMPLS = ('auto', 'xla', 'pallas')
 # Widths the kernels take: the narrow stages. At 768 channels the weights'
 # float32 gradient sums alone (2 x 768 x 3072, double-buffered) pass VMEM,
 # and the matmuls are compute bound in XLA already.
@@ -53,11 +54,16 @@ NT = (((1,), (1,)), ((), ()))
 
 
 def resolve_mlp_impl(impl: str, platform: str | None = None) -> str:
-  """'xla', 'pallas' or 'interpret' for MLP_IMPLS `impl` on `platform`
-  (default: the default backend's)."""
+  """'xla' or 'pallas' for MLP_IMPLS `impl` on `platform` (default: the
+  default backend's); 'pallas' is refused on a GPU, where Pallas TPU
+  kernels do not lower."""
+  platform = platform or jax.default_backend()
+  if impl == 'pallas' and platform == 'gpu':
+    raise UserError("config.model.mlp_impl = 'pallas': its kernels are Pallas "
+                    'TPU kernels, which do not lower on a GPU; use xla there')
   if impl != 'auto':
     return impl
-  return 'pallas' if (platform or jax.default_backend()) == 'tpu' else 'xla'
+  return 'pallas' if platform == 'tpu' else 'xla'
 
 
 class MlpWeights(NamedTuple):
@@ -288,10 +294,11 @@ def backward_cost(tile: Tiling, clips: int, channels: int, hidden: int,
   products of the gradients (dW2, d hidden, dW1, d LN(x))."""
   specs, arrays = _backward_specs(tile, channels, hidden, dtype, clips)
   rows = tile.steps * tile.frames_per_step
-  products = (2 * _padded_matmul_flops(tile.tokens, channels, hidden)
-              + _padded_matmul_flops(hidden, tile.tokens, channels)
-              + _padded_matmul_flops(tile.tokens, channels, hidden)
-              + _padded_matmul_flops(channels, tile.tokens, hidden))
+  products = (
+      2 * _padded_matmul_flops(tile.tokens, channels, hidden)  # fc1, d hidden
+      + _padded_matmul_flops(hidden, tile.tokens, channels)  # dW2
+      + _padded_matmul_flops(channels, tile.tokens, hidden)  # dW1
+      + _padded_matmul_flops(tile.tokens, hidden, channels))  # d LN(x)
   return common.cost_estimate(
       flops=rows * products,
       # erf's division twice (GELU and its derivative) and an exp per
@@ -329,14 +336,14 @@ def _backward_specs(tile: Tiling, channels: int, hidden: int, dtype, clips):
 # ---------------------------------------------------------------- kernels ---
 
 def _forward(x, scale, weights: MlpWeights, *, frames_per_clip: int,
-             eps: float, interpret: bool):
+             eps: float):
   frames, tokens, channels = x.shape
   hidden = weights.w1.shape[1]
   tile = tiling(frames, tokens)
   specs, _ = _forward_specs(tile, channels, hidden, x.dtype, scale.shape[0])
   kernel = functools.partial(_forward_kernel, eps=eps,
                              frames_per_clip=frames_per_clip)
-  return pl.pallas_call(
+  return common.tpu_or_interpreted(lambda interpret: pl.pallas_call(
       kernel, grid=tile.grid, in_specs=specs[:-1], out_specs=specs[-1],
       out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
       compiler_params=pltpu.CompilerParams(
@@ -346,11 +353,11 @@ def _forward(x, scale, weights: MlpWeights, *, frames_per_clip: int,
       cost_estimate=forward_cost(tile, scale.shape[0], channels, hidden,
                                  x.dtype),
       name='fused_mlp_forward', interpret=interpret,
-  )(scale, x, *_as_rows(weights))
+  ))(scale, x, *_as_rows(weights))
 
 
 def _backward(x, dout, scale, weights: MlpWeights, *, frames_per_clip: int,
-              eps: float, interpret: bool):
+              eps: float):
   """(dx, the gradients of gamma, beta, w1, b1, w2, b2)."""
   frames, tokens, channels = x.shape
   hidden = weights.w1.shape[1]
@@ -363,7 +370,7 @@ def _backward(x, dout, scale, weights: MlpWeights, *, frames_per_clip: int,
       for shape, dtype in arrays[inputs + 1:]]
   kernel = functools.partial(_backward_kernel, eps=eps,
                              frames_per_clip=frames_per_clip)
-  dx, *sums = pl.pallas_call(
+  dx, *sums = common.tpu_or_interpreted(lambda interpret: pl.pallas_call(
       kernel, grid=tile.grid, in_specs=specs[:inputs],
       out_specs=specs[inputs:], out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(
@@ -373,7 +380,7 @@ def _backward(x, dout, scale, weights: MlpWeights, *, frames_per_clip: int,
       cost_estimate=backward_cost(tile, scale.shape[0], channels, hidden,
                                   x.dtype),
       name='fused_mlp_backward', interpret=interpret,
-  )(scale, x, dout, *_as_rows(weights)[:5])
+  ))(scale, x, dout, *_as_rows(weights)[:5])
   grads = [total.sum(axis=0).reshape(param.shape).astype(param.dtype)
            for total, param in zip(sums, weights)]
   return dx, MlpWeights(*grads)
@@ -384,32 +391,28 @@ def _as_rows(weights: MlpWeights):
   return [w.reshape(1, -1) if w.ndim == 1 else w for w in weights]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def fused_mlp(x, scale, weights: MlpWeights, frames_per_clip: int,
-              eps: float, interpret: bool = False):
+              eps: float):
   """x + scale[clip] * fc2(GELU(fc1(LN(x)))), per frame.
 
   x: [frames, tokens, C] in the compute dtype (clip-major: frame f is of
   clip f // frames_per_clip); scale: [clips] float32, the drop-path scale
   of each clip (no gradient flows to it); weights: MlpWeights with fc2 back
-  to C channels; LN's epsilon `eps`. `interpret`: run the kernels in
-  Pallas's interpreter (any backend) instead of compiling them for a TPU.
+  to C channels; LN's epsilon `eps`.
   """
-  return _forward(x, scale, weights, frames_per_clip=frames_per_clip, eps=eps,
-                  interpret=interpret)
+  return _forward(x, scale, weights, frames_per_clip=frames_per_clip, eps=eps)
 
 
-def _fused_mlp_forward(x, scale, weights, frames_per_clip, eps, interpret):
-  out = _forward(x, scale, weights, frames_per_clip=frames_per_clip, eps=eps,
-                 interpret=interpret)
+def _fused_mlp_forward(x, scale, weights, frames_per_clip, eps):
+  out = _forward(x, scale, weights, frames_per_clip=frames_per_clip, eps=eps)
   return out, (x, scale, weights)
 
 
-def _fused_mlp_backward(frames_per_clip, eps, interpret, saved, dout):
+def _fused_mlp_backward(frames_per_clip, eps, saved, dout):
   x, scale, weights = saved
   dx, grads = _backward(x, dout, scale, weights,
-                        frames_per_clip=frames_per_clip, eps=eps,
-                        interpret=interpret)
+                        frames_per_clip=frames_per_clip, eps=eps)
   return dx, jnp.zeros_like(scale), grads
 
 
