@@ -135,18 +135,15 @@ class STABlock(nnx.Module):
 
   def fused_mlp(self, x):
     """x + drop_path(MLP(norm2(x))) by the Pallas kernel, frame by frame."""
-    batch, nt, tokens, dim = x.shape
     # The drop-path scale of each clip: the mask nnx.Dropout draws for x.
-    scale = self.drop_path(jnp.ones((batch, 1, 1, 1), jnp.float32))
+    scale = self.drop_path(jnp.ones((x.shape[0], 1, 1, 1), jnp.float32))
     fc1, fc2 = self.mlp.fc1, self.mlp.fc2
     weights = mlp_kernel.MlpWeights(
         self.norm2.scale[...], self.norm2.bias[...],
         fc1.kernel[...].astype(x.dtype), fc1.bias[...],
         fc2.kernel[...].astype(x.dtype), fc2.bias[...])
-    out = mlp_kernel.fused_mlp(x.reshape(batch * nt, tokens, dim),
-                               scale.reshape(batch), weights, nt,
-                               self.norm2.epsilon)
-    return out.reshape(x.shape)
+    return mlp_kernel.fused_mlp_clips(x, scale.reshape(-1), weights,
+                                      self.norm2.epsilon)
 
 
 class TemporalBlock(nnx.Module):

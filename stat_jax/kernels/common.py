@@ -13,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 import numpy as np
 from jax.experimental import pallas as pl
 
@@ -101,3 +102,20 @@ def tpu_or_interpreted(call):
   program compiled ahead of time on a CPU host gets the Mosaic kernel."""
   return lambda *args: jax.lax.platform_dependent(
       *args, tpu=call(False), cpu=call(True))
+
+
+def on_own_clips(fn, clip_args: int):
+  """fn(*args) with each device of the mesh its first argument is laid out
+  on running fn on its own clips: the first `clip_args` arguments split
+  along axis 0 over every mesh axis (as stat_jax/sharding.py splits a
+  batch), the rest whole; fn's result split like them. XLA cannot split a
+  Mosaic kernel over devices itself."""
+  def call(*args):
+    mesh = jax.typeof(args[0]).sharding.mesh
+    if mesh.empty or mesh.size == 1:
+      return fn(*args)
+    clips = PartitionSpec(mesh.axis_names)
+    specs = (clips,) * clip_args + (PartitionSpec(),) * (len(args) - clip_args)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=clips,
+                         check_vma=False)(*args)
+  return call

@@ -417,3 +417,14 @@ def _fused_mlp_backward(frames_per_clip, eps, saved, dout):
 
 
 fused_mlp.defvjp(_fused_mlp_forward, _fused_mlp_backward)
+
+
+def fused_mlp_clips(x, scale, weights: MlpWeights, eps: float):
+  """fused_mlp of x: [B, nt, tokens, C] (scale: [B]), under a mesh each
+  device on its own clips."""
+  def per_device(x, scale, weights):
+    batch, nt, tokens, channels = x.shape
+    out = fused_mlp(x.reshape(batch * nt, tokens, channels), scale, weights,
+                    nt, eps)
+    return out.reshape(x.shape)
+  return common.on_own_clips(per_device, clip_args=2)(x, scale, weights)
