@@ -20,6 +20,7 @@ from flax import nnx
 from jax import export
 
 from configs import tiny
+from conftest import run_on_cpu_devices
 from stat_jax import arch
 from stat_jax.errors import UserError
 from stat_jax.kernels import common, mlp
@@ -269,3 +270,37 @@ def test_tiny_stat_pallas_matches_xla():
   scale = max(float(np.abs(g).max()) for g in xla_grads)
   for got, want in zip(grads, xla_grads, strict=True):
     np.testing.assert_allclose(got, want, atol=1e-5 * scale, rtol=0)
+
+
+SPLIT_CLIPS = '''
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from stat_jax.kernels import mlp
+mesh = Mesh(np.array(jax.devices()).reshape(2, 1), ('data', 'fsdp'))
+clips, whole = NamedSharding(mesh, P(('data', 'fsdp'))), NamedSharding(mesh, P())
+k = jax.random.split(jax.random.key(0), 8)
+C, H = 16, 32
+x = jax.device_put(jax.random.normal(k[0], (4, 2, 5, C)), clips)
+scale = jax.device_put(jnp.array([1.25, 0.0, 1.25, 1.25]), clips)
+w = mlp.MlpWeights(1 + 0.1 * jax.random.normal(k[1], (C,)), 0.1 * jax.random.normal(k[2], (C,)),
+    jax.random.normal(k[3], (C, H)) / 4, 0.1 * jax.random.normal(k[4], (H,)), jax.random.normal(k[5], (H, C)) / 6, 0.1 * jax.random.normal(k[6], (C,)))
+w = jax.device_put(w, whole)
+def ref(x, scale, w):
+  m = x.mean(-1, keepdims=True); v = ((x - m) ** 2).mean(-1, keepdims=True)
+  xn = (x - m) / jnp.sqrt(v + 1e-6) * w.gamma + w.beta
+  return x + scale[:, None, None, None] * (jax.nn.gelu(xn @ w.w1 + w.b1, approximate=False) @ w.w2 + w.b2)
+def run(f):
+  return jax.jit(jax.value_and_grad(lambda x, w: jnp.sin(f(x, scale, w)).sum(), argnums=(0, 1)))(x, w)
+got = run(lambda x, s, w: mlp.fused_mlp_clips(x, s, w, 1e-6))
+want = run(ref)
+print(json.dumps([float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]))
+'''
+
+
+@pytest.mark.ci_extra  # a subprocess on 2 devices
+def test_clips_split_over_devices_match_xla():
+  """Under a mesh each device runs the kernels on its own clips (XLA
+  cannot split a Mosaic kernel): same values and gradients as XLA's."""
+  errors = run_on_cpu_devices(SPLIT_CLIPS, 2)
+  assert max(errors) < 2e-5, errors
