@@ -33,9 +33,12 @@ from stat_jax.kernels import common
 # overhead, few enough that double-buffered blocks stay small next to VMEM.
 TARGET_ROWS = 1024
 MAX_FRAMES_PER_STEP = 16
-# The backward kernel splits the frames over this many TensorCores (v4 and
-# v5p run two per chip as one device), each with its own weight-gradient sum.
+# The kernels split the frames over this many TensorCores (v4 and v5p run
+# two per chip as one device; one core runs both halves in turn), each with
+# its own weight-gradient sums in the backward.
 CORES = 2
+# VMEM a kernel may ask for: its footprint with headroom, at least the
+# default scoped limit, at most this (v4 has 32 MiB per core; v5p, v6e more).
 VMEM_LIMIT = 64 * 2**20
 MIN_VMEM_LIMIT = 32 * 2**20
 F32 = jnp.float32
@@ -335,52 +338,51 @@ def _backward_specs(tile: Tiling, channels: int, hidden: int, dtype, clips):
 
 # ---------------------------------------------------------------- kernels ---
 
+def _pallas(kernel, tile: Tiling, in_specs, out_specs, out_shape, *,
+            vmem_bytes: int, cost: pl.CostEstimate, name: str):
+  """The pallas_call of one of the kernels over the frames (module doc)."""
+  return common.tpu_or_interpreted(lambda interpret: pl.pallas_call(
+      kernel, grid=tile.grid, in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, cost_estimate=cost, name=name, interpret=interpret,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'arbitrary'),
+          vmem_limit_bytes=_vmem_limit(vmem_bytes))))
+
+
 def _forward(x, scale, weights: MlpWeights, *, frames_per_clip: int,
              eps: float):
   frames, tokens, channels = x.shape
-  hidden = weights.w1.shape[1]
+  hidden, clips = weights.w1.shape[1], scale.shape[0]
   tile = tiling(frames, tokens)
-  specs, _ = _forward_specs(tile, channels, hidden, x.dtype, scale.shape[0])
+  specs, _ = _forward_specs(tile, channels, hidden, x.dtype, clips)
   kernel = functools.partial(_forward_kernel, eps=eps,
                              frames_per_clip=frames_per_clip)
-  return common.tpu_or_interpreted(lambda interpret: pl.pallas_call(
-      kernel, grid=tile.grid, in_specs=specs[:-1], out_specs=specs[-1],
-      out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=('parallel', 'arbitrary'),
-          vmem_limit_bytes=_vmem_limit(
-              _footprint(tile, channels, hidden, x.dtype, backward=False))),
-      cost_estimate=forward_cost(tile, scale.shape[0], channels, hidden,
-                                 x.dtype),
-      name='fused_mlp_forward', interpret=interpret,
-  ))(scale, x, *_as_rows(weights))
+  return _pallas(
+      kernel, tile, specs[:-1], specs[-1],
+      jax.ShapeDtypeStruct(x.shape, x.dtype),
+      vmem_bytes=_footprint(tile, channels, hidden, x.dtype, backward=False),
+      cost=forward_cost(tile, clips, channels, hidden, x.dtype),
+      name='fused_mlp_forward')(scale, x, *_as_rows(weights))
 
 
 def _backward(x, dout, scale, weights: MlpWeights, *, frames_per_clip: int,
               eps: float):
   """(dx, the gradients of gamma, beta, w1, b1, w2, b2)."""
   frames, tokens, channels = x.shape
-  hidden = weights.w1.shape[1]
+  hidden, clips = weights.w1.shape[1], scale.shape[0]
   tile = tiling(frames, tokens)
-  specs, arrays = _backward_specs(tile, channels, hidden, x.dtype,
-                                  scale.shape[0])
-  inputs = 3 + 5
+  specs, arrays = _backward_specs(tile, channels, hidden, x.dtype, clips)
+  inputs = 3 + 5  # scale, x, dout and gamma, beta, w1, b1, w2
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)] + [
       jax.ShapeDtypeStruct((tile.cores, *shape), dtype)
       for shape, dtype in arrays[inputs + 1:]]
   kernel = functools.partial(_backward_kernel, eps=eps,
                              frames_per_clip=frames_per_clip)
-  dx, *sums = common.tpu_or_interpreted(lambda interpret: pl.pallas_call(
-      kernel, grid=tile.grid, in_specs=specs[:inputs],
-      out_specs=specs[inputs:], out_shape=out_shape,
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=('parallel', 'arbitrary'),
-          vmem_limit_bytes=_vmem_limit(
-              _footprint(tile, channels, hidden, x.dtype, backward=True))),
-      cost_estimate=backward_cost(tile, scale.shape[0], channels, hidden,
-                                  x.dtype),
-      name='fused_mlp_backward', interpret=interpret,
-  ))(scale, x, dout, *_as_rows(weights)[:5])
+  dx, *sums = _pallas(
+      kernel, tile, specs[:inputs], specs[inputs:], out_shape,
+      vmem_bytes=_footprint(tile, channels, hidden, x.dtype, backward=True),
+      cost=backward_cost(tile, clips, channels, hidden, x.dtype),
+      name='fused_mlp_backward')(scale, x, dout, *_as_rows(weights)[:5])
   grads = [total.sum(axis=0).reshape(param.shape).astype(param.dtype)
            for total, param in zip(sums, weights)]
   return dx, MlpWeights(*grads)
