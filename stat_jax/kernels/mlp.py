@@ -38,7 +38,7 @@ MAX_FRAMES_PER_STEP = 16
 # its own weight-gradient sums in the backward.
 CORES = 2
 # VMEM a kernel may ask for: its footprint with headroom, at least the
-# default scoped limit, at most this (v4 has 32 MiB per core; v5p, v6e more).
+# default scoped limit, at most this.
 VMEM_LIMIT = 64 * 2**20
 MIN_VMEM_LIMIT = 32 * 2**20
 F32 = jnp.float32
