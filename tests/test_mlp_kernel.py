@@ -111,23 +111,26 @@ def test_float32_values_and_gradients_match_xla(monkeypatch):
 
 
 def test_bfloat16_values_and_gradients_match_xla():
-  """bfloat16 activations and matmul operands, float32 accumulation: the
-  kernel and XLA's bfloat16 path both within 3 % of the largest value of the
-  float32 result (bfloat16 keeps 8 bits)."""
-  kernel_loss, xla_loss, x, params = losses(6, 13, jnp.bfloat16)
+  """bfloat16 activations and matmul operands, float32 accumulation: within
+  3 % of the largest value of the float32 XLA path's result (bfloat16 keeps
+  8 bits; XLA's own bfloat16 path is as far off)."""
+  kernel_loss, _, x, params = losses(6, 13, jnp.bfloat16)
   reference_loss = losses(6, 13, jnp.float32)[1]
   want = values_and_grads(reference_loss, x.astype(jnp.float32), params)
   assert_close(values_and_grads(kernel_loss, x, params), want, 3e-2)
-  assert_close(values_and_grads(xla_loss, x, params), want, 3e-2)
 
 
 def test_erf_and_gelu_follow_xla():
-  x = jnp.linspace(-6, 6, 4001, dtype=jnp.float32)
-  np.testing.assert_allclose(common.erf(x), jax.lax.erf(x), atol=5e-7, rtol=0)
-  np.testing.assert_allclose(common.gelu(x), jax.nn.gelu(x, approximate=False),
-                             atol=2e-6, rtol=0)
-  slope = jax.vmap(jax.grad(lambda t: jax.nn.gelu(t, approximate=False)))(x)
-  np.testing.assert_allclose(common.gelu_derivative(x), slope, atol=5e-7, rtol=0)
+  @jax.jit
+  def ours_and_xlas(x):
+    slope = jax.vmap(jax.grad(lambda t: jax.nn.gelu(t, approximate=False)))(x)
+    return ((common.erf(x), jax.lax.erf(x)),
+            (common.gelu(x), jax.nn.gelu(x, approximate=False)),
+            (common.gelu_derivative(x), slope))
+
+  pairs = ours_and_xlas(jnp.linspace(-6, 6, 4001, dtype=jnp.float32))
+  for (ours, xlas), tolerance in zip(pairs, (5e-7, 2e-6, 5e-7)):
+    np.testing.assert_allclose(ours, xlas, atol=tolerance, rtol=0)
 
 
 # ------------------------------------------------- costs and TPU lowering ---
