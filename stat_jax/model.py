@@ -132,7 +132,6 @@ class STABlock(nnx.Module):
       x = self.proj(x_norm)
     return x + self.drop_path(self.mlp(x_norm))
 
-
   def fused_mlp(self, x):
     """x + drop_path(MLP(norm2(x))) by the Pallas kernel, frame by frame."""
     # The drop-path scale of each clip: the mask nnx.Dropout draws for x.
@@ -289,12 +288,12 @@ def resolve_dtype(dtype: str, platform: str | None = None) -> str:
 def resolve_for_platform(config: ml_collections.ConfigDict,
                          platform: str | None) -> None:
   """Settle config.dtype, model.conv_impl, model.head_layout and
-  model.mlp_impl 'auto' for
-  `platform` (None: this process's backend), for a program compiled here
-  to run on another platform: 'auto' would otherwise follow the compiling
-  host."""
+  model.mlp_impl 'auto' for `platform` (None: this process's backend), for
+  a program compiled here to run on another platform: 'auto' would
+  otherwise follow the compiling host."""
   config.dtype = resolve_dtype(config.dtype, platform)
-  config.model.conv_impl = conv.resolve_conv_impl(config.model.conv_impl, platform)
+  config.model.conv_impl = conv.resolve_conv_impl(config.model.conv_impl,
+                                                 platform)
   config.model.head_layout = resolve_head_layout(config.model.head_layout,
                                                  platform)
   config.model.mlp_impl = mlp_kernel.resolve_mlp_impl(config.model.mlp_impl,
