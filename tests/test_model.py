@@ -181,6 +181,7 @@ def test_bfloat16_forward_follows_float32():
     ('conv_impl', 'cudnn', r"model.conv_impl.*'cudnn'.*cpu, xla, auto"),
     ('head_layout', 'bhnd',
      r"model.head_layout.*'bhnd'.*products, transposed, auto"),
+    ('mlp_impl', 'triton', r"model.mlp_impl.*'triton'.*auto, xla, pallas"),
 ])
 def test_kernel_choices_are_validated(key, value, message):
   config = tiny.get_config()
@@ -220,11 +221,10 @@ def test_the_kinetics_and_ssv2_configs_compute_in_bfloat16_on_accelerators():
             for p in ('tpu', 'gpu', 'cpu')] == ['bfloat16', 'bfloat16', 'float32']
   config = tiny.get_config()
   config.dtype = 'auto'
-  model = built(config)
-  model.eval()
+  model = abstract_model(config)
+  assert model.head.dtype == model.blocks[0].mlp.fc1.dtype == jnp.float32
   assert all(x.dtype == jnp.float32
              for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  assert forward(model, jnp.ones((1, 8, 32, 32, 3))).dtype == jnp.float32
 
 
 def test_every_conv_impl_gives_the_same_logits_and_gradients():
