@@ -25,7 +25,11 @@ bytes are the pl.CostEstimate it declares, which counts what its grid
 really moves (every block re-read, tiles padded) rather than its operands
 once.
 Layout-only instructions (bitcast, tuple, get-tuple-element, parameter,
-constant) are free.
+constant) are free. An asynchronous copy (copy-start; its copy-done only
+waits) reads its operand and writes it once, not at all where it writes
+to the TPU's on-chip memory (a prefetch: layout `S(1)`); the kernel that
+then reads the copy is counted as reading memory, so prefetched bytes
+count twice.
 
 Collectives (all-gather, reduce-scatter, all-reduce, all-to-all,
 collective-permute) are listed apart, with their bytes and how many times a
@@ -45,8 +49,12 @@ BYTES_PER_ELEMENT = {
 ARRAY = re.compile(r'\b([a-z][a-z0-9]*)\[([\d,]*)\]')
 INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%([^\s=]+)\s*=\s*(.*)$')
 COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%([^\s(]+)\s*\(')
+# An asynchronous copy's -done half only waits: its -start moves the data.
 FREE = {'parameter', 'constant', 'bitcast', 'tuple', 'get-tuple-element',
-        'while', 'conditional', 'after-all', 'partition-id', 'replica-id'}
+        'while', 'conditional', 'after-all', 'partition-id', 'replica-id',
+        'copy-done'}
+# The layout of an array in the TPU's on-chip memory (VMEM): `{...S(1)}`.
+ON_CHIP = re.compile(r'^\(\w+\[[\d,]*\]\{[^}]*S\(1\)\}')
 SLICES = {'slice', 'dynamic-slice'}
 # Library calls whose last output, if bytes, is a scratch buffer, not a result.
 WORKSPACE_TARGETS = ('__cublas', '__cudnn')
@@ -315,6 +323,9 @@ class Module:
                        for i, b in enumerate(operand_bytes)]
     if update is not None:  # in place: only the update is written
       output_bytes = shape_bytes(self.shapes[update.operands[1]])
+    if instruction.opcode == 'copy-start':  # (destination, source, context)
+      # Written to memory once, not at all when the destination is on chip.
+      output_bytes = 0.0 if ON_CHIP.match(instruction.shape) else sum(operand_bytes)
     kind, flops = self.work(instruction)
     moved = sum(operand_bytes) + output_bytes
     name, declared = instruction.name, declared_cost(instruction)
@@ -358,9 +369,12 @@ OPTIMIZER_SCOPE = 'optimizer/'
 
 
 def phase(kernel: Kernel, train: bool) -> str:
-  """'forward', 'backward', 'optimizer' or 'other' (augmentation, mixup,
-  the loss's scalars): in a train step, from the jax transformations and
-  scopes in the kernel's op_name."""
+  """'copies' (asynchronous copies), else 'forward', 'backward',
+  'optimizer' or 'other' (augmentation, mixup, the loss's scalars): in a
+  train step, from the jax transformations and scopes in the kernel's
+  op_name."""
+  if kernel.opcode == 'copy-start':
+    return 'copies'  # XLA's asynchronous copies, prefetches into VMEM
   if not train:
     return 'forward'
   if 'transpose(' in kernel.op_name:
