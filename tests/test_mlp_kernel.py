@@ -21,10 +21,10 @@ from jax import export
 
 from configs import tiny
 from conftest import run_on_cpu_devices
-from stat_jax import arch
+from stat_jax import arch, flops
 from stat_jax.errors import UserError
 from stat_jax.kernels import common, mlp
-from stat_jax.model import Mlp, STABlock, build_model
+from stat_jax.model import Mlp, STABlock, abstract_model, build_model
 
 CHANNELS, HIDDEN, EPS = 48, 96, 1e-6
 KEEP = 0.8  # drop-path keep probability: a kept clip's branch is scaled 1 / KEEP
@@ -251,6 +251,22 @@ def test_the_model_uses_the_kernel_in_its_narrow_blocks_with_the_same_numbers():
   scale = max(float(np.abs(g).max()) for g in xla_grads)
   for got, want in zip(grads, xla_grads, strict=True):
     np.testing.assert_allclose(got, want, atol=1e-5 * scale, rtol=0)
+
+
+def test_the_model_flops_do_not_depend_on_mlp_impl(monkeypatch):
+  """MFU's numerator: counted from the jaxpr, the kernel's form shows one
+  grid step of its products (here one frame of 4), so the count is taken
+  on the XLA form."""
+  monkeypatch.setattr(mlp, 'TARGET_ROWS', 1)
+  config = tiny.get_config()
+  config.model.mlp_impl = 'pallas'
+  kernel_form = flops.count_macs(*flops.model_forward(abstract_model(config),
+                                                      config))
+  config.model.mlp_impl = 'xla'
+  xla_form = flops.model_macs(config)
+  assert kernel_form < xla_form
+  config.model.mlp_impl = 'pallas'
+  assert flops.model_macs(config) == xla_form
 
 
 @pytest.mark.ci_extra  # the tiny model's gradients twice (about a minute)
