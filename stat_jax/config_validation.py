@@ -16,8 +16,9 @@ from stat_jax import arch, conv, defaults
 from stat_jax.errors import UserError
 from stat_jax.attention import (ATTENTION_IMPLS, ATTENTION_SETS, CUDNN_DTYPES,
                                 HEAD_LAYOUTS, SPATIAL_SUMMARIES)
+from stat_jax.kernels.mlp import MLP_IMPLS
 
-DTYPES = ('float32', 'bfloat16', 'float16')
+DTYPES = ('float32', 'bfloat16', 'float16', 'auto')
 ARCHS = ('stat', 'mvit')
 SAMPLINGS = ('segment', 'dense')
 
@@ -86,12 +87,15 @@ def check_model(config: ml_collections.ConfigDict) -> None:
              'must be an integer >= 1')
   _require(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl',
            m.attention_impl, f'must be one of {", ".join(ATTENTION_IMPLS)}')
-  _require(m.attention_impl != 'cudnn' or config.dtype in CUDNN_DTYPES,
+  # 'auto' is bfloat16 on the GPUs that cudnn runs on.
+  _require(m.attention_impl != 'cudnn' or config.dtype in (*CUDNN_DTYPES, 'auto'),
            'model.attention_impl', m.attention_impl,
            f'cudnn needs dtype {" or ".join(CUDNN_DTYPES)} (dtype is '
            f'{config.dtype!r}); use auto or xla')
   _require(m.conv_impl in conv.CONV_IMPLS, 'model.conv_impl', m.conv_impl,
            f'must be one of {", ".join(conv.CONV_IMPLS)}')
+  _require(m.mlp_impl in MLP_IMPLS, 'model.mlp_impl', m.mlp_impl,
+           f'must be one of {", ".join(MLP_IMPLS)}')
   _require(m.head_layout in HEAD_LAYOUTS, 'model.head_layout', m.head_layout,
            f'must be one of {", ".join(HEAD_LAYOUTS)}')
   _require(0 <= m.drop_path < 1, 'model.drop_path', m.drop_path, 'must be in [0, 1)')

@@ -108,6 +108,12 @@ def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
   # transposes the projected tokens; 'auto' is 'transposed' on the CPU
   # backend, else 'products'.
   m.head_layout = 'auto'
+  # How the STA blocks' MLPs of width <= 384 compute LN -> fc1 -> GELU ->
+  # fc2 + skip (same numbers, stat_jax/kernels/mlp.py): 'xla' leaves it to
+  # XLA; 'pallas' is one fused Pallas kernel that keeps the 4C hidden
+  # activations on chip (TPU; interpreted, slowly, on the CPU; refused on
+  # a GPU); 'auto' is 'pallas' on TPUs, else 'xla'.
+  m.mlp_impl = 'auto'
   m.drop_path = 0.2  # stochastic depth, rising linearly over the blocks
   m.dropout = 0.5  # before the classifier
   return m
@@ -190,7 +196,9 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   c.num_epochs = 200
   c.train_examples = 240_000  # train videos; with num_epochs: total_steps
   c.grad_accum_steps = 1
-  c.dtype = 'float32'  # compute dtype; params are always float32
+  # Compute dtype; params are always float32. 'auto' is bfloat16 on TPUs and
+  # GPUs, float32 on the CPU (model.resolve_dtype).
+  c.dtype = 'float32'
   c.remat = False  # rematerialise each STA block in the backward pass
 
   c.optimizer = ml_collections.ConfigDict()
