@@ -100,7 +100,7 @@ def _compare() -> int:
   for impl in FLAGS.impls:
     config = FLAGS.config
     config.model.attention_impl = impl
-    model_lib.resolve_for_platform(config.model, 'tpu')
+    model_lib.resolve_for_platform(config, 'tpu')
     for (index, shape, grid), count in sorted(block_inputs(config).items()):
       cost = compile_attention(config, index, shape, grid, device)
       rows.append(dict(impl=impl, block=index, tokens=list(shape), count=count,

@@ -14,7 +14,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from absl import flags
 from flax import nnx
 from ml_collections import config_flags
@@ -107,9 +106,11 @@ def param_count(model: nnx.Module) -> int:
 
 
 def _counted(config):
-  """`config` with the MLP on XLA: a Pallas kernel's jaxpr is one grid step
-  of it, so the kernel's form would hide most of its multiply-adds."""
-  counted = ml_collections.ConfigDict(config)
+  """A copy of `config` with the attention and the MLP on XLA: a Pallas
+  kernel's jaxpr is one grid step of it, so the kernel's form would hide
+  most of its multiply-adds (every implementation computes the same)."""
+  counted = config.copy_and_resolve_references()
+  counted.model.attention_impl = 'xla'
   counted.model.mlp_impl = 'xla'
   return counted
 
