@@ -5,14 +5,13 @@ differs (the classifier when the class count changes) keeps its fresh
 initialisation. What was loaded, re-initialised or left unused is reported.
 """
 
-import os
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorflow as tf
 from flax import nnx
 
-from stat_jax import param_names
+from stat_jax import param_names, storage
 
 
 def _flatten(tree) -> dict:
@@ -24,12 +23,16 @@ def _flatten(tree) -> dict:
 
 def _latest_state_dir(source: str) -> str:
   """A run workdir, its checkpoints/ dir, or one step dir -> the state item."""
-  for candidate in (source, os.path.join(source, 'checkpoints')):
-    if os.path.isdir(os.path.join(candidate, 'state')):
-      return os.path.join(candidate, 'state')
-    steps = [int(d) for d in os.listdir(candidate) if d.isdigit()] if os.path.isdir(candidate) else []
+  for candidate in (source, storage.join(source, 'checkpoints')):
+    if tf.io.gfile.isdir(storage.join(candidate, 'state')):
+      return storage.join(candidate, 'state')
+    # GCS lists folders with a trailing '/'
+    names = (tf.io.gfile.listdir(candidate)
+             if tf.io.gfile.isdir(candidate) else [])
+    steps = [int(name.rstrip('/')) for name in names
+             if name.rstrip('/').isdigit()]
     if steps:
-      return os.path.join(candidate, str(max(steps)), 'state')
+      return storage.join(candidate, str(max(steps)), 'state')
   raise FileNotFoundError(f'config.init_from={source!r}: no checkpoint found '
                           '(expected a workdir, its checkpoints/ or a step dir)')
 
