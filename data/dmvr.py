@@ -202,7 +202,7 @@ class ShardedWriter:
       raise ValueError(f'num_shards: expected >= 1, got {num_shards}')
     self.filenames = sharded_filenames(prefix, num_shards)
     self.spec = f'{prefix}@{num_shards}'
-    tf.io.gfile.makedirs(storage.parent(prefix) or '.')
+    storage.make_folder(storage.parent(prefix) or '.')
     self._writers = [tf.io.TFRecordWriter(f) for f in self.filenames]
 
   def write(self, shard: int, record: bytes):

@@ -58,6 +58,14 @@ def reason(error: BaseException) -> str:
   return ' '.join(str(text).split())[:300]
 
 
+def make_folder(path: str) -> None:
+  """Makes the local folder `path` and its parents. A bucket has no
+  folders to make (and TF's makedirs does not return for a bucket that does
+  not exist): objects are written under any prefix."""
+  if path and not is_remote(path):
+    tf.io.gfile.makedirs(path)
+
+
 def read_text(path: str) -> str:
   with tf.io.gfile.GFile(path) as f:
     return f.read()
@@ -66,9 +74,7 @@ def read_text(path: str) -> str:
 def write_text(path: str, text: str) -> None:
   """`path` appears with all of `text` or not at all. A GCS object does so
   by itself; a local file is written beside it and renamed over it."""
-  folder = parent(path)
-  if folder and not is_remote(path):
-    tf.io.gfile.makedirs(folder)
+  make_folder(parent(path))
   target = path if is_remote(path) else f'{path}.tmp-{uuid.uuid4().hex}'
   try:
     with tf.io.gfile.GFile(target, 'w') as f:
@@ -115,8 +121,7 @@ def write_probe(directory: str) -> None:
   """Creates and removes a file in `directory` (made if missing, locally);
   raises what the disk or the bucket said."""
   probe = join(directory, f'.write-probe-{uuid.uuid4().hex}')
-  if not is_remote(directory):
-    tf.io.gfile.makedirs(directory)
+  make_folder(directory)
   handle = tf.io.gfile.GFile(probe, 'w')
   try:
     handle.write('')
