@@ -16,6 +16,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -138,7 +139,7 @@ def test_a_run_resumes_bit_for_bit_from_a_bucket(gs_run, local_run, motion):
   assert 'Resuming from step' in gs_run['resumed_output']
   assert read_loss_log(gs_run['workdir']) == local_run['losses']
   reference = local_run['state'].params
-  zeros = jax.tree.map(np.zeros_like, jax.device_get(reference))
+  zeros = jax.tree.map(jnp.zeros_like, reference)
   restored = load_pretrained(gs_run['workdir'], zeros, log=lambda _: None)
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(reference)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
