@@ -9,10 +9,13 @@ it is refused with the differing keys named, unless
 lower learning rate after a NaN).
 
 RUN_CONTROL_KEYS may always differ: how long and how often (total steps,
-logging / eval / checkpoint frequencies), how evaluation is done, where the
-computation runs (mesh, attention / conv implementations, remat and the
-micro-batching of grad_accum_steps give the same numbers), and the data
-side's own run-control knobs. Keys that only one of the two configs has
+logging / eval / checkpoint frequencies), how evaluation is done, where and
+how the computation runs (mesh, attention / conv implementations, remat,
+the micro-batching of grad_accum_steps), and the data side's own
+run-control knobs. The computation keys train the same model by the same
+recipe, with numbers equal up to rounding, with one exception: mixup pairs
+the clips each device holds, so a change of mesh pairs other clips (drawn
+from the same distribution). Keys that only one of the two configs has
 (added to stat_jax/defaults.py since the checkpoint) are not compared. A
 new key of stat_jax/defaults.py is compared unless it is listed here: add
 it when changing it mid-run cannot change what is trained.
@@ -30,7 +33,7 @@ RUN_CONTROL_KEYS = (
     'total_steps', 'num_epochs', 'train_examples', 'log_every', 'eval_every',
     'checkpoint_every', 'keep_checkpoints', 'init_from',
     'resume_with_changed_config',
-    # where and how the same numbers are computed
+    # where and how the computation runs
     'mesh.', 'remat', 'grad_accum_steps', 'model.attention_impl',
     'model.conv_impl', 'model.head_layout',
     # evaluation and what it writes

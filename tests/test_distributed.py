@@ -161,7 +161,7 @@ def killed(tmp_path_factory) -> dict:
                          stderr=subprocess.STDOUT)
   lines = collect_output(job)
   try:
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # a bound against a hang (compiles first)
     while sum(line.endswith('] waiting\n') for line in list(lines)) < 2:
       assert time.time() < deadline and job.poll() is None, ''.join(lines)
       time.sleep(0.05)

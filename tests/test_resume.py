@@ -47,7 +47,12 @@ def train_command(motion, workdir):
           '--config.data.eval_batch_size=4']
 
 
-def wait_for(condition, process, seconds=120):
+# A bound against a hang only: the subprocess compiles first, and at XLA's
+# own flags (STAT_JAX_TESTS_AS_RUN) on a busy machine that takes minutes.
+PATIENCE_S = 600
+
+
+def wait_for(condition, process, seconds=PATIENCE_S):
   deadline = time.time() + seconds
   while not condition():
     assert time.time() < deadline and process.poll() is None
@@ -66,7 +71,7 @@ def sigterm_once_logged(workdir, lines: int) -> threading.Thread:
   """A thread that sends this process SIGTERM once train_log.jsonl of
   `workdir` holds more than `lines` lines (a step trained after a resume)."""
   def watch():
-    deadline = time.time() + 120
+    deadline = time.time() + PATIENCE_S
     while log_lines(workdir) <= lines and time.time() < deadline:
       time.sleep(0.05)
     os.kill(os.getpid(), signal.SIGTERM)
