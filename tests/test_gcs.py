@@ -2,8 +2,9 @@
 `gcs` fixture): the converter writes shards to a bucket; a tiny run trains
 from gs:// shards into a gs:// workdir, is SIGKILLed and resumes bit for
 bit; eval, export and predict read that run; nothing lands in the working
-directory; a missing bucket, missing credentials and a denied write are
-refused in one line before anything compiles.
+directory; a corrupt latest checkpoint is moved aside in the bucket; a
+missing bucket, missing credentials and a denied write are refused in one
+line before anything compiles.
 
 Slow (training subprocesses, an export): CI's second step (ci_extra).
 """
@@ -22,9 +23,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT
-from data import convert, dmvr
-from stat_jax import trainer
+from data import convert, dmvr, synthetic
+from stat_jax import checkpoint, explain, trainer
 from stat_jax.deploy import export, predict
+from stat_jax.train_state import abstract_train_state, with_shardings
 from stat_jax.transfer import load_pretrained
 from training_testlib import STEPS, run_config
 import video_testlib
@@ -188,6 +190,25 @@ def test_eval_export_and_predict_read_the_run(gcs, gs_motion, gs_run,
   assert os.listdir(empty_cwd) == []
 
 
+def test_explain_reads_a_record_in_the_bucket_and_writes_pictures_there(
+    gcs, gs_run, capsys):
+  shard = dmvr.resolve_spec(f'{BUCKET}/motion/val.tfrecord@1')[0]
+  assert explain.main([f'--workdir={gs_run["workdir"]}',
+                       f'--out={BUCKET}/explain', '--json', f'{shard}:1']) == 0
+  video = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[
+      'videos'][0]
+  assert video['label'] == synthetic.CLASSES[synthetic.clip_label(1)]
+  objects = gcs.list_objects('test-bucket', 'explain/')
+  pictures = [name for name in objects if name.endswith('.png')]
+  assert {name.split('.')[-2] for name in pictures} == {
+      'frames', 'shares', 'timeline', 'spatial'}
+  for name in pictures:
+    png = tf.io.gfile.GFile(f'{BUCKET}/{name}', 'rb').read()
+    assert tf.io.decode_png(png).numpy().std() > 10, name  # not blank
+  page = tf.io.gfile.GFile(f'{BUCKET}/explain/index.html').read()
+  assert all(name.removeprefix('explain/') in page for name in pictures)
+
+
 @pytest.mark.parametrize('workdir, credentials, says', [
     ('gs://no-such-bucket/run', True, 'Not Found'),
     ('gs://read-only-bucket/run', True, 'does not have storage.objects.create'),
@@ -211,3 +232,27 @@ def test_unusable_workdirs_are_refused_in_one_line(gcs, motion, empty_cwd,
   if bucket != 'no-such-bucket':
     assert gcs.list_objects(bucket, folder) == []
   assert os.listdir(empty_cwd) == []
+
+
+def test_a_corrupt_latest_in_a_bucket_is_moved_aside(gcs, gs_motion, gs_run,
+                                                     capfd):
+  """Last in this module: it changes the run."""
+  workdir = gs_run['workdir']
+  tf.io.gfile.remove(f'{workdir}/checkpoints/{STEPS}/state/_METADATA')
+  config = run_config(gs_motion)
+  _, _, abstract, shardings = abstract_train_state(
+      config, trainer.sharding.make_mesh(config))
+  abstract = with_shardings(abstract, shardings)
+  ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), 2)
+  capfd.readouterr()
+  step, _ = ckpt.newest_whole('latest', lambda s: ckpt.restore_state(
+      s, abstract), move_aside=True)
+  ckpt.close()
+  assert step == STEPS - 3  # the step saved before
+  err = capfd.readouterr().err
+  assert f'moved the unreadable checkpoint step {STEPS} to ' \
+         f'{workdir}/checkpoints/{STEPS}.corrupt' in err
+  objects = gcs.list_objects('test-bucket', 'run/checkpoints/')
+  assert f'run/checkpoints/{STEPS}.corrupt/commit_success.txt' in objects
+  assert not [name for name in objects
+              if name.startswith(f'run/checkpoints/{STEPS}/')]
