@@ -15,7 +15,6 @@ import uuid
 import tensorflow as tf
 
 
-
 def is_remote(path: str) -> bool:
   """A URL such as gs://bucket/run, not a local path."""
   return '://' in path

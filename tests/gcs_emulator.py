@@ -15,7 +15,8 @@ Two processes, each on a free loopback port and stopped by its PID:
   write into a bucket named in --read_only gets 403, as from GCS.
 
 Credential probes stay on the loopback (the metadata server variables point
-at a closed port, no gcloud configuration is read).
+at a closed port, no gcloud configuration is read). GCS_TEST_PROXY_LOG=1
+makes the proxy print each request it serves to stderr.
 """
 
 import argparse
@@ -86,12 +87,13 @@ class _TunnelHandler(http.server.BaseHTTPRequestHandler):
   tunnelled = False
 
   def log_message(self, format, *args):  # pylint: disable=redefined-builtin
-    if os.environ.get("GCS_PROXY_DEBUG"): sys.stderr.write((format % args) + "\n")
+    if os.environ.get('GCS_TEST_PROXY_LOG'):
+      super().log_message(format, *args)
 
   def do_CONNECT(self):  # pylint: disable=invalid-name
     host, _, port = self.path.rpartition(':')
     if not host.endswith('.googleapis.com') or port != '443' or self.tunnelled:
-      self.send_error(403, f'this test proxy only reaches *.googleapis.com:443')
+      self.send_error(403, 'this test proxy only reaches *.googleapis.com:443')
       return
     self.send_response(200, 'Connection established')
     self.end_headers()
