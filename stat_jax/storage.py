@@ -119,8 +119,13 @@ def upload_folder(local: str, remote: str, last: str) -> None:
 def write_probe(directory: str) -> None:
   """Creates and removes a file in `directory` (made if missing, locally);
   raises what the disk or the bucket said."""
+  if not is_remote(directory):
+    os.makedirs(directory, exist_ok=True)
+    descriptor, probe = tempfile.mkstemp(prefix='.write-probe-', dir=directory)
+    os.close(descriptor)
+    os.remove(probe)
+    return
   probe = join(directory, f'.write-probe-{uuid.uuid4().hex}')
-  make_folder(directory)
   handle = tf.io.gfile.GFile(probe, 'w')
   try:
     handle.write('')
