@@ -30,18 +30,22 @@ import av  # pylint: disable=g-import-not-at-top
 import jax
 import numpy as np
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from data import dmvr, eval_pipeline
-from stat_jax import attention_maps
+from stat_jax import attention_maps, cli
 from stat_jax.deploy import inference, predict
 from stat_jax.train_state import ModelParts
 
-flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
-flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' or a step.")
-flags.DEFINE_string('spec', '', 'Eval shards (default: the run\'s eval_spec).')
-flags.DEFINE_integer('per_class', 40, 'Records of each class.')
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
+flags.DEFINE_string('workdir', None, 'Training run directory.', required=True,
+                    flag_values=FLAGS)
+flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' or a step.",
+                    flag_values=FLAGS)
+flags.DEFINE_string('spec', '', 'Eval shards (default: the run\'s eval_spec).',
+                    flag_values=FLAGS)
+flags.DEFINE_integer('per_class', 40, 'Records of each class.',
+                     flag_values=FLAGS)
 
 RATE = 8  # frames per second of the written files
 # name: (codec, pixel format, options, bit rate or None for the default)
@@ -151,8 +155,13 @@ def ablation_table(restored, clips):
           f'  time-reversal {reversal:.3f}')
 
 
-def main(argv):
-  del argv
+def run(args: list[str]) -> int:
+  """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
+  cli.no_positional(args)
+  return cli.report_user_errors('benchmarks.explain_checks', _checks)
+
+
+def _checks() -> int:
   restored = inference.restore(FLAGS.workdir, FLAGS.checkpoint)
   data = restored.config.data
   clips = eval_clips(FLAGS.spec or data.eval_spec, data, FLAGS.per_class)
@@ -162,7 +171,13 @@ def main(argv):
     codec_table(restored, clips, folder)
   shares_table(restored, clips)
   ablation_table(restored, clips)
+  return 0
+
+
+def main(argv: list[str]) -> int:
+  """The command line after the program name, run in this process."""
+  return run(cli.parse(FLAGS, argv))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(run, FLAGS)

@@ -4,14 +4,15 @@
 
 Rows: Table 1 (attention sets, T = 16), Table 2 (window to, T = 32), and the
 per-view cost of Tables 6 / 7 (views x per-view = the papers' totals), each
-with its parameters; then Table 5's stems against each other and Table 4's
+with its parameters, and the paper's baseline MViT-B 16x4 and 32x3
+(configs/mvit_b.py; 36.6 M parameters in MViT's paper); then Table 5's stems against each other and Table 4's
 lta settings (the paper gives no GFLOPs for those). Exits 1 if a row is off
 the paper by more than 3 %, or a stem off the 3-layer one by more than 5 %.
 """
 
 import sys
 
-from configs import k400, ssv2
+from configs import k400, mvit_b, ssv2
 from stat_jax.flops import model_cost
 
 TOLERANCE = 0.03  # against the paper's GFLOPs (Tables 1, 2, 6, 7)
@@ -33,6 +34,8 @@ def rows():
     yield f'Table 6  K400 {frames}x{views} views', k400.get_config(frames), total / views
   for frames, total in (('16', 178), ('32', 361), ('64', 724)):
     yield f'Table 7  SSv2 {frames}x3 views', ssv2.get_config(frames), total / 3
+  for frames, total in (('16', 353), ('32', 850)):  # the baseline's rows
+    yield f'Table 6  MViT-B {frames}x5 views', mvit_b.get_config(frames), total / 5
 
 
 def variant_rows(key: str, values, table: str, label: str):

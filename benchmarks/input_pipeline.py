@@ -23,28 +23,35 @@ import time
 
 import jax
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from data import dmvr
 from data import records
 from data import sampling
 from data import train_pipeline
 from data import synthetic
-from stat_jax import augment_device, defaults
+from stat_jax import augment_device, cli, defaults
 
-flags.DEFINE_string('spec', '', 'Existing shards to read.')
-flags.DEFINE_list('frames', ['16', '32', '64'], 'Clip lengths T to time.')
-flags.DEFINE_integer('crop', 224, 'Crop size.')
-flags.DEFINE_integer('clips', 32, 'Synthetic clips to write.')
-flags.DEFINE_integer('video_frames', 64, 'Frames of each synthetic video.')
-flags.DEFINE_integer('batch_size', 8, 'Clips per batch.')
-flags.DEFINE_integer('batches', 6, 'Batches timed.')
+FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
+flags.DEFINE_string('spec', '', 'Existing shards to read.', flag_values=FLAGS)
+flags.DEFINE_list('frames', ['16', '32', '64'], 'Clip lengths T to time.',
+                  flag_values=FLAGS)
+flags.DEFINE_integer('crop', 224, 'Crop size.', flag_values=FLAGS)
+flags.DEFINE_integer('clips', 32, 'Synthetic clips to write.',
+                     flag_values=FLAGS)
+flags.DEFINE_integer('video_frames', 64, 'Frames of each synthetic video.',
+                     flag_values=FLAGS)
+flags.DEFINE_integer('batch_size', 8, 'Clips per batch.', flag_values=FLAGS)
+flags.DEFINE_integer('batches', 6, 'Batches timed.', flag_values=FLAGS)
 flags.DEFINE_integer('repeated_augment', 1,
-                     'data.repeated_augment: clips per decoded video.')
-flags.DEFINE_integer('device_clips', 2, 'Clips the device augmentation times.')
-flags.DEFINE_bool('stages', False, 'Time the per-frame host stages first.')
-flags.DEFINE_integer('stage_frames', 400, 'Frames each stage is timed on.')
-FLAGS = flags.FLAGS
+                     'data.repeated_augment: clips per decoded video.',
+                     flag_values=FLAGS)
+flags.DEFINE_integer('device_clips', 2, 'Clips the device augmentation times.',
+                     flag_values=FLAGS)
+flags.DEFINE_bool('stages', False, 'Time the per-frame host stages first.',
+                  flag_values=FLAGS)
+flags.DEFINE_integer('stage_frames', 400, 'Frames each stage is timed on.',
+                     flag_values=FLAGS)
 
 
 def write_shards(folder, num_clips, num_frames, size):
@@ -134,8 +141,13 @@ def device_seconds_per_clip(config, batch):
   return min(times) / len(batch['video'])
 
 
-def main(argv):
-  del argv
+def run(args: list[str]) -> int:
+  """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
+  cli.no_positional(args)
+  return cli.report_user_errors('benchmarks.input_pipeline', _time_pipeline)
+
+
+def _time_pipeline() -> int:
   cores = len(os.sched_getaffinity(0))
   with tempfile.TemporaryDirectory() as folder:
     spec = FLAGS.spec or write_shards(folder, FLAGS.clips, FLAGS.video_frames,
@@ -157,7 +169,13 @@ def main(argv):
             f'{clip_bytes / 2**20:.2f} MiB per clip to the device; device '
             f'augmentation on {jax.default_backend()}: '
             f'{1e3 * device_s:.0f} ms per clip', flush=True)
+  return 0
+
+
+def main(argv: list[str]) -> int:
+  """The command line after the program name, run in this process."""
+  return run(cli.parse(FLAGS, argv))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(run, FLAGS)

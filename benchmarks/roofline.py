@@ -36,7 +36,8 @@ import jax
 import ml_collections
 
 from benchmarks import hlo_cost, measure, step_flags
-from stat_jax import chips, model
+from benchmarks.hlo_cost import phase
+from stat_jax import chips, cli, model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +89,19 @@ GPUS = {
     'h200': Gpu('NVIDIA H200', **datasheet('H200'), clock_ghz=1.98),
 }
 
-flags.DEFINE_enum('target', 'h100', [*GPUS, 'attached'], 'What to compile for.')
-flags.DEFINE_float('peak_tflops', None, 'Matmul peak (default: the GPU\'s).')
-flags.DEFINE_float('bandwidth_gbs', None, 'Memory bandwidth (default: the GPU\'s).')
-flags.DEFINE_integer('top', 15, 'Kernels and groups listed.')
-flags.DEFINE_string('hlo_out', None, 'Also write the optimized HLO here.')
-flags.DEFINE_bool('json', False, 'Print one JSON object instead of tables.')
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
+step_flags.define(FLAGS)
+flags.DEFINE_enum('target', 'h100', [*GPUS, 'attached'], 'What to compile for.',
+                  flag_values=FLAGS)
+flags.DEFINE_float('peak_tflops', None, 'Matmul peak (default: the GPU\'s).',
+                   flag_values=FLAGS)
+flags.DEFINE_float('bandwidth_gbs', None, 'Memory bandwidth (default: the '
+                   'GPU\'s).', flag_values=FLAGS)
+flags.DEFINE_integer('top', 15, 'Kernels and groups listed.', flag_values=FLAGS)
+flags.DEFINE_string('hlo_out', None, 'Also write the optimized HLO here.',
+                    flag_values=FLAGS)
+flags.DEFINE_bool('json', False, 'Print one JSON object instead of tables.',
+                  flag_values=FLAGS)
 
 
 def compile_only_device(gpu: Gpu) -> jax.Device:
@@ -120,16 +127,6 @@ def compiled_step(config: ml_collections.ConfigDict, batch: int, train: bool,
   return program.step.lower(*program.args).compile()
 
 
-def phase(kernel: hlo_cost.Kernel, train: bool) -> str:
-  """'backward', 'forward' or 'other' (optimizer, mixup, loss): in a train
-  step, from the jax transformations in the kernel's op_name."""
-  if not train:
-    return 'forward'
-  if 'transpose(' in kernel.op_name:
-    return 'backward'
-  return 'forward' if 'jvp(' in kernel.op_name else 'other'
-
-
 def roofline(kernels: list[hlo_cost.Kernel], *, peak_flops: float,
              bandwidth: float, clips: int, model_flops: float,
              train: bool) -> dict:
@@ -139,7 +136,7 @@ def roofline(kernels: list[hlo_cost.Kernel], *, peak_flops: float,
   groups = collections.defaultdict(collections.Counter)
   timed = []
   for kernel in kernels:
-    seconds = kernel.runs * max(kernel.flops / peak_flops, kernel.bytes / bandwidth)
+    seconds = kernel.runs * hlo_cost.roofline_seconds(kernel, peak_flops, bandwidth)
     bound = 'flops' if kernel.flops / peak_flops >= kernel.bytes / bandwidth else 'bytes'
     timed.append((seconds, bound, kernel))
     group = groups[f'{kernel.kind} {phase(kernel, train)}']
@@ -184,8 +181,7 @@ def format_report(report: dict, top: int) -> str:
   return '\n'.join(lines)
 
 
-def main(argv):
-  del argv
+def _roofline() -> int:
   gpu = GPUS.get(FLAGS.target)
   if gpu is not None:  # compile only: no GPU backend to start
     jax.config.update('jax_platforms', 'cpu')
@@ -193,8 +189,8 @@ def main(argv):
                                ' --xla_gpu_enable_triton_gemm=false')
   elif FLAGS.peak_tflops is None or FLAGS.bandwidth_gbs is None:
     raise app.UsageError('--target attached needs --peak_tflops and --bandwidth_gbs')
-  config = step_flags.config()
-  model.resolve_for_platform(config.model, 'gpu' if gpu else None)
+  config = step_flags.config(FLAGS)
+  model.resolve_for_platform(config, 'gpu' if gpu else None)
   compiled = compiled_step(config, FLAGS.batch, FLAGS.train,
                            compile_only_device(gpu) if gpu else None)
   hlo = compiled.as_text()
@@ -210,13 +206,20 @@ def main(argv):
   report['plan_gib'] = measure.planned_memory(compiled) / 2**30
   if FLAGS.json:
     print(json.dumps(report))
-    return
+    return 0
   print(f'{FLAGS.target}: {"train step" if FLAGS.train else "forward"}, batch '
         f'{FLAGS.batch}, {config.dtype}, conv_impl {config.model.conv_impl}, '
         f'attention_impl {config.model.attention_impl}; XLA plans '
         f'{report["plan_gib"]:.1f} GiB')
   print(format_report(report, FLAGS.top))
+  return 0
+
+
+def main(argv: list[str]) -> int:
+  """The command line after the program name, run in this process."""
+  cli.no_positional(cli.parse_with_config(FLAGS, argv))
+  return cli.report_user_errors('benchmarks.roofline', _roofline)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_with_config(main)

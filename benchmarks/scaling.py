@@ -17,24 +17,30 @@ Timing and memory: benchmarks/measure.py.
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from benchmarks import measure
 from configs import k400
-from stat_jax import arch
+from stat_jax import arch, cli
 from stat_jax.config_validation import validate
 
-flags.DEFINE_list('frames', ['16', '32', '64'], 'Clip lengths of the STAT rows.')
-flags.DEFINE_list('joint_frames', ['16', '32'], 'Joint baseline rows, timed.')
+FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
+flags.DEFINE_list('frames', ['16', '32', '64'], 'Clip lengths of the STAT rows.',
+                  flag_values=FLAGS)
+flags.DEFINE_list('joint_frames', ['16', '32'], 'Joint baseline rows, timed.',
+                  flag_values=FLAGS)
 flags.DEFINE_list('joint_memory_frames', [],
                   'Joint baseline rows, compiled for their memory plan only '
-                  '(e.g. 64 on a GPU; XLA:CPU plans leave out temporaries).')
-flags.DEFINE_integer('batch', 1, 'Clips per step.')
-flags.DEFINE_bool('train', False, 'Time the train step instead of the forward pass.')
-flags.DEFINE_string('dtype', 'float32', 'Compute dtype.')
-flags.DEFINE_integer('repeats', 3, 'Timed runs; the fastest counts.')
-flags.DEFINE_bool('json', False, 'Print JSON lines instead of a table.')
-FLAGS = flags.FLAGS
+                  '(e.g. 64 on a GPU; XLA:CPU plans leave out temporaries).',
+                  flag_values=FLAGS)
+flags.DEFINE_integer('batch', 1, 'Clips per step.', flag_values=FLAGS)
+flags.DEFINE_bool('train', False, 'Time the train step instead of the forward '
+                  'pass.', flag_values=FLAGS)
+flags.DEFINE_string('dtype', 'float32', 'Compute dtype.', flag_values=FLAGS)
+flags.DEFINE_integer('repeats', 3, 'Timed runs; the fastest counts.',
+                     flag_values=FLAGS)
+flags.DEFINE_bool('json', False, 'Print JSON lines instead of a table.',
+                  flag_values=FLAGS)
 
 
 def stat_config(frames: str):
@@ -74,8 +80,13 @@ def with_growth(table: list[dict]) -> list[dict]:
   return table
 
 
-def main(argv):
-  del argv
+def run(args: list[str]) -> int:
+  """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
+  cli.no_positional(args)
+  return cli.report_user_errors('benchmarks.scaling', _scaling)
+
+
+def _scaling() -> int:
   table = []
   for label, config, timed in rows():
     validate(config)
@@ -86,7 +97,7 @@ def main(argv):
   if FLAGS.json:
     for row in table:
       print(json.dumps(row))
-    return
+    return 0
   print(measure.format_table(table))
   print('\ngrowth against the shortest clip of each kind:')
   for row in table:
@@ -95,7 +106,13 @@ def main(argv):
     print(f'  {row["label"]:24s} T={row["frames"]:<3d} time '
           f'{"n/a" if time_x is None else f"{time_x:.2f}x":>6s}  memory '
           f'{"n/a" if memory_x is None else f"{memory_x:.2f}x":>6s}')
+  return 0
+
+
+def main(argv: list[str]) -> int:
+  """The command line after the program name, run in this process."""
+  return run(cli.parse(FLAGS, argv))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(run, FLAGS)

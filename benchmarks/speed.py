@@ -11,30 +11,41 @@ of one forward/train step goes, by kind of op (XLA:CPU only).
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from benchmarks import measure, op_profile, step_flags
+from stat_jax import cli
 
-flags.DEFINE_integer('repeats', 3, 'Timed runs; the fastest counts.')
-flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
-flags.DEFINE_bool('profile', False, 'Also print the time per kind of op.')
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
+step_flags.define(FLAGS)
+flags.DEFINE_integer('repeats', 3, 'Timed runs; the fastest counts.',
+                     flag_values=FLAGS)
+flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.',
+                  flag_values=FLAGS)
+flags.DEFINE_bool('profile', False, 'Also print the time per kind of op.',
+                  flag_values=FLAGS)
 
 
-def main(argv):
-  del argv
-  row, program = measure.measure(step_flags.config(), batch=FLAGS.batch,
+def _speed() -> int:
+  row, program = measure.measure(step_flags.config(FLAGS), batch=FLAGS.batch,
                                  train=FLAGS.train, repeats=FLAGS.repeats,
-                                 label=step_flags.config_label())
+                                 label=step_flags.config_label(FLAGS))
   if FLAGS.profile:
     row['profile'] = op_profile.breakdown(program)
   if FLAGS.json:
     print(json.dumps(row))  # the profile's Counters are dicts
-    return
+    return 0
   print(measure.format_table([row]))
   if FLAGS.profile:
     print(op_profile.format_breakdown(row['profile']))
+  return 0
+
+
+def main(argv: list[str]) -> int:
+  """The command line after the program name, run in this process."""
+  cli.no_positional(cli.parse_with_config(FLAGS, argv))
+  return cli.report_user_errors('benchmarks.speed', _speed)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_with_config(main)

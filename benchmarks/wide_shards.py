@@ -11,15 +11,18 @@ import os
 
 import av
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from data import convert
+from stat_jax import cli
 
-flags.DEFINE_string('out', None, 'Output folder.', required=True)
-flags.DEFINE_integer('videos', 16, 'Videos to write.')
-flags.DEFINE_integer('frames', 250, 'Frames per video (10 s at 25 fps).')
-flags.DEFINE_integer('shards', 4, 'Shards to write.')
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
+flags.DEFINE_string('out', None, 'Output folder.', required=True,
+                    flag_values=FLAGS)
+flags.DEFINE_integer('videos', 16, 'Videos to write.', flag_values=FLAGS)
+flags.DEFINE_integer('frames', 250, 'Frames per video (10 s at 25 fps).',
+                     flag_values=FLAGS)
+flags.DEFINE_integer('shards', 4, 'Shards to write.', flag_values=FLAGS)
 
 _SIZE = (360, 640)  # (H, W): 16:9, resized to 256 x 455 by data.convert
 _RATE = 25
@@ -53,8 +56,13 @@ def write_video(path, seed, num_frames):
       container.mux(packet)
 
 
-def main(argv):
-  del argv
+def run(args: list[str]) -> int:
+  """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
+  cli.no_positional(args)
+  return cli.report_user_errors('benchmarks.wide_shards', _write)
+
+
+def _write() -> int:
   folder = os.path.join(FLAGS.out, 'videos')
   os.makedirs(folder, exist_ok=True)
   videos = []
@@ -65,7 +73,13 @@ def main(argv):
   summary = convert.convert(videos, ['class0', 'class1'], FLAGS.out,
                             num_shards=FLAGS.shards)
   print(summary['spec'])
+  return 0
+
+
+def main(argv: list[str]) -> int:
+  """The command line after the program name, run in this process."""
+  return run(cli.parse(FLAGS, argv))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(run, FLAGS)

@@ -10,7 +10,10 @@ A tool has `run(args)`, its body once the flags are parsed (args: the
 arguments that are not flags), `main(argv)`, which parses the arguments
 after the program name in this process (as tests call it), and runs
 `cli.run(run, FLAGS)` as `python -m`, which adds absl's own flags (--help,
---helpfull).
+--helpfull). A tool with a `--config` file flag parses with
+`parse_with_config` and runs `cli.run_with_config(main)` instead: its
+`--config.x=y` overrides exist only once --config is parsed, on the tool's
+own FlagValues.
 """
 
 import ast
@@ -47,29 +50,38 @@ def script_main(program: str, action: Callable[[], int],
   return main
 
 
+# What parsing flags raises for a bad flag, or a bad `--config.x=y` override
+# (ml_collections: an unknown key, a value of the wrong type).
+FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+
+
+def flag_error_message(error: Exception) -> str:
+  """One line for an error of FLAG_ERRORS (absl gives a traceback for an
+  unknown config key)."""
+  if isinstance(error, flags.Error):
+    return str(error)
+  text = str(error.args[0]) if error.args else str(error)
+  if text[:1] in ('"', "'"):  # ml_collections gives a repr
+    try:
+      text = str(ast.literal_eval(text))
+    except (SyntaxError, ValueError):
+      pass
+  kind = ('unknown config key ' if isinstance(error, AttributeError)
+          else 'bad --config override: ')
+  return kind + ' '.join(text.split())
+
+
 def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
   """absl's app.run flags_parser for train.py / eval.py: a bad flag or
-  `--config.x=y` override (an unknown config key, a value of the wrong
-  type) is one line '<program>: <message>', exit status 1 (absl prints a
-  traceback for an unknown config key)."""
+  `--config.x=y` override is one line '<program>: <message>', exit
+  status 1."""
 
   def parse(argv: list[str]) -> list[str]:
     try:
       return flags.FLAGS(argv)
-    except flags.Error as error:
-      message = str(error)
-    except (AttributeError, KeyError, TypeError, ValueError) as error:
-      text = str(error.args[0]) if error.args else str(error)
-      if text[:1] in ('"', "'"):  # ml_collections gives a repr
-        try:
-          text = str(ast.literal_eval(text))
-        except (SyntaxError, ValueError):
-          pass
-      kind = ('unknown config key ' if isinstance(error, AttributeError)
-              else 'bad --config override: ')
-      message = kind + ' '.join(text.split())
-    print(f'{program}: {message}', file=sys.stderr)
-    sys.exit(1)
+    except FLAG_ERRORS as error:
+      print(f'{program}: {flag_error_message(error)}', file=sys.stderr)
+      sys.exit(1)
 
   return parse
 
@@ -102,8 +114,8 @@ def parse(flag_values: flags.FlagValues, args: list[str]) -> list[str]:
   flag_values.unparse_flags()
   try:
     return flag_values(['', *args])[1:]
-  except flags.Error as error:
-    raise app.UsageError(str(error)) from error
+  except FLAG_ERRORS as error:
+    raise app.UsageError(flag_error_message(error)) from error
 
 
 def run(action: Callable[[list[str]], int],
@@ -120,3 +132,24 @@ def run(action: Callable[[list[str]], int],
     return action(argv[1:])
 
   app.run(main)
+
+
+def parse_with_config(flag_values: flags.FlagValues, args: list[str]) -> list[str]:
+  """parse() for a tool with a `--config` file flag: ml_collections reads
+  the `--config.x=y` overrides from sys.argv, so it holds `args` meanwhile,
+  and defines a flag for each, which a second parse would define again."""
+  for name in [name for name in flag_values if '.' in name]:
+    delattr(flag_values, name)  # the overrides of the last --config parsed
+  program, sys.argv = sys.argv, [sys.argv[0], *args]
+  try:
+    return parse(flag_values, args)
+  finally:
+    sys.argv = program
+
+
+def run_with_config(main: Callable[[list[str]], int]) -> None:
+  """`python -m <tool>` for a tool with a `--config` file flag: absl's
+  app.run, the whole command line handed to the tool's `main(argv)`, which
+  parses it (parse_with_config)."""
+  app.run(lambda argv: main(argv[1:]),
+          flags_parser=lambda argv: flags.FLAGS(argv[:1]) and argv)

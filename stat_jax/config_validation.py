@@ -16,8 +16,10 @@ from stat_jax import arch, conv, defaults
 from stat_jax.errors import UserError
 from stat_jax.attention import (ATTENTION_IMPLS, ATTENTION_SETS, CUDNN_DTYPES,
                                 HEAD_LAYOUTS, SPATIAL_SUMMARIES)
+from stat_jax.kernels.mlp import MLP_IMPLS
 
-DTYPES = ('float32', 'bfloat16', 'float16')
+DTYPES = ('float32', 'bfloat16', 'float16', 'auto')
+ARCHS = ('stat', 'mvit')
 SAMPLINGS = ('segment', 'dense')
 
 
@@ -52,6 +54,11 @@ def _require(ok: bool, key: str, value, allowed: str) -> None:
 
 def check_model(config: ml_collections.ConfigDict) -> None:
   m = config.model
+  _require(m.arch in ARCHS, 'model.arch', m.arch,
+           f'must be one of {", ".join(ARCHS)}')
+  _require(m.arch != 'mvit' or m.stem_layers == 1, 'model.stem_layers',
+           m.stem_layers, 'must be 1 with model.arch = mvit (its patch '
+           'embedding)')
   _require(config.dtype in DTYPES, 'dtype', config.dtype,
            f'must be one of {", ".join(DTYPES)}')
   _require(m.attention in ATTENTION_SETS, 'model.attention', m.attention,
@@ -80,12 +87,15 @@ def check_model(config: ml_collections.ConfigDict) -> None:
              'must be an integer >= 1')
   _require(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl',
            m.attention_impl, f'must be one of {", ".join(ATTENTION_IMPLS)}')
-  _require(m.attention_impl != 'cudnn' or config.dtype in CUDNN_DTYPES,
+  # 'auto' is bfloat16 on the GPUs that cudnn runs on.
+  _require(m.attention_impl != 'cudnn' or config.dtype in (*CUDNN_DTYPES, 'auto'),
            'model.attention_impl', m.attention_impl,
            f'cudnn needs dtype {" or ".join(CUDNN_DTYPES)} (dtype is '
            f'{config.dtype!r}); use auto or xla')
   _require(m.conv_impl in conv.CONV_IMPLS, 'model.conv_impl', m.conv_impl,
            f'must be one of {", ".join(conv.CONV_IMPLS)}')
+  _require(m.mlp_impl in MLP_IMPLS, 'model.mlp_impl', m.mlp_impl,
+           f'must be one of {", ".join(MLP_IMPLS)}')
   _require(m.head_layout in HEAD_LAYOUTS, 'model.head_layout', m.head_layout,
            f'must be one of {", ".join(HEAD_LAYOUTS)}')
   _require(0 <= m.drop_path < 1, 'model.drop_path', m.drop_path, 'must be in [0, 1)')
@@ -159,6 +169,10 @@ def check_training(config: ml_collections.ConfigDict) -> None:
   _require(_is_int(config.attention_images) and config.attention_images >= 0,
            'attention_images', config.attention_images,
            'must be an integer >= 0 (0 = no attention maps in TensorBoard)')
+  _require(config.model.arch == 'stat' or not config.attention_images,
+           'attention_images', config.attention_images,
+           f'must be 0 with model.arch = {config.model.arch} (the maps are '
+           "STA's)")
   _require(_is_int(config.keep_checkpoints) and config.keep_checkpoints >= 1,
            'keep_checkpoints', config.keep_checkpoints,
            'must be an integer >= 1 (0 would delete each checkpoint as soon '

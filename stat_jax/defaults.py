@@ -41,6 +41,11 @@ def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
   """The STAT architecture of the paper (defaults = its main setting)."""
   m = ml_collections.ConfigDict()
   m.num_classes = num_classes
+  # 'stat', or 'mvit': MViT-B v1 (Fan et al. 2021), the paper's baseline
+  # (stat_jax/mvit.py, configs/mvit_b.py). MViT reads the stage, pooling,
+  # MLP and stem keys below (stem_layers = 1: its patch embedding); the
+  # STA keys (attention, window, spatial_summary, lta, sa_pool) are STAT's.
+  m.arch = 'stat'
   # Table 1: which key sets each query attends.
   m.attention = 'ca+sa+la'  # one of ca, ca+sa, ca+la, ca+sa+la
   # Table 2: short-term window `to` (odd); frame i sees to-1 neighbours.
@@ -90,8 +95,9 @@ def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
   m.qkv_bias = True
   # How STA's attention is computed (same numbers, attention.py): 'xla' maps
   # the per-frame attention over frames; 'cudnn' packs the frames for cuDNN
-  # flash attention (GPU, bfloat16/float16); 'auto' is 'xla', which runs on
-  # every backend and dtype.
+  # flash attention (GPU, bfloat16/float16); 'pallas' runs fused Pallas
+  # kernels (TPU; interpreted, slowly, elsewhere); 'auto' is 'xla', which
+  # runs on every backend and dtype.
   m.attention_impl = 'auto'
   # How the convolutions are computed (same numbers, stat_jax/conv.py): 'cpu'
   # rewrites them into forms XLA:CPU runs fast, 'xla' leaves them to XLA
@@ -102,6 +108,12 @@ def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
   # transposes the projected tokens; 'auto' is 'transposed' on the CPU
   # backend, else 'products'.
   m.head_layout = 'auto'
+  # How the STA blocks' MLPs of width <= 384 compute LN -> fc1 -> GELU ->
+  # fc2 + skip (same numbers, stat_jax/kernels/mlp.py): 'xla' leaves it to
+  # XLA; 'pallas' is one fused Pallas kernel that keeps the 4C hidden
+  # activations on chip (TPU; interpreted, slowly, on the CPU; refused on
+  # a GPU); 'auto' is 'pallas' on TPUs, else 'xla'.
+  m.mlp_impl = 'auto'
   m.drop_path = 0.2  # stochastic depth, rising linearly over the blocks
   m.dropout = 0.5  # before the classifier
   return m
@@ -184,7 +196,9 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   c.num_epochs = 200
   c.train_examples = 240_000  # train videos; with num_epochs: total_steps
   c.grad_accum_steps = 1
-  c.dtype = 'float32'  # compute dtype; params are always float32
+  # Compute dtype; params are always float32. 'auto' is bfloat16 on TPUs and
+  # GPUs, float32 on the CPU (model.resolve_dtype).
+  c.dtype = 'float32'
   c.remat = False  # rematerialise each STA block in the backward pass
 
   c.optimizer = ml_collections.ConfigDict()
@@ -215,7 +229,9 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   # Val clips whose frame-to-frame attention maps TensorBoard shows at each
   # evaluation (stat_jax/eval_images.py); 0: none.
   c.attention_images = 4
-  c.init_from = ''  # workdir or checkpoint dir of another run
+  # Workdir or checkpoint dir of another run to start from (an MViT-B run
+  # or import warm-starts STAT by role: stat_jax/transfer.py).
+  c.init_from = ''
   # Resume even though the model / data / recipe keys differ from the
   # checkpoint's config (stat_jax/config_compare.py lists the keys that may
   # always differ); False refuses, naming the keys.

@@ -174,6 +174,10 @@ def write_index(entries: list[tuple[dict, list[str]]], out: str) -> str:
 def explain(workdir: str, which: str, out: str, videos: list[str]) -> list[dict]:
   """Writes the pictures and index.html; returns the JSON results."""
   restored = inference.restore(workdir, which)
+  if restored.config.model.arch != 'stat':
+    raise UserError(f'{workdir} is a run of model.arch = '
+                    f'{restored.config.model.arch!r}; explain shows STAT\'s '
+                    'attention (STA) only')
   apply = jax.jit(attention_maps.capture_fn(restored.parts,
                                             restored.config.data))
   storage.make_folder(out)

@@ -14,11 +14,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+import ml_collections
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from stat_jax import conv, defaults
+from stat_jax import cli, conv, defaults
 from stat_jax.model import abstract_model
 
 
@@ -105,20 +106,35 @@ def param_count(model: nnx.Module) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def _counted(config):
+  """`config` with the MLP on XLA: a Pallas kernel's jaxpr is one grid step
+  of it, so the kernel's form would hide most of its multiply-adds."""
+  counted = ml_collections.ConfigDict(config)
+  counted.model.mlp_impl = 'xla'
+  return counted
+
+
 def model_macs(config) -> int:
   """Multiply-adds of one view of the configured model."""
+  config = _counted(config)
   return count_macs(*model_forward(abstract_model(config), config))
 
 
 def model_cost(config) -> tuple[int, int]:
   """(multiply-adds of one view, trainable parameters), one abstract build."""
+  config = _counted(config)
   model = abstract_model(config)
   return count_macs(*model_forward(model, config)), param_count(model)
 
 
-def main(argv):
-  del argv
-  config = flags.FLAGS.config
+FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
+config_flags.DEFINE_config_file('config', None, 'Experiment config.',
+                                flag_values=FLAGS)
+flags.mark_flags_as_required(['config'], flag_values=FLAGS)
+
+
+def _report() -> int:
+  config = FLAGS.config
   model = abstract_model(config)
   forward, state, view = model_forward(model, config)
   macs = count_macs(forward, state, view)
@@ -127,9 +143,14 @@ def main(argv):
   concrete = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), state)
   xla = xla_flops(forward, concrete, jnp.zeros(view.shape, view.dtype))
   print(f'XLA flops / 2   {xla / 2e9:8.3f}   (cost_analysis, incl. element-wise)')
+  return 0
+
+
+def main(argv: list[str]) -> int:
+  """The command line after the program name, run in this process."""
+  cli.no_positional(cli.parse_with_config(FLAGS, argv))
+  return cli.report_user_errors('stat_jax.flops', _report)
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Experiment config.')
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run_with_config(main)

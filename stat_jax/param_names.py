@@ -26,6 +26,11 @@ _TOKENS = {'cls_token': '[1, 1, 1, C]: the spatial class token of every frame',
                           'the patch grid row-major',
            'pos_temporal': '[1, nt, 1, C]',
            'video_cls': '[1, 1, C]: the video class token'}
+# MViT (model.arch = 'mvit'): one class token for the clip.
+_MVIT_TOKENS = {'cls_token': '[1, 1, C]: the class token of the clip',
+                'pos_spatial': '[1, nh * nw, C]: the patch grid row-major',
+                'pos_temporal': '[1, nt, C]',
+                'pos_class': '[1, 1, C]: the class token position'}
 
 
 def name_of(path) -> str:
@@ -82,8 +87,9 @@ def load_safetensors(path: str, abstract: nnx.State) -> nnx.State:
   return from_named_arrays(safetensors.numpy.load_file(path), abstract, path)
 
 
-def _layout(module, path) -> str:
-  """How the parameter at `path` (its last key, in `module`) is laid out."""
+def _layout(module, path, tokens: dict) -> str:
+  """How the parameter at `path` (its last key, in `module`) is laid out;
+  `tokens`: the layouts of the model's token parameters."""
   owner, leaf = path[-2] if len(path) > 1 else '', path[-1]
   if isinstance(module, nnx.LinearGeneral):  # temporal MHSA projections
     if owner == 'out':
@@ -97,7 +103,7 @@ def _layout(module, path) -> str:
     return _QKV if owner == 'qkv' else _LINEAR
   if isinstance(module, nnx.LayerNorm):
     return _NORM
-  return _TOKENS.get(leaf, 'see stat_jax/model.py')
+  return tokens.get(leaf, 'see stat_jax/model.py')
 
 
 def layouts(config: ml_collections.ConfigDict) -> dict[str, str]:
@@ -105,5 +111,6 @@ def layouts(config: ml_collections.ConfigDict) -> dict[str, str]:
   model = abstract_model(config)
   modules = {path: module for path, module in nnx.iter_graph(model)
              if isinstance(module, nnx.Module)}
-  return {name_of(path): _layout(modules[path[:-1]], path)
+  tokens = _MVIT_TOKENS if config.model.arch == 'mvit' else _TOKENS
+  return {name_of(path): _layout(modules[path[:-1]], path, tokens)
           for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}

@@ -82,7 +82,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     out_shardings=state_shardings)()
     if config.init_from:
       state = state.replace(params=load_pretrained(
-          config.init_from, state.params, log=log))
+          config.init_from, state.params, log=log, target=config.model,
+          report_path=os.path.join(workdir, 'init_from.txt')))
     start = 0
 
   # ----------------------------------------------------------- compile ---

@@ -158,7 +158,10 @@ def test_init_from_reinitialises_a_head_of_another_size(motion, straight):
   fresh = jax.jit(lambda: parts.init_params(1))()
   messages = []
   loaded = load_pretrained(straight['workdir'], fresh, log=messages.append)
-  assert 're-initialised 2: head.bias, head.kernel' in messages[0]
+  assert 'copied 90, adapted 0, new 2, unused 2' in messages[0]
+  assert [line.split() for line in messages[0].splitlines()[1:]
+          if line.split()[0] == 'new'] == [['new', 'head.bias'],
+                                            ['new', 'head.kernel']]
   np.testing.assert_array_equal(loaded['head']['kernel'][...],
                                 fresh['head']['kernel'][...])
   np.testing.assert_array_equal(

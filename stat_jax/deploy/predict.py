@@ -14,6 +14,14 @@ A file that cannot be read is reported and skipped; the exit code is then 1.
 
 With --window_s (and --stride_s, --timeline, --overlay) a window slides over
 a long video instead: stat_jax/deploy/long_video.py.
+
+  python -m stat_jax.deploy.predict --workdir=runs/mvit_b_16 \
+      --clip_npy clip.npy --json
+
+runs the model on clips already preprocessed as its input (float32
+[B, T, H, W, 3], resized, cropped and normalised) and prints the raw logits,
+{"logits": [[...], ...]}: for feature checks and for comparing the model
+with other frameworks.
 """
 
 import dataclasses
@@ -30,9 +38,10 @@ import numpy as np
 import onnxruntime
 import tensorflow as tf
 from absl import flags
+from flax import nnx
 
 from data import convert, sampling
-from stat_jax import cli, storage
+from stat_jax import cli, defaults, storage
 from stat_jax.deploy import inference, long_video
 from stat_jax.errors import UserError
 
@@ -114,6 +123,32 @@ def from_export(export_dir: str, fmt: str | None = None) -> Classifier:
   return Classifier(config.data, manifest['classes'], runner)
 
 
+def load_clip(path: str, data) -> np.ndarray:
+  """float32 [B, T, H, W, 3] of the .npy file `path`, the shape of `data`'s
+  clips; UserError naming what differs."""
+  try:
+    clip = np.load(path, allow_pickle=False)
+  except FileNotFoundError:
+    raise
+  except (OSError, ValueError) as error:
+    raise UserError(f'{path}: not a .npy array file ({error})') from error
+  want = defaults.clip_shape(data)
+  if clip.dtype != np.float32 or clip.ndim != 5 or clip.shape[1:] != want:
+    raise UserError(f'{path}: holds {clip.dtype} {list(clip.shape)}; the run '
+                    f'takes preprocessed clips float32 [B, {", ".join(map(str, want))}]')
+  return clip
+
+
+def logits_fn(parts):
+  """Jitted (params, preprocessed clip [B, T, H, W, 3]) -> the model's raw
+  logits [B, classes], in eval mode."""
+
+  def apply(params, clip):
+    return nnx.merge(parts.eval_graph, params, parts.fresh_rngs())(clip)
+
+  return jax.jit(apply)
+
+
 def sampled_views(path: str, data) -> tuple[np.ndarray, np.ndarray]:
   """The eval views of a video file, uint8 [clips * crops, T, crop, crop,
   3], and the time (s) of each sampled frame, float [clips, T]: frame n at
@@ -171,6 +206,10 @@ flags.DEFINE_integer('top_k', 5, 'Classes listed per video.', lower_bound=1,
                      flag_values=FLAGS)
 flags.DEFINE_bool('json', False, 'Print one JSON list of per-video results.',
                   flag_values=FLAGS)
+flags.DEFINE_string('clip_npy', None, 'With --workdir and --json: print the '
+                    'raw logits of the preprocessed clips in this .npy file '
+                    '(float32 [B, T, H, W, 3], normalised), not of videos.',
+                    flag_values=FLAGS)
 # Long videos (stat_jax/deploy/long_video.py): a window sliding over time.
 flags.DEFINE_float('window_s', None, 'Classify a window of this many seconds '
                    'sliding over the video, not the eval views of the whole.',
@@ -215,8 +254,22 @@ def _predict(videos: list[str]) -> int:
   return 1 if any('error' in r for r in results) else 0
 
 
+def _predict_clip() -> int:
+  if not FLAGS.workdir or not FLAGS.json:
+    raise UserError('--clip_npy needs --workdir (an export takes uint8 video) '
+                    'and --json (it prints {"logits": ...})')
+  restored = inference.restore(FLAGS.workdir, FLAGS.checkpoint)
+  clip = load_clip(FLAGS.clip_npy, restored.config.data)
+  logits = logits_fn(restored.parts)(restored.params, clip)
+  print(json.dumps({'logits': np.asarray(logits, np.float32).tolist()}))
+  return 0
+
+
 def run(videos: list[str]) -> int:
   """The tool, FLAGS parsed; `videos`: the arguments that are not flags."""
+  if FLAGS.clip_npy:
+    cli.no_positional(videos)
+    return cli.report_user_errors(_PROGRAM, _predict_clip)
   return cli.run_on_videos(_PROGRAM, _predict, videos)
 
 
