@@ -83,7 +83,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if config.init_from:
       state = state.replace(params=load_pretrained(
           config.init_from, state.params, log=log, target=config.model,
-          report_path=os.path.join(workdir, 'init_from.txt')))
+          report_path=storage.join(workdir, 'init_from.txt')))
     start = 0
 
   # ----------------------------------------------------------- compile ---
