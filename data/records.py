@@ -7,13 +7,13 @@ entries, never data.
 """
 
 import concurrent.futures
-import os
 import zlib
 
 import numpy as np
 import tensorflow as tf
 
 from data import dmvr
+from stat_jax import storage
 from stat_jax.errors import UserError
 
 READ_PARALLELISM = 8  # records read concurrently by read()
@@ -43,7 +43,7 @@ class RecordIndex:
     """A 31-bit hash of the shard names, sizes and record counts (fits the
     int32 of a checkpoint's data state)."""
     counts = np.bincount(self.file, minlength=len(self.files))
-    text = '\n'.join(f'{os.path.basename(f)} {size} {count}' for f, size, count
+    text = '\n'.join(f'{storage.basename(f)} {size} {count}' for f, size, count
                      in zip(self.files, self.sizes, counts))
     return zlib.crc32(text.encode()) & 0x7fffffff
 

@@ -29,7 +29,6 @@ all restore through it); training moves the bad steps aside as
 import contextlib
 import json
 import logging
-import os
 import sys
 
 import jax
@@ -37,16 +36,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorflow as tf
 from jax.experimental import multihost_utils
 
+from stat_jax import storage
 from stat_jax.errors import UserError
 
 BEST_METRIC = 'val_top1'
 
 # The file of each item that must exist for the item to be read at all.
-_ITEM_FILES = {'state': os.path.join('state', '_METADATA'),
-               'data': os.path.join('data', 'metadata'),
-               'config': os.path.join('config', 'metadata')}
+_ITEM_FILES = {'state': 'state/_METADATA', 'data': 'data/metadata',
+               'config': 'config/metadata'}
 CORRUPT_SUFFIX = '.corrupt'
 
 
@@ -101,7 +101,7 @@ def _reason(error: BaseException) -> str:
 
 def checkpoint_dir(workdir: str) -> str:
   """Where the checkpoints of the run directory `workdir` are."""
-  return os.path.join(workdir, 'checkpoints')
+  return storage.join(workdir, 'checkpoints')
 
 
 def _best_metric(metrics) -> float:
@@ -121,21 +121,21 @@ class Checkpointer:
         ]),
         best_fn=_best_metric, best_mode='max', read_only=read_only,
         enable_async_checkpointing=True, create=not read_only)
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return storage.join(self.directory, str(step))
 
   def _read(self, step: int, **items):
     """The `items` (name -> orbax restore args) of checkpoint `step`;
     CorruptCheckpoint if any cannot be read whole."""
     for name in items:
-      path = os.path.join(self.step_dir(step), _ITEM_FILES[name])
-      if not os.path.exists(path):
+      path = storage.join(self.step_dir(step), _ITEM_FILES[name])
+      if not tf.io.gfile.exists(path):
         raise CorruptCheckpoint(f'checkpoint step {step} is incomplete: '
                                 f'{path} is missing')
     try:
@@ -180,9 +180,9 @@ class Checkpointer:
       for step in steps:
         target = self.step_dir(step) + CORRUPT_SUFFIX
         suffix = 1
-        while os.path.exists(target):
+        while tf.io.gfile.exists(target):
           target, suffix = f'{self.step_dir(step)}{CORRUPT_SUFFIX}{suffix}', suffix + 1
-        os.rename(self.step_dir(step), target)
+        tf.io.gfile.rename(self.step_dir(step), target)
         print(f'warning: moved the unreadable checkpoint step {step} to '
               f'{target}', file=sys.stderr, flush=True)
     if jax.process_count() > 1:

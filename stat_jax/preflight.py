@@ -8,14 +8,12 @@ names the input and what is wrong. Add a check as one function here and
 one call in check_before_training.
 """
 
-import os
-import tempfile
-
 import jax
 import ml_collections
 import tensorflow as tf
 
 from data import records
+from stat_jax import storage
 from stat_jax.errors import UserError
 
 
@@ -49,15 +47,14 @@ def check_eval_batch(config: ml_collections.ConfigDict,
 def check_writable(directory: str) -> None:
   """Files can be created in `directory` (made if missing), where a run
   writes its checkpoints, logs and reports. Tried with a probe file, created
-  and removed: the permission bits that os.access reads say yes to root,
-  and a read-only mount or a network file system may say otherwise."""
+  and removed: the permission bits that os.access reads say yes to root, a
+  read-only mount or a network file system may say otherwise, and a bucket
+  answers for its own permissions (a missing bucket, missing credentials
+  and a denied write all fail here, before anything compiles)."""
   try:
-    os.makedirs(directory, exist_ok=True)
-    descriptor, probe = tempfile.mkstemp(prefix='.write-probe-', dir=directory)
-    os.close(descriptor)
-    os.remove(probe)
-  except OSError as error:
-    raise UserError(f'{directory} is not writable ({error.strerror or error});'
+    storage.write_probe(directory)
+  except (OSError, tf.errors.OpError) as error:
+    raise UserError(f'{directory} is not writable ({storage.reason(error)});'
                     ' checkpoints, logs and reports are written there: give '
                     'a --workdir you can write to') from error
 

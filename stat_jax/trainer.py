@@ -7,19 +7,19 @@ serve both the loop and eval.py.
 """
 
 import json
-import os
 import time
 
 import jax
 import ml_collections
 import numpy as np
+import tensorflow as tf
 from jax.experimental import multihost_utils
 
 from data import labels
 from data import eval_pipeline
 from data import train_pipeline
 from stat_jax import checkpoint, confusion, metrics, optim, sharding
-from stat_jax import config_compare, preflight
+from stat_jax import config_compare, preflight, storage
 from stat_jax.config_validation import validate
 from stat_jax.eval_images import EvalImages
 from stat_jax.evaluation import (EVAL_SCALARS, ViewAccumulator, format_accuracy,
@@ -83,7 +83,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if config.init_from:
       state = state.replace(params=load_pretrained(
           config.init_from, state.params, log=log, target=config.model,
-          report_path=os.path.join(workdir, 'init_from.txt')))
+          report_path=storage.join(workdir, 'init_from.txt')))
     start = 0
 
   # ----------------------------------------------------------- compile ---
@@ -99,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   progress = metrics.Progress(total_steps, start, config.batch_size,
                               train_flops_per_clip=6 * model_macs(config))
   losses, pending, last_eval = {}, [], None
-  loss_log = os.path.join(workdir, 'train_log.jsonl')
+  loss_log = storage.join(workdir, 'train_log.jsonl')
   truncate_loss_log(loss_log, start)  # a resumed run replays what follows
   log(f'Training {total_steps} steps of {config.batch_size} clips on '
       f'{mesh.size} device(s) in {jax.process_count()} process(es) '
@@ -167,9 +167,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt.close()
   writer.flush()
   if last_eval is not None and jax.process_index() == 0:
-    write_report(last_eval, os.path.join(workdir, 'eval_report.json'),
+    write_report(last_eval, storage.join(workdir, 'eval_report.json'),
                  labels.class_names(config))
-  log(f'TensorBoard logs: {os.path.join(workdir, "tensorboard")}')
+  log(f'TensorBoard logs: {storage.join(workdir, "tensorboard")}')
   preempted = step < last_step
   if preempted:
     log(f'Pre-empted (SIGTERM) after step {step}: checkpoint saved; run the '
@@ -202,10 +202,9 @@ def resume(config, ckpt, abstract_state):
 def truncate_loss_log(path: str, step: int) -> None:
   """Drop the entries of train_log.jsonl after `step` (and a line cut short
   by a kill): the run continues from there, so each step is logged once."""
-  if jax.process_index() != 0 or not os.path.exists(path):
+  if jax.process_index() != 0 or not tf.io.gfile.exists(path):
     return
-  with open(path) as f:
-    lines = f.readlines()
+  lines = storage.read_text(path).splitlines(keepends=True)
 
   def kept(line):
     try:
@@ -215,9 +214,7 @@ def truncate_loss_log(path: str, step: int) -> None:
 
   keep = [line for line in lines if kept(line)]
   if len(keep) != len(lines):
-    with open(path + '.tmp', 'w') as f:
-      f.writelines(keep)
-    os.replace(path + '.tmp', path)
+    storage.write_text(path, ''.join(keep))
 
 
 def flush_losses(pending, ckpt, path) -> dict:
@@ -231,9 +228,9 @@ def flush_losses(pending, ckpt, path) -> dict:
           f'checkpoint: step {ckpt.latest_step()} in {ckpt.directory}'
           f'{checkpoint.NON_FINITE_ADVICE}')
   if jax.process_index() == 0:
-    with open(path, 'a') as f:
-      for step, loss in losses.items():
-        f.write(json.dumps({'step': step, 'loss': loss}) + '\n')
+    storage.append_text(path, ''.join(
+        json.dumps({'step': step, 'loss': loss}) + '\n'
+        for step, loss in losses.items()))
   return losses
 
 
@@ -311,7 +308,7 @@ def evaluate_checkpoint(config, workdir: str, which: str = 'latest') -> dict:
                     state.params, mesh)
   result['checkpoint_step'] = step
   if jax.process_index() == 0:
-    path = os.path.join(workdir, f'eval_step{step}.json')
+    path = storage.join(workdir, f'eval_step{step}.json')
     names = labels.class_names(config)
     write_report(result, path, names)
     log(format_summary(result, names))

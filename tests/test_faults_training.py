@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from absl import app
 
-from stat_jax import checkpoint, config_compare, preflight, trainer
+from stat_jax import checkpoint, config_compare, storage, trainer
 from stat_jax.config_validation import ConfigError, validate
 from stat_jax.deploy import inference, predict
 from stat_jax.errors import UserError
@@ -120,7 +120,7 @@ def test_eval_refuses_a_read_only_workdir_before_restoring(
   def read_only(*args, **kwargs):  # what a read-only folder answers, to root too
     raise PermissionError(errno.EACCES, 'Permission denied')
 
-  monkeypatch.setattr(preflight.tempfile, 'mkstemp', read_only)
+  monkeypatch.setattr(storage.tempfile, 'mkstemp', read_only)
   monkeypatch.setattr(trainer, 'abstract_train_state', no_model)
   with pytest.raises(UserError, match=re.escape(
       f'{workdir} is not writable (Permission denied)')):
