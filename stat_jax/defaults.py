@@ -185,6 +185,12 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   c.train_examples = 240_000  # train videos; with num_epochs: total_steps
   c.grad_accum_steps = 1
   c.dtype = 'float32'  # compute dtype; params are always float32
+  # The dtype of the one all-reduce of the gradients over the devices (each
+  # computes its own clips' gradients, train_step.py): 'float32' sums them
+  # exactly enough at any device count; 'bfloat16' sends half the bytes
+  # (benchmarks.aot reports both) with 8 mantissa bits per partial sum.
+  # Unused on one device.
+  c.grad_reduce_dtype = 'float32'
   c.remat = False  # rematerialise each STA block in the backward pass
 
   c.optimizer = ml_collections.ConfigDict()

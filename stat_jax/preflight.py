@@ -16,6 +16,7 @@ import ml_collections
 import tensorflow as tf
 
 from data import records
+from stat_jax import mixup, sharding
 from stat_jax.errors import UserError
 
 
@@ -44,6 +45,23 @@ def check_eval_batch(config: ml_collections.ConfigDict,
     raise UserError(f'config.data.eval_batch_size * num_clips * num_crops = '
                     f'{views} eval views per batch do not split over '
                     f'{process_count} processes')
+
+
+def check_mesh(config: ml_collections.ConfigDict, mesh) -> None:
+  """The batch splits over the devices of `mesh`: equally, each device's
+  clips into config.grad_accum_steps micro-batches (each device splits its
+  own rows), and into mixup pairs (stat_jax/mixup.py: each device's clips
+  and data.repeated_augment must divide one another)."""
+  sharding.check_batch(config.batch_size, mesh)
+  per_device = config.batch_size // mesh.size
+  if per_device % config.grad_accum_steps:
+    raise UserError(
+        f'config.grad_accum_steps={config.grad_accum_steps} does not divide '
+        f'the {per_device} clips of each of the {mesh.size} devices '
+        f'(batch_size {config.batch_size}): each device splits its own clips '
+        'into the micro-batches')
+  if mixup.mixes(config.mixup):
+    mixup.check_pairing(per_device, config.data.repeated_augment)
 
 
 def check_writable(directory: str) -> None:
