@@ -11,7 +11,6 @@ one call in check_before_training.
 import os
 import tempfile
 
-import jax
 import ml_collections
 import tensorflow as tf
 
@@ -34,17 +33,6 @@ def check_eval_spec(config: ml_collections.ConfigDict) -> None:
   except (tf.errors.OpError, ValueError) as error:
     raise UserError(f'config.data.eval_spec = {spec!r}: cannot be read: '
                     f'{getattr(error, "message", error)}') from error
-
-
-def check_eval_batch(config: ml_collections.ConfigDict,
-                     process_count: int) -> None:
-  """The eval batch (videos x views) splits over the processes."""
-  data = config.data
-  views = data.eval_batch_size * data.num_clips * data.num_crops
-  if config.data.eval_spec and views % process_count:
-    raise UserError(f'config.data.eval_batch_size * num_clips * num_crops = '
-                    f'{views} eval views per batch do not split over '
-                    f'{process_count} processes')
 
 
 def check_mesh(config: ml_collections.ConfigDict, mesh) -> None:
@@ -83,4 +71,3 @@ def check_writable(directory: str) -> None:
 def check_before_training(config: ml_collections.ConfigDict) -> None:
   """Every pre-training check of this module, in order."""
   check_eval_spec(config)
-  check_eval_batch(config, jax.process_count())

@@ -302,7 +302,8 @@ def evaluate(config, eval_step, params, mesh) -> dict:
   """
   views = eval_pipeline.make_eval_iterator(
       config, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(),
+      devices_per_process=len(mesh.local_devices))
   forward = ViewAccumulator(config.model.num_classes)
   reversed_classes = tuple(config.data.reversed_classes)
   backward = (ViewAccumulator(config.model.num_classes)
