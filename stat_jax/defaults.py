@@ -202,6 +202,10 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.grad_clip = 1.0
 
+  # Each clip is mixed with a clip of another video (never itself nor a
+  # repeated-augment twin): on its own device while each device holds 2
+  # videos or more, else with the same row of the next video's device, one
+  # collective permute of the clips per step (stat_jax/mixup.py).
   c.mixup = ml_collections.ConfigDict()
   c.mixup.mixup_alpha = 0.8
   c.mixup.cutmix_alpha = 1.0

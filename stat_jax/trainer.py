@@ -48,7 +48,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   SIGTERM ends it after the current step, with a checkpoint and without
   its evaluation (stat_jax/preemption.py). Returns {'losses': {step: loss},
   'eval': the last evaluation result or None, 'state': the final train
-  state, 'preempted': whether a SIGTERM stopped it before its last step}.
+  state, 'preempted': whether a SIGTERM stopped it (its last step saved,
+  not evaluated)}.
   """
   # ------------------------------------------------------------- setup ---
   validate(config)
@@ -237,7 +238,7 @@ def stop_preempted(step, due, save) -> None:
   save(step)
   if due.evaluate:
     log(f'Pre-empted at step {step}: its evaluation is skipped (python '
-        f'eval.py --which={step} runs it).')
+        f'eval.py --checkpoint={step} runs it).')
 
 
 def evaluate_then_save(step, params, evaluate_in_loop, save) -> dict:

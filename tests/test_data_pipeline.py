@@ -300,13 +300,13 @@ def test_an_error_that_is_not_bad_data_stops_the_pipelines(data_specs,
   train = train_pipeline.make_train_iterator(
       data_testlib.tiny_config(data_specs['train']))
   with pytest.raises(RuntimeError, match=r'train record \d+ of .*: its decode '
-                     'failed with UnknownError, not a data error') as raised:
+                     'failed with ResourceExhaustedError, not a data error') as raised:
     next(train)
   assert 'decode ran out of memory' in str(raised.value.__cause__)
   assert train.num_skipped == 0
   evaluation = eval_pipeline.make_eval_iterator(_eval_config(data_specs['eval']))
   with pytest.raises(RuntimeError, match='eval record 0: its decode failed '
-                     'with UnknownError, not a data error'):
+                     'with ResourceExhaustedError, not a data error'):
     list(evaluation)
 
 
