@@ -81,8 +81,10 @@ def all_finite(tree) -> bool:
 
 @contextlib.contextmanager
 def _quiet():
-  """No orbax / tensorstore / absl log lines (a failed read logs per array)."""
-  loggers = [logging.getLogger(name) for name in ('absl', 'orbax', 'jax')]
+  """No orbax / tensorstore / absl log lines (a failed read logs per array,
+  and its asyncio tasks each log their traceback)."""
+  loggers = [logging.getLogger(name)
+             for name in ('absl', 'orbax', 'jax', 'asyncio')]
   levels = [logger.level for logger in loggers]
   for logger in loggers:
     logger.setLevel(logging.CRITICAL + 1)

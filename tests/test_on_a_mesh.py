@@ -1,8 +1,9 @@
-"""The train step on a data=4 mesh of CPU devices (a subprocess): gradient
-accumulation splits each device's own clips (no all-gather or all-to-all
-of the batch), its gradients equal the whole batch's, and the one
-all-reduce of the gradients takes config.grad_reduce_dtype. Slow (three
-compiles of the tiny step): CI's second step (ci_extra)."""
+"""What only shows on a mesh of CPU devices (subprocesses): on a data=4
+mesh, gradient accumulation splits each device's own clips (no all-gather
+or all-to-all of the batch), its gradients equal the whole batch's, and the
+one all-reduce of the gradients takes config.grad_reduce_dtype; on 8
+devices, an eval batch of 6 views counts every video once. Slow (four
+compiles of the tiny model): CI's second step (ci_extra)."""
 
 import pytest
 
@@ -63,3 +64,30 @@ def test_accumulation_on_a_mesh_keeps_each_devices_rows():
                                                 rel=1e-4)
   assert found['moments_close']
   assert found['float32'] == ['f32'] and found['bfloat16'] == ['bf16']
+
+
+EVAL_SCRIPT = """
+import json
+import jax
+from configs import tiny
+from stat_jax import sharding, trainer
+from stat_jax.train_state import ModelParts
+from stat_jax.train_step import make_eval_step
+config = tiny.get_config()
+config.data.eval_spec, config.data.label_map = %r, %r
+config.data.eval_batch_size = 3  # x 2 views = 6 rows, padded to 8 devices' 8
+parts = ModelParts(config)
+params = jax.jit(lambda: parts.init_params(0))()
+mesh = sharding.make_mesh(config)
+result = trainer.evaluate(config, jax.jit(make_eval_step(parts, config.data)),
+                          params, mesh)
+print(json.dumps({key: result[key] for key in ('num_videos', 'num_views',
+                                               'skipped')}))
+"""
+
+
+@pytest.mark.ci_extra
+def test_an_eval_batch_that_does_not_divide_the_devices_counts_all(motion):
+  found = run_on_cpu_devices(
+      EVAL_SCRIPT % (motion['val'], motion['label_map']), 8)
+  assert found == {'num_videos': 7, 'num_views': 14, 'skipped': 0}
