@@ -35,17 +35,23 @@ def _stream_key(path, key, shape):
   return jax.random.fold_in(key, zlib.crc32(str(path).encode()) & 0x7FFFFFFF)
 
 
-def per_device(fn, mesh: Mesh | None):
-  """fn(video, key, labels, rng) -> (video, targets), run by every device
-  of `mesh` on its own part of the batch (the whole batch without a mesh);
-  `rng` is the same everywhere. Not checked for values that vary over the
-  devices: fn's switches mix constant branches (an identity warp) with
-  per-clip ones, and it reads nothing but its clips."""
+def per_device(fn, mesh: Mesh | None, shared: int = 0):
+  """fn(*clip_args, *shared_args) -> clips (or a tuple of them), run by
+  every device of `mesh` on its own part of the batch (the whole batch
+  without a mesh); the last `shared` arguments are the same everywhere.
+  Not checked for values that vary over the devices: fn's switches mix
+  constant branches (an identity warp) with per-clip ones, and it reads
+  nothing but its clips."""
   if mesh is None:
     return fn
   clips = P(sharding.BATCH_AXES)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(clips, clips, clips, P()),
-                       out_specs=(clips, clips), check_vma=False)
+
+  def on_each_device(*args):
+    specs = (clips,) * (len(args) - shared) + (P(),) * shared
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=clips,
+                         check_vma=False)(*args)
+
+  return on_each_device
 
 
 def mixup_partner(config: ml_collections.ConfigDict, mesh: Mesh | None):
@@ -70,7 +76,7 @@ def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
     return mixup.mixup_cutmix(rng, video, labels, num_classes=num_classes,
                               partner=partner, **config.mixup)
 
-  prepare = per_device(augment_and_mix, mesh)
+  prepare = per_device(augment_and_mix, mesh, shared=1)  # rng: shared
   batch_grads = make_batch_grads(config, parts, mesh)
   base_key = jax.random.key(config.seed)
 
