@@ -139,6 +139,7 @@ def make_batch_grads(config: ml_collections.ConfigDict, parts: ModelParts,
         x.reshape(devices, x.shape[0] // devices, *x.shape[1:]), by_device)
 
   def mean_over_devices(grads):  # [devices, ...] -> [...], the all-reduce
+    # lax.reduce, not jnp.sum / mean: those may widen bfloat16 first.
     summed = jax.lax.reduce(grads.astype(reduce_dtype),
                             jnp.zeros((), reduce_dtype), jax.lax.add, (0,))
     return summed.astype(grads.dtype) / devices
