@@ -12,7 +12,7 @@ import difflib
 
 import ml_collections
 
-from stat_jax import arch, conv, defaults
+from stat_jax import arch, conv, defaults, mixup
 from stat_jax.errors import UserError
 from stat_jax.attention import (ATTENTION_IMPLS, ATTENTION_SETS, CUDNN_DTYPES,
                                 HEAD_LAYOUTS, SPATIAL_SUMMARIES)
@@ -202,7 +202,7 @@ def check_recipe(config: ml_collections.ConfigDict) -> None:
   _require(0 <= mix.label_smoothing < 1, 'mixup.label_smoothing',
            mix.label_smoothing, 'must be in [0, 1)')
   videos = config.batch_size // config.data.repeated_augment
-  _require(videos >= 2 or not (mix.mixup_alpha or mix.cutmix_alpha),
+  _require(videos >= 2 or not mixup.mixes(mix),
            'batch_size', config.batch_size,
            f'holds {videos} video (batch_size / data.repeated_augment): '
            'mixup and CutMix mix a clip with another video; give 2 or more, '

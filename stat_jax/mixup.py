@@ -32,8 +32,12 @@ from stat_jax.errors import UserError
 
 def mixes(mix_config) -> bool:
   """Whether config.mixup mixes clips at all (else no partner is needed)."""
-  return (mix_config.mixup_alpha > 0 or mix_config.cutmix_alpha > 0) and \
-      mix_config.prob > 0
+  return _mixes(mix_config.mixup_alpha, mix_config.cutmix_alpha,
+                mix_config.prob)
+
+
+def _mixes(mixup_alpha: float, cutmix_alpha: float, prob: float) -> bool:
+  return (mixup_alpha > 0 or cutmix_alpha > 0) and prob > 0
 
 
 def check_pairing(clips_per_device: int, clips_per_video: int) -> None:
@@ -142,12 +146,12 @@ def mixup_cutmix(rng: jax.Array, video: jax.Array, labels: jax.Array, *,
   plus `num_classes` and `partner` (partner_fn's; default: the whole batch
   here, one clip a video).
   """
-  partner = partner or partner_fn(video.shape[0], 1)
   if not jnp.issubdtype(video.dtype, jnp.floating):
     raise TypeError(f'mixup needs a floating video, got {video.dtype}')
   targets = smooth_one_hot(labels, num_classes, label_smoothing)  # [B, K]
-  if mixup_alpha <= 0 and cutmix_alpha <= 0:
+  if not _mixes(mixup_alpha, cutmix_alpha, prob):
     return video, targets
+  partner = partner or partner_fn(video.shape[0], 1)
   height, width = video.shape[2:4]
   weight, lam = _mixing_weight(
       rng, height, width, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,

@@ -405,10 +405,12 @@ def test_processes_agree_on_the_checkpoint_to_restore(tmp_path):
   for report in reports.values():
     assert report == {'step': 1, 'w': [1.0] * 4,
                       'on_disk': ['1', '2.corrupt']}
-  assert ('[p0] warning: checkpoint step 2 ' in result.stderr
+  output = result.stdout  # the launcher's: both processes' stdout and stderr
+  assert ('[p0] warning: checkpoint step 2 ' in output
           and 'cannot be read by process(es) 1; trying the checkpoint before'
-          in result.stderr), result.stderr
-  assert 'cannot be read: process 1 cannot read its shard' in result.stderr
+          in output), output
+  assert '[p1] warning: process 1: checkpoint step 2 ' in output
+  assert 'cannot be read: process 1 cannot read its shard' in output
 
 
 def test_data_states_of_all_processes_are_kept_in_order():

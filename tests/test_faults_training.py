@@ -319,10 +319,24 @@ def test_run_control_keys_may_change_and_data_keys_may_not(motion):
     ('optimizer.base_lr', -1e-3, 'optimizer.base_lr = -0.001'),
     ('optimizer.min_lr', -1.0, 'optimizer.min_lr = -1.0'),
     ('optimizer.grad_clip', 0.0, 'optimizer.grad_clip = 0.0'),
+    ('batch_size', 1, 'batch_size = 1: holds 1 video .*collective permute'),
+    ('grad_reduce_dtype', 'float16', "grad_reduce_dtype = 'float16'"),
 ])
 def test_bad_run_values_are_refused(motion, key, value, message):
   with pytest.raises(ConfigError, match=message):
     validate(run_config(motion, **{key: value}))
+
+
+def test_what_the_mesh_asks_of_the_batch_is_checked_before_compiling(motion):
+  config = run_config(motion, batch_size=6, grad_accum_steps=4)
+  mesh = trainer.sharding.make_mesh(config)  # one device
+  with pytest.raises(UserError, match='grad_accum_steps=4 does not divide the '
+                     '6 clips of each of the 1 devices'):
+    preflight.check_mesh(config, mesh)
+  config = run_config(motion, batch_size=6, **{'data.repeated_augment': 4})
+  with pytest.raises(UserError, match='each device holds 6 clips and a video '
+                     'gives data.repeated_augment = 4'):
+    preflight.check_mesh(config, mesh)
 
 
 def test_predict_refuses_a_negative_top_k():
