@@ -223,23 +223,7 @@ def save_checkpoint(ckpt, step, state, train_data, config, result=None):
                      if result else None))
 
 
-# -------------------------------------------------------------- stop ---
-
-def stop_before_step(step, ckpt, train_log, save) -> None:
-  """A stop request between steps: the steps trained are logged and the
-  last of them saved (unless it is saved already)."""
-  train_log.flush()
-  if step > 0 and step != ckpt.latest_step():
-    save(step)
-
-
-def stop_preempted(step, due, save) -> None:
-  """Save the pre-empted step at once; its evaluation is skipped."""
-  save(step)
-  if due.evaluate:
-    log(f'Pre-empted at step {step}: its evaluation is skipped (python '
-        f'eval.py --checkpoint={step} runs it).')
-
+# ------------------------------------------------- evaluate, in the loop ---
 
 def evaluate_then_save(step, params, evaluate_in_loop, save) -> dict:
   """The evaluation of `step`, then its save ranked by it. If the
@@ -270,6 +254,24 @@ def loop_evaluation(config, parts, mesh, writer):
     return result
 
   return evaluate_in_loop
+
+
+# -------------------------------------------------------------- stop ---
+
+def stop_before_step(step, ckpt, train_log, save) -> None:
+  """A stop request between steps: the steps trained are logged and the
+  last of them saved (unless it is saved already)."""
+  train_log.flush()
+  if step > 0 and step != ckpt.latest_step():
+    save(step)
+
+
+def stop_preempted(step, due, save) -> None:
+  """Save the pre-empted step at once; its evaluation is skipped."""
+  save(step)
+  if due.evaluate:
+    log(f'Pre-empted at step {step}: its evaluation is skipped (python '
+        f'eval.py --checkpoint={step} runs it).')
 
 
 def finish(ckpt, train_log, config, workdir, step, last_eval,
