@@ -390,6 +390,7 @@ ckpt.close()
 '''
 
 
+@pytest.mark.ci_extra  # two process start-ups: past the README command's budget
 def test_processes_agree_on_the_checkpoint_to_restore(tmp_path):
   """Only process 1 finds the latest step corrupt: both restore the step
   before it, and it is moved aside once."""
