@@ -152,6 +152,8 @@ def slice_report(config: ml_collections.ConfigDict, compiled, compile_s: float,
       'chips': n, 'device_kind': device.device_kind,
       'mesh': dict(mesh.shape), 'batch': batch, 'batch_per_chip': batch // n,
       'dtype': config.dtype, 'remat': config.remat,
+      # the dtype of the gradients' all-reduce (its bytes: 'collectives')
+      'grad_reduce_dtype': config.grad_reduce_dtype,
       'argument_bytes': memory.argument_size_in_bytes,
       'output_bytes': memory.output_size_in_bytes,
       'temp_bytes': memory.temp_size_in_bytes,
@@ -227,7 +229,8 @@ def format_report(report: dict, topology: str) -> str:
       f'{topology}: {report["chips"]} x {report["device_kind"]}, mesh '
       f'{report["mesh"]}; train step of {report["batch"]} clips '
       f'({report["batch_per_chip"]} per chip), {report["dtype"]}, remat '
-      f'{report["remat"]}; compiled in {report["compile_s"]:.0f} s',
+      f'{report["remat"]}, gradients all-reduced in '
+      f'{report["grad_reduce_dtype"]}; compiled in {report["compile_s"]:.0f} s',
       _memory_line(report), _estimate_line(report), *_program_lines(report),
       f'config recipe: {report["recipe_steps"]} steps, '
       f'{_or_na(report["est_recipe_s"], ".1f", 1 / 3600)} h at that rate',

@@ -12,7 +12,7 @@ import difflib
 
 import ml_collections
 
-from stat_jax import arch, conv, defaults
+from stat_jax import arch, conv, defaults, mixup
 from stat_jax.errors import UserError
 from stat_jax.attention import (ATTENTION_IMPLS, ATTENTION_SETS, CUDNN_DTYPES,
                                 HEAD_LAYOUTS, SPATIAL_SUMMARIES)
@@ -21,6 +21,7 @@ from stat_jax.kernels.mlp import MLP_IMPLS
 DTYPES = ('float32', 'bfloat16', 'float16', 'auto')
 ARCHS = ('stat', 'mvit')
 SAMPLINGS = ('segment', 'dense')
+GRAD_REDUCE_DTYPES = ('float32', 'bfloat16')
 
 
 class ConfigError(UserError):
@@ -185,6 +186,9 @@ def check_training(config: ml_collections.ConfigDict) -> None:
            and config.batch_size % config.grad_accum_steps == 0,
            'grad_accum_steps', config.grad_accum_steps,
            f'must be >= 1 and divide batch_size ({config.batch_size})')
+  _require(config.grad_reduce_dtype in GRAD_REDUCE_DTYPES, 'grad_reduce_dtype',
+           config.grad_reduce_dtype,
+           f'must be one of {", ".join(GRAD_REDUCE_DTYPES)}')
   check_recipe(config)
 
 
@@ -211,6 +215,15 @@ def check_recipe(config: ml_collections.ConfigDict) -> None:
     _require(0 <= mix[key] <= 1, f'mixup.{key}', mix[key], 'must be in [0, 1]')
   _require(0 <= mix.label_smoothing < 1, 'mixup.label_smoothing',
            mix.label_smoothing, 'must be in [0, 1)')
+  videos = config.batch_size // config.data.repeated_augment
+  _require(videos >= 2 or not mixup.mixes(mix),
+           'batch_size', config.batch_size,
+           f'holds {videos} video (batch_size / data.repeated_augment): '
+           'mixup and CutMix mix a clip with another video; give 2 or more, '
+           'or set mixup.mixup_alpha = mixup.cutmix_alpha = 0. Each clip is '
+           'paired on its own device while a device holds 2 videos or more, '
+           'else with the next video\'s device (a collective permute of the '
+           'clips per step)')
 
 
 def validate_model(config: ml_collections.ConfigDict) -> None:

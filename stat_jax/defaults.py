@@ -199,6 +199,12 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   # Compute dtype; params are always float32. 'auto' is bfloat16 on TPUs and
   # GPUs, float32 on the CPU (model.resolve_dtype).
   c.dtype = 'float32'
+  # The dtype of the one all-reduce of the gradients over the devices (each
+  # computes its own clips' gradients, train_step.py): 'float32' sums them
+  # exactly enough at any device count; 'bfloat16' sends half the bytes
+  # (benchmarks.aot reports both) with 8 mantissa bits per partial sum.
+  # Unused on one device.
+  c.grad_reduce_dtype = 'float32'
   c.remat = False  # rematerialise each STA block in the backward pass
 
   c.optimizer = ml_collections.ConfigDict()
@@ -210,6 +216,10 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.grad_clip = 1.0
 
+  # Each clip is mixed with a clip of another video (never itself nor a
+  # repeated-augment twin): on its own device while each device holds 2
+  # videos or more, else with the same row of the next video's device, one
+  # collective permute of the clips per step (stat_jax/mixup.py).
   c.mixup = ml_collections.ConfigDict()
   c.mixup.mixup_alpha = 0.8
   c.mixup.cutmix_alpha = 1.0
