@@ -19,8 +19,14 @@ against the chip's HBM; per step: the TPU compiler's own time estimate
 FLOPs of stat_jax.flops), the bytes moved per clip, and each kind of
 collective with its bytes and its time at the chip's ICI bandwidth
 (bytes / one-direction bandwidth, twice that for an all-reduce: a ring's
-cost on a large slice, with no overlap). Chip figures: stat_jax/chips.py.
-A `cpu` topology has none of them, nor a time estimate: those are null.
+cost on a large slice, with no overlap). Beside the estimate: the
+program's FLOPs per chip (`program_flops`, XLA's count including what the
+Pallas kernels declare) against the model's, the floor its bytes set at
+the chip's HBM bandwidth, the kernels of each phase (forward, backward,
+optimizer, other: benchmarks/hlo_cost.py) with their count, runs, bytes
+and roofline time, and each Pallas kernel (`kernels`) with the FLOPs and
+bytes it declares. Chip figures: stat_jax/chips.py. A `cpu` topology has
+none of them, nor a time estimate: those are null.
 
 --num_slices=S compiles for S such slices joined over the data-center
 network (DCN), the mesh laid out by config.mesh.slices = S (data parallel
@@ -121,14 +127,14 @@ def compile_train_step(config: ml_collections.ConfigDict,
   return compiled, time.perf_counter() - start, mesh
 
 
-def collective_summary(hlo_text: str,
+def collective_summary(module: hlo_cost.Module,
                        chip: chips.Chip | None) -> tuple[dict, dict]:
   """({kind: {'count', 'bytes', 'seconds'}} of the collectives within a
   slice (ICI), the same of those between slices (DCN)) per step, per chip.
   ICI seconds are None without an ICI figure; DCN seconds always."""
   ici, dcn = ({kind: {'count': 0, 'bytes': 0.0, 'seconds': None}
                for kind in hlo_cost.COLLECTIVES} for _ in range(2))
-  for found in hlo_cost.collectives(hlo_cost.Module(hlo_text)):
+  for found in hlo_cost.collectives(module):
     summary = dcn if found.over_dcn else ici
     entry = summary.setdefault(found.kind, {'count': 0, 'bytes': 0.0,
                                             'seconds': None})
@@ -155,8 +161,11 @@ def slice_report(config: ml_collections.ConfigDict, compiled, compile_s: float,
   optimal = cost.get('optimal_seconds')
   step_s = optimal if optimal and optimal > 0 else None
   step_flops = measure.flops_per_clip(config, train=True) * batch
-  collectives, dcn_collectives = collective_summary(compiled.as_text(), chip)
+  module = hlo_cost.Module(compiled.as_text())
+  collectives, dcn_collectives = collective_summary(module, chip)
+  kernels = module.kernels()
   hbm = chip.hbm_bytes if chip else None
+  bandwidth = chip.hbm_bandwidth if chip else None
   return {
       'chips': n, 'device_kind': device.device_kind,
       'mesh': dict(mesh.shape), 'batch': batch, 'batch_per_chip': batch // n,
@@ -172,6 +181,13 @@ def slice_report(config: ml_collections.ConfigDict, compiled, compile_s: float,
                   if step_s and chip else None),
       'est_clips_per_s': batch / step_s if step_s else None,
       'bytes_per_clip': cost['bytes accessed'] * n / batch,
+      # The compiled program's FLOPs per chip (XLA's count, with what the
+      # Pallas kernels declare), against the model's.
+      'program_flops': cost.get('flops'), 'model_flops': step_flops / n,
+      'bytes_floor_s': cost['bytes accessed'] / bandwidth if bandwidth else None,
+      'phases': hlo_cost.phase_summary(kernels, chip and chip.bf16_flops,
+                                       bandwidth),
+      'kernels': hlo_cost.pallas_summary(kernels),
       'slices': len({sharding.slice_of(d) for d in mesh.devices.flat}),
       'collectives': collectives, 'dcn_collectives': dcn_collectives,
       'collective_bytes': sum(c['bytes'] for c in [*collectives.values(),
@@ -207,6 +223,25 @@ def _estimate_line(report: dict) -> str:
           f'{report["bytes_per_clip"] / 1e9:.2f} GB moved per clip')
 
 
+def _program_lines(report: dict) -> list[str]:
+  """The program's FLOPs and bytes floor, its phases, its Pallas kernels."""
+  lines = [f'program: {_or_na(report["program_flops"], ".1f", 1e-9)} GFLOP '
+           f'per chip per step (model {report["model_flops"] / 1e9:.1f}); '
+           f'its bytes take {_or_na(report["bytes_floor_s"], ".1f", 1e3)} ms '
+           'at HBM bandwidth',
+           'kernels per step, per chip (roofline time: FLOPs at peak or '
+           'bytes at HBM bandwidth, the longer):']
+  for name, entry in report['phases'].items():
+    lines.append(f'  {name:10s} {entry["kernels"]:6d} kernels, '
+                 f'{entry["runs"]:8.0f} runs, {entry["bytes"] / 1e9:8.2f} GB, '
+                 f'{_or_na(entry["seconds"], "8.2f", 1e3)} ms')
+  for kernel in report['kernels']:
+    lines.append(f'  Pallas {kernel["name"]:24s} {kernel["calls"]:4.0f} calls, '
+                 f'{kernel["flops"] / 1e9:9.1f} GFLOP, '
+                 f'{kernel["bytes"] / 1e9:7.2f} GB declared')
+  return lines
+
+
 def format_report(report: dict, topology: str) -> str:
   slices = f' x {report["slices"]} slices' if report['slices'] > 1 else ''
   lines = [
@@ -214,7 +249,7 @@ def format_report(report: dict, topology: str) -> str:
       f'{report["mesh"]}; train step of {report["batch"]} clips '
       f'({report["batch_per_chip"]} per chip), {report["dtype"]}, remat '
       f'{report["remat"]}; compiled in {report["compile_s"]:.0f} s',
-      _memory_line(report), _estimate_line(report),
+      _memory_line(report), _estimate_line(report), *_program_lines(report),
       f'config recipe: {report["recipe_steps"]} steps, '
       f'{_or_na(report["est_recipe_s"], ".1f", 1 / 3600)} h at that rate',
       'collectives per step, per chip'
@@ -240,7 +275,7 @@ def _report() -> int:
   config.mesh.slices = FLAGS.num_slices
   if FLAGS.batch_per_chip:
     config.batch_size = FLAGS.batch_per_chip * len(devices)
-  model.resolve_for_platform(config.model, devices[0].platform)
+  model.resolve_for_platform(config, devices[0].platform)
   validate(config)
   compiled, compile_s, mesh = compile_train_step(config, devices)
   report = slice_report(config, compiled, compile_s, mesh)

@@ -19,9 +19,17 @@ whole, only the update is written) and its outputs (a library call's
 scratch workspace not counted). Its FLOPs are those of the dots,
 convolutions and fused attentions it contains (a cuDNN gradient counts the
 forward convolution's FLOPs, as cuDNN computes it); element-wise arithmetic
-is not counted (it never bounds a kernel next to the bytes it moves).
+is not counted (it never bounds a kernel next to the bytes it moves). A
+Pallas TPU kernel (a `tpu_custom_call`) is opaque to XLA: its FLOPs and
+bytes are the pl.CostEstimate it declares, which counts what its grid
+really moves (every block re-read, tiles padded) rather than its operands
+once.
 Layout-only instructions (bitcast, tuple, get-tuple-element, parameter,
-constant) are free.
+constant) are free. An asynchronous copy (copy-start; its copy-done only
+waits) reads its operand and writes it once, not at all where it writes
+to the TPU's on-chip memory (a prefetch: layout `S(1)`); the kernel that
+then reads the copy is counted as reading memory, so prefetched bytes
+count twice.
 
 Collectives (all-gather, reduce-scatter, all-reduce, all-to-all,
 collective-permute) are listed apart, with their bytes and how many times a
@@ -44,11 +52,16 @@ BYTES_PER_ELEMENT = {
 ARRAY = re.compile(r'\b([a-z][a-z0-9]*)\[([\d,]*)\]')
 INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%([^\s=]+)\s*=\s*(.*)$')
 COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%([^\s(]+)\s*\(')
+# An asynchronous copy's -done half only waits: its -start moves the data.
 FREE = {'parameter', 'constant', 'bitcast', 'tuple', 'get-tuple-element',
-        'while', 'conditional', 'after-all', 'partition-id', 'replica-id'}
+        'while', 'conditional', 'after-all', 'partition-id', 'replica-id',
+        'copy-done'}
+# The layout of an array in the TPU's on-chip memory (VMEM): `{...S(1)}`.
+ON_CHIP = re.compile(r'^\(\w+\[[\d,]*\]\{[^}]*S\(1\)\}')
 SLICES = {'slice', 'dynamic-slice'}
 # Library calls whose last output, if bytes, is a scratch buffer, not a result.
 WORKSPACE_TARGETS = ('__cublas', '__cudnn')
+PALLAS_TPU_TARGET = 'tpu_custom_call'
 
 
 @dataclasses.dataclass
@@ -188,9 +201,34 @@ def convolution_flops(conv: Instruction, shapes: dict[str, str]) -> float:
 
 
 def backend_config(instruction: Instruction) -> dict:
-  config, _ = json.JSONDecoder().raw_decode(
-      instruction.attributes.partition('backend_config=')[2])
+  """The JSON backend config of an instruction, printed bare or as a
+  quoted string."""
+  text = instruction.attributes.partition('backend_config=')[2]
+  if text.startswith('"'):
+    text, _ = json.JSONDecoder().raw_decode(text)
+  config, _ = json.JSONDecoder().raw_decode(text)
   return config
+
+
+def declared_cost(instruction: Instruction) -> dict[str, float] | None:
+  """The cost estimate a Pallas TPU kernel declares ({'flops',
+  'bytes_accessed', 'transcendentals', ...}; the HLO prints the numbers as
+  strings), or None where it declares none or the instruction is no Pallas
+  kernel."""
+  if instruction.attribute('custom_call_target') != PALLAS_TPU_TARGET:
+    return None
+  custom = backend_config(instruction).get('custom_call_config', {})
+  declared = custom.get('cost_estimate')
+  return ({key: float(value) for key, value in declared.items()}
+          if declared else None)
+
+
+def pallas_kernel_name(instruction: Instruction) -> str:
+  """The name given to pl.pallas_call: the scope its op_name ends in
+  ('.../fused_mlp_forward/pallas_call'), else the instruction's."""
+  found = re.search(r'([^/]+)/pallas_call$',
+                    instruction.attribute('op_name') or '')
+  return found.group(1) if found else instruction.name
 
 
 def fused_attention_flops(call: Instruction, shapes: dict[str, str]) -> float:
@@ -288,10 +326,17 @@ class Module:
                        for i, b in enumerate(operand_bytes)]
     if update is not None:  # in place: only the update is written
       output_bytes = shape_bytes(self.shapes[update.operands[1]])
+    if instruction.opcode == 'copy-start':  # (destination, source, context)
+      # Written to memory once, not at all when the destination is on chip.
+      output_bytes = 0.0 if ON_CHIP.match(instruction.shape) else sum(operand_bytes)
     kind, flops = self.work(instruction)
-    return Kernel(instruction.name, instruction.opcode,
-                  kind or instruction.opcode, flops,
-                  sum(operand_bytes) + output_bytes,
+    moved = sum(operand_bytes) + output_bytes
+    name, declared = instruction.name, declared_cost(instruction)
+    if declared is not None:
+      kind, flops, moved = 'pallas', declared['flops'], declared['bytes_accessed']
+      name = pallas_kernel_name(instruction)
+    return Kernel(name, instruction.opcode,
+                  kind or instruction.opcode, flops, moved,
                   instruction.attribute('op_name') or '', instruction.shape,
                   runs)
 
@@ -317,6 +362,71 @@ class Module:
     walk(self.entry, 1.0)
     return found
 
+
+
+# ----------------------------------------------------------------- phases ---
+
+# The train step runs its optimizer update under this jax.named_scope
+# (stat_jax/train_step.py), so its kernels' op_names carry it.
+OPTIMIZER_SCOPE = 'optimizer/'
+
+
+def phase(kernel: Kernel, train: bool) -> str:
+  """'copies' (asynchronous copies), else 'forward', 'backward',
+  'optimizer' or 'other' (augmentation, mixup, the loss's scalars): in a
+  train step, from the jax transformations and scopes in the kernel's
+  op_name."""
+  if kernel.opcode == 'copy-start':
+    return 'copies'  # XLA's asynchronous copies, prefetches into VMEM
+  if not train:
+    return 'forward'
+  if 'transpose(' in kernel.op_name:
+    return 'backward'
+  if 'jvp(' in kernel.op_name:
+    return 'forward'
+  return 'optimizer' if OPTIMIZER_SCOPE in kernel.op_name else 'other'
+
+
+def roofline_seconds(kernel: Kernel, peak_flops: float,
+                     bandwidth: float) -> float:
+  """The longer of its FLOPs at the peak and its bytes at the bandwidth,
+  per run."""
+  return max(kernel.flops / peak_flops, kernel.bytes / bandwidth)
+
+
+def phase_summary(kernels: list[Kernel], peak_flops: float | None,
+                  bandwidth: float | None) -> dict:
+  """{phase: {'kernels', 'runs', 'flops', 'bytes', 'seconds'}} of a train
+  step: kernels counted once, runs as expected per step, FLOPs, bytes and
+  roofline seconds summed over the runs (None without the chip's peaks)."""
+  summary = {}
+  for kernel in kernels:
+    entry = summary.setdefault(phase(kernel, train=True), dict.fromkeys(
+        ('kernels', 'runs', 'flops', 'bytes', 'seconds'), 0))
+    entry['kernels'] += 1
+    entry['runs'] += kernel.runs
+    entry['flops'] += kernel.runs * kernel.flops
+    entry['bytes'] += kernel.runs * kernel.bytes
+    if peak_flops and bandwidth:
+      entry['seconds'] += kernel.runs * roofline_seconds(kernel, peak_flops,
+                                                         bandwidth)
+    else:
+      entry['seconds'] = None
+  return summary
+
+
+def pallas_summary(kernels: list[Kernel]) -> list[dict]:
+  """Each Pallas kernel by name: its calls per step and the FLOPs and
+  bytes it declares for them together."""
+  by_name = {}
+  for kernel in kernels:
+    if kernel.kind == 'pallas':
+      entry = by_name.setdefault(kernel.name, {'name': kernel.name, 'calls': 0,
+                                               'flops': 0.0, 'bytes': 0.0})
+      entry['calls'] += kernel.runs
+      entry['flops'] += kernel.runs * kernel.flops
+      entry['bytes'] += kernel.runs * kernel.bytes
+  return list(by_name.values())
 
 
 # ------------------------------------------------------------ collectives ---

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from stat_jax import defaults, sharding
 from stat_jax.flops import model_macs
+from stat_jax.model import resolve_dtype
 from stat_jax.train_state import (ModelParts, abstract_train_state,
                                   init_train_state)
 from stat_jax.train_step import jit_train_step, make_eval_step
@@ -180,6 +181,8 @@ def measure(config: ml_collections.ConfigDict, *, batch: int, train: bool,
             ) -> tuple[dict, Program]:
   """Compile one program of `config` and, unless `run` is False, time it:
   (a row of the tables, the compiled program)."""
+  config = ml_collections.ConfigDict(config)
+  config.dtype = resolve_dtype(config.dtype)  # 'auto': this host's backend
   program, compile_s = compile_program(config, batch=batch, train=train)
   memory = planned_memory(program.step)
   growth = peak_rss_growth(program.run) if run else None

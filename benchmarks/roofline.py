@@ -36,6 +36,7 @@ import jax
 import ml_collections
 
 from benchmarks import hlo_cost, measure, step_flags
+from benchmarks.hlo_cost import phase
 from stat_jax import chips, cli, model
 
 
@@ -126,16 +127,6 @@ def compiled_step(config: ml_collections.ConfigDict, batch: int, train: bool,
   return program.step.lower(*program.args).compile()
 
 
-def phase(kernel: hlo_cost.Kernel, train: bool) -> str:
-  """'backward', 'forward' or 'other' (optimizer, mixup, loss): in a train
-  step, from the jax transformations in the kernel's op_name."""
-  if not train:
-    return 'forward'
-  if 'transpose(' in kernel.op_name:
-    return 'backward'
-  return 'forward' if 'jvp(' in kernel.op_name else 'other'
-
-
 def roofline(kernels: list[hlo_cost.Kernel], *, peak_flops: float,
              bandwidth: float, clips: int, model_flops: float,
              train: bool) -> dict:
@@ -145,7 +136,7 @@ def roofline(kernels: list[hlo_cost.Kernel], *, peak_flops: float,
   groups = collections.defaultdict(collections.Counter)
   timed = []
   for kernel in kernels:
-    seconds = kernel.runs * max(kernel.flops / peak_flops, kernel.bytes / bandwidth)
+    seconds = kernel.runs * hlo_cost.roofline_seconds(kernel, peak_flops, bandwidth)
     bound = 'flops' if kernel.flops / peak_flops >= kernel.bytes / bandwidth else 'bytes'
     timed.append((seconds, bound, kernel))
     group = groups[f'{kernel.kind} {phase(kernel, train)}']
@@ -199,7 +190,7 @@ def _roofline() -> int:
   elif FLAGS.peak_tflops is None or FLAGS.bandwidth_gbs is None:
     raise app.UsageError('--target attached needs --peak_tflops and --bandwidth_gbs')
   config = step_flags.config(FLAGS)
-  model.resolve_for_platform(config.model, 'gpu' if gpu else None)
+  model.resolve_for_platform(config, 'gpu' if gpu else None)
   compiled = compiled_step(config, FLAGS.batch, FLAGS.train,
                            compile_only_device(gpu) if gpu else None)
   hlo = compiled.as_text()

@@ -26,6 +26,7 @@ def get_config(arg: str = '16'):
   config = defaults.base_config(num_frames, NUM_CLASSES)
   config.data.dataset = 'kinetics400'
   config.train_examples = TRAIN_VIDEOS
+  config.dtype = 'auto'  # bfloat16 compute on TPUs and GPUs, float32 on a CPU
   if num_frames == 64:
     config.data.num_clips, config.data.num_crops = 3, 3
 

@@ -26,6 +26,7 @@ def get_config(arg: str = '16'):
   config = defaults.base_config(num_frames, NUM_CLASSES)
   config.data.dataset = 'ssv2'
   config.train_examples = TRAIN_VIDEOS
+  config.dtype = 'auto'  # bfloat16 compute on TPUs and GPUs, float32 on a CPU
   d = config.data
   d.flip = False  # DATA.RANDOM_FLIP: False
   d.num_clips, d.num_crops = 1, 3  # TEST.NUM_ENSEMBLE_VIEWS, NUM_SPATIAL_CROPS

@@ -24,6 +24,7 @@ prefix, and nothing is written through a symbolic link.
 """
 
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import json
@@ -32,11 +33,12 @@ import os
 
 import av
 import numpy as np
+import tensorflow as tf
 import tqdm
 from absl import flags
 
 from data import dmvr
-from stat_jax import cli
+from stat_jax import cli, storage
 from stat_jax.errors import UserError
 
 
@@ -53,7 +55,7 @@ class Video:
 
 def read_kinetics_csv(csv_path, video_dir):
   """(videos, class names) of a Kinetics-style CSV; labels sorted by name."""
-  with open(csv_path, newline='') as f:
+  with tf.io.gfile.GFile(csv_path) as f:
     rows = list(csv.DictReader(f))
   names = sorted({row['label'] for row in rows})
   index = {name: i for i, name in enumerate(names)}
@@ -61,7 +63,7 @@ def read_kinetics_csv(csv_path, video_dir):
   for row in rows:
     start, end = int(float(row['time_start'])), int(float(row['time_end']))
     filename = f"{row['youtube_id']}_{start:06d}_{end:06d}.mp4"
-    videos.append(Video(os.path.join(video_dir, filename), index[row['label']],
+    videos.append(Video(storage.join(video_dir, filename), index[row['label']],
                         row['label'], start * 1_000_000, end * 1_000_000))
   return videos, names
 
@@ -73,9 +75,9 @@ def ssv2_label(template):
 
 def read_ssv2_json(json_path, labels_path, video_dir):
   """(videos, class names) of an SSv2 annotation + label JSON pair."""
-  with open(labels_path) as f:
+  with tf.io.gfile.GFile(labels_path) as f:
     label_index = {name: int(i) for name, i in json.load(f).items()}
-  with open(json_path) as f:
+  with tf.io.gfile.GFile(json_path) as f:
     entries = json.load(f)
   names = [''] * len(label_index)
   for name, i in label_index.items():
@@ -86,7 +88,7 @@ def read_ssv2_json(json_path, labels_path, video_dir):
     if text not in label_index:
       raise ValueError(f'{json_path}: id {entry["id"]} template {text!r} is '
                        f'not in {labels_path}')
-    videos.append(Video(os.path.join(video_dir, f"{entry['id']}.webm"),
+    videos.append(Video(storage.join(video_dir, f"{entry['id']}.webm"),
                         label_index[text], text))
   return videos, names
 
@@ -94,7 +96,7 @@ def read_ssv2_json(json_path, labels_path, video_dir):
 def read_plain_csv(csv_path, video_dir):
   """(videos, class names) of `path,label` rows (an optional header is
   recognised by its non-integer label in a file of integer labels)."""
-  with open(csv_path, newline='') as f:
+  with tf.io.gfile.GFile(csv_path) as f:
     rows = [row for row in csv.reader(f) if row]
   if rows and rows[0][1].strip().lower() == 'label':
     rows = rows[1:]
@@ -105,7 +107,7 @@ def read_plain_csv(csv_path, video_dir):
   else:
     names = sorted(set(labels))
     numbers = [names.index(label) for label in labels]
-  videos = [Video(os.path.join(video_dir, row[0].strip()), number, label)
+  videos = [Video(storage.join(video_dir, row[0].strip()), number, label)
             for row, number, label in zip(rows, numbers, labels)]
   return videos, names
 
@@ -117,10 +119,21 @@ def _resized_size(width, height, short_side):
   return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+@contextlib.contextmanager
+def open_video(path):
+  """The PyAV container of a video file, local or gs://."""
+  if not storage.is_remote(path):  # PyAV reads local files itself
+    with av.open(path) as container:
+      yield container
+    return
+  with tf.io.gfile.GFile(path, 'rb') as source, av.open(source) as container:
+    yield container
+
+
 def decode_video(path, short_side, fps=0.0):
   """uint8 [N, H, W, 3] frames, short side resized; fps > 0 resamples."""
   frames, next_time = [], 0.0
-  with av.open(path) as container:
+  with open_video(path) as container:
     stream = container.streams.video[0]
     stream.thread_type = 'AUTO'
     for frame in container.decode(stream):
@@ -145,7 +158,7 @@ def convert_video(video, short_side, quality, fps):
     return None, f'{type(e).__name__}: {e}'.replace('\n', ' ')
   example = dmvr.make_example(
       dmvr.encode_frames(frames, quality), video.label, video.text,
-      os.path.basename(video.path), video.start_us, video.end_us)
+      storage.basename(video.path), video.start_us, video.end_us)
   return example.SerializeToString(), None
 
 
@@ -167,7 +180,7 @@ def check_name(name: str) -> str:
 def _not_a_link(out_dir, path):
   """`path` unless it is a symbolic link (writing would follow it, maybe
   outside `out_dir`)."""
-  if os.path.islink(path):
+  if not storage.is_remote(path) and os.path.islink(path):
     raise UserError(f'{path} is a symbolic link (to {os.readlink(path)}); '
                      f'refusing to write through it: --out {out_dir} must '
                      'hold plain files')
@@ -177,8 +190,8 @@ def _not_a_link(out_dir, path):
 def _numbered(videos, names, out_dir):
   """(videos, names) numbered by OUT/label_map.txt if it exists (written
   otherwise): an earlier split's numbering is kept, never renumbered."""
-  path = _not_a_link(out_dir, os.path.join(out_dir, 'label_map.txt'))
-  if not os.path.exists(path):
+  path = _not_a_link(out_dir, storage.join(out_dir, 'label_map.txt'))
+  if not tf.io.gfile.exists(path):
     dmvr.write_label_map(path, names)
     return videos, names
   existing = dmvr.load_label_map(path)
@@ -199,18 +212,24 @@ def convert(videos, names, out_dir, name='train', num_shards=16,
             short_side=256, quality=90, fps=0.0, workers=1) -> dict:
   """Writes shards, label_map.txt and <name>-skipped.txt; a summary dict."""
   check_name(name)
-  os.makedirs(out_dir, exist_ok=True)
+  try:
+    storage.write_probe(out_dir)
+  except (OSError, tf.errors.OpError) as error:
+    raise UserError(f'--out {out_dir} is not writable '
+                    f'({storage.reason(error)})') from error
   num_shards = max(1, min(num_shards, len(videos)))
-  for path in dmvr.sharded_filenames(os.path.join(out_dir, f'{name}.tfrecord'),
+  for path in dmvr.sharded_filenames(storage.join(out_dir, f'{name}.tfrecord'),
                                      num_shards):
     _not_a_link(out_dir, path)
   skipped_path = _not_a_link(out_dir,
-                             os.path.join(out_dir, f'{name}-skipped.txt'))
+                             storage.join(out_dir, f'{name}-skipped.txt'))
   videos, names = _numbered(videos, names, out_dir)
   jobs = [(video, short_side, quality, fps) for video in videos]
   skipped = 0
-  with dmvr.ShardedWriter(os.path.join(out_dir, f'{name}.tfrecord'),
-                          num_shards) as writer, open(skipped_path, 'w') as log:
+  with dmvr.ShardedWriter(storage.join(out_dir, f'{name}.tfrecord'),
+                          num_shards) as writer, tf.io.gfile.GFile(
+                              skipped_path, 'w') as log:
+    log.write('')  # GFile creates the file at its first write: none may come
     for i, (record, reason) in enumerate(tqdm.tqdm(
         _run(jobs, workers), total=len(jobs), desc=f'converting {name}')):
       if record is None:

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import glob
 import io
-import os
 import re
 import struct
 import uuid
@@ -26,6 +25,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from stat_jax import storage
 from stat_jax.errors import UserError
 
 IMAGE_KEY = 'image/encoded'
@@ -199,7 +199,7 @@ def resolve_spec(spec: str) -> list:
 
 def spec_directory(spec: str) -> str:
   """The folder of a spec's first file (where label_map.txt lives)."""
-  return os.path.dirname(resolve_spec(spec)[0])
+  return storage.parent(resolve_spec(spec)[0])
 
 
 class ShardedWriter:
@@ -211,7 +211,7 @@ class ShardedWriter:
       raise ValueError(f'num_shards: expected >= 1, got {num_shards}')
     self.filenames = sharded_filenames(prefix, num_shards)
     self.spec = f'{prefix}@{num_shards}'
-    tf.io.gfile.makedirs(os.path.dirname(prefix) or '.')
+    storage.make_folder(storage.parent(prefix) or '.')
     self._writers = [tf.io.TFRecordWriter(f) for f in self.filenames]
     self._rows = [[] for _ in self.filenames]  # (data offset, length)
     self._sizes = [0] * num_shards

@@ -5,10 +5,15 @@ Process k reads the contiguous slice [k n / P, (k+1) n / P) of the record
 index sorted by (file, offset) (data/records.py); each video yields
 num_clips x num_crops views (data/sampling.py eval_indices, spatial_crops).
 One batch element is one view; every process yields the same number of
-batches, eval_batch_size * views / P elements each, padded at the end with
-mask False (label and video_id -1). A record that does not give its views
-is skipped and counted (num_skipped). The model normalises the views on
-the device (train_step.make_eval_step).
+batches of the same size: its share of eval_batch_size * views (rounded
+up) rounded up to a multiple of its devices, so that the global batch
+splits over every device of any mesh. Rows past the last view are padding
+with mask False (label and video_id -1), counted nowhere. A record that
+does not give its views is skipped and counted (num_skipped) if its own
+data is bad: it is decoded again on its own with errors raised, and any
+error other than a data error (train_pipeline.DATA_ERRORS) stops the
+evaluation. The model normalises the views on the device
+(train_step.make_eval_step).
 """
 
 import math
@@ -20,6 +25,7 @@ from data import dmvr
 from data import labels
 from data import records
 from data import sampling
+from data.train_pipeline import DATA_ERRORS
 from stat_jax import defaults
 from stat_jax.errors import UserError
 
@@ -62,17 +68,15 @@ class EvalIterator:
   'label', 'video_id', 'view' int32 [b], 'mask' bool [b]}; see the module
   doc."""
 
-  def __init__(self, config, process_index, process_count):
+  def __init__(self, config, process_index, process_count,
+               devices_per_process=1):
     data = self._data = config.data
     if data.eval_short_side < data.crop_size:
       raise UserError(f'data.eval_short_side {data.eval_short_side} < '
                        f'data.crop_size {data.crop_size}')
     self.num_views = data.num_clips * data.num_crops
-    global_views = data.eval_batch_size * self.num_views
-    if global_views % process_count:
-      raise UserError(f'eval_batch_size * views = {global_views} is not '
-                       f'divisible by process_count {process_count}')
-    self._batch = global_views // process_count
+    share = math.ceil(data.eval_batch_size * self.num_views / process_count)
+    self._batch = math.ceil(share / devices_per_process) * devices_per_process
     self._index = records.RecordIndex(data.eval_spec)
     total = len(self._index)
     self._first = process_index * total // process_count
@@ -82,6 +86,10 @@ class EvalIterator:
     self._table = labels.label_table(data, data.eval_spec)
     self._num_classes = config.model.num_classes
     self._seen, self._done = set(), False
+    self._checked = self._first  # videos before it: yielded or data errors
+    table, num_classes = self._table, self._num_classes  # not self: no cycle
+    self._strict = tf.function(lambda record, video_id: _eval_views(
+        {'record': record, 'video_id': video_id}, data, table, num_classes))
     self._batches = iter(self._dataset().as_numpy_iterator())
 
   @property
@@ -122,12 +130,36 @@ class EvalIterator:
       batch = next(self._batches)
     except StopIteration:
       self._done = True
+      self._check_skipped(self._stop)
       raise
     self._seen.update(batch['video_id'][batch['mask']].tolist())
+    self._check_skipped(max(self._seen, default=self._first))
     return batch
 
+  def _check_skipped(self, upto: int) -> None:
+    """The videos before `upto` not yielded, decoded again with errors
+    raised: a data error is why they were skipped; any other error, or a
+    decode that now succeeds, is a RuntimeError (from the error)."""
+    for video_id in range(self._checked, upto):
+      if video_id in self._seen:
+        continue
+      try:
+        self._strict(tf.constant(self._index.read(video_id)),
+                     tf.constant(video_id, tf.int64))
+      except DATA_ERRORS:
+        continue
+      except Exception as error:
+        raise RuntimeError(f'eval record {video_id}: its decode failed with '
+                           f'{type(error).__name__}, not a data error; '
+                           'stopping') from error
+      raise RuntimeError(
+          f'eval record {video_id} gave no views in the pipeline but decodes '
+          'on its own: the pipeline failed for a reason other than its data')
+    self._checked = max(self._checked, upto)
 
-def make_eval_iterator(config, *, process_index=0,
-                       process_count=1) -> EvalIterator:
+
+def make_eval_iterator(config, *, process_index=0, process_count=1,
+                       devices_per_process=1) -> EvalIterator:
   """Every eval video of this process once, as padded view batches."""
-  return EvalIterator(config, process_index, process_count)
+  return EvalIterator(config, process_index, process_count,
+                      devices_per_process)

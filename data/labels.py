@@ -7,13 +7,13 @@ clip/label/string. The label map is data.label_map, else label_map.txt beside
 the shards (data.convert writes it).
 """
 
-import os
 
 import numpy as np
 import tensorflow as tf
 
 from data import dmvr
 from data import records
+from stat_jax import storage
 from stat_jax.errors import UserError
 
 _LABEL_SAMPLE = 64  # records whose labels check_label_space reads per spec
@@ -34,7 +34,7 @@ def label_table(data, spec):
 
 def _label_map_path(data, spec: str) -> str:
   """data.label_map, else label_map.txt beside the shards of `spec`."""
-  return data.label_map or os.path.join(dmvr.spec_directory(spec),
+  return data.label_map or storage.join(dmvr.spec_directory(spec),
                                         'label_map.txt')
 
 
@@ -44,7 +44,7 @@ def _label_map_paths(data):
   for spec in (data.eval_spec, data.train_spec):
     if spec:
       try:
-        yield os.path.join(dmvr.spec_directory(spec), 'label_map.txt')
+        yield storage.join(dmvr.spec_directory(spec), 'label_map.txt')
       except (FileNotFoundError, ValueError):  # shards moved or deleted
         continue
 

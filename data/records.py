@@ -10,7 +10,6 @@ the spec.
 """
 
 import concurrent.futures
-import os
 import sys
 import zlib
 
@@ -18,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from data import dmvr
+from stat_jax import storage
 from stat_jax.errors import UserError
 
 READ_PARALLELISM = 8  # records read concurrently by read()
@@ -48,7 +48,7 @@ class RecordIndex:
     """A 31-bit hash of the shard names, sizes and record counts (fits the
     int32 of a checkpoint's data state)."""
     counts = np.bincount(self.file, minlength=len(self.files))
-    text = '\n'.join(f'{os.path.basename(f)} {size} {count}' for f, size, count
+    text = '\n'.join(f'{storage.basename(f)} {size} {count}' for f, size, count
                      in zip(self.files, self.sizes, counts))
     return zlib.crc32(text.encode()) & 0x7fffffff
 

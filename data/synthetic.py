@@ -23,10 +23,11 @@ import shutil
 import time
 
 import numpy as np
+import tensorflow as tf
 from absl import flags
 
 from data import dmvr
-from stat_jax import cli
+from stat_jax import cli, storage
 from stat_jax.errors import UserError
 
 CLASSES = (
@@ -203,14 +204,14 @@ def _num_shards(num_clips):
 
 
 def _split_spec(out_dir, split, num_clips):
-  return f'{os.path.join(out_dir, split)}.tfrecord@{_num_shards(num_clips)}'
+  return f'{storage.join(out_dir, split)}.tfrecord@{_num_shards(num_clips)}'
 
 
 def write_split(out_dir: str, split: str, num_clips: int, num_frames: int,
                 size: int, seed: int) -> str:
   """Writes one split as DMVR shards (clip i -> shard i mod N); its spec."""
   num_shards = _num_shards(num_clips)
-  prefix = os.path.join(out_dir, f'{split}.tfrecord')
+  prefix = storage.join(out_dir, f'{split}.tfrecord')
   with dmvr.ShardedWriter(prefix, num_shards) as writer:
     for index in range(num_clips):
       label = clip_label(index)
@@ -230,16 +231,15 @@ def _params(num_train, num_val, num_frames, size, seed) -> dict:
 
 def _check_out(out_dir, params):
   """Refuse to write over a different set (or another data set) in out_dir."""
-  params_path = os.path.join(out_dir, 'params.json')
-  if os.path.exists(params_path):
-    with open(params_path) as f:
-      found = json.load(f)
+  params_path = storage.join(out_dir, 'params.json')
+  if tf.io.gfile.exists(params_path):
+    found = json.loads(storage.read_text(params_path))
     if found != params:
       raise UserError(f'{out_dir} holds a synthetic set made with {found}, '
                        f'not {params}; choose another --out or remove it')
     return
-  held = sorted(name for name in (os.listdir(out_dir)
-                                  if os.path.isdir(out_dir) else [])
+  held = sorted(name for name in (tf.io.gfile.listdir(out_dir)
+                                  if tf.io.gfile.isdir(out_dir) else [])
                 if name == 'label_map.txt' or '.tfrecord' in name)
   if held:
     raise UserError(f'{out_dir} already holds a data set ({", ".join(held[:3])}'
@@ -254,14 +254,13 @@ def generate(out_dir: str, num_train: int, num_val: int, num_frames: int = 32,
   the same set is written again."""
   params = _params(num_train, num_val, num_frames, size, seed)
   _check_out(out_dir, params)
-  label_map = os.path.join(out_dir, 'label_map.txt')
-  os.makedirs(out_dir, exist_ok=True)
+  label_map = storage.join(out_dir, 'label_map.txt')
+  storage.make_folder(out_dir)
   dmvr.write_label_map(label_map, CLASSES)
   specs = {'label_map': label_map}
   for split, count in (('train', num_train), ('val', num_val)):
     specs[split] = write_split(out_dir, split, count, num_frames, size, seed)
-  with open(os.path.join(out_dir, 'params.json'), 'w') as f:
-    json.dump(params, f)
+  storage.write_text(storage.join(out_dir, 'params.json'), json.dumps(params))
   return specs
 
 
@@ -280,8 +279,12 @@ def prepare(data) -> dict:
     return {}
   params = _params(spec.train_clips, spec.val_clips, spec.frames, spec.size,
                    spec.seed)
-  params_path = os.path.join(spec.dir, 'params.json')
-  if not os.path.exists(params_path):
+  params_path = storage.join(spec.dir, 'params.json')
+  if storage.is_remote(spec.dir) and not tf.io.gfile.exists(params_path):
+    # A bucket renames nothing; generate() writes params.json last.
+    generate(spec.dir, spec.train_clips, spec.val_clips, spec.frames,
+             spec.size, spec.seed)
+  elif not tf.io.gfile.exists(params_path):
     staging = f'{spec.dir}.tmp{os.getpid()}'
     generate(staging, spec.train_clips, spec.val_clips, spec.frames,
              spec.size, spec.seed)
@@ -292,14 +295,13 @@ def prepare(data) -> dict:
       os.rename(staging, spec.dir)
     except OSError:  # another process finished first
       shutil.rmtree(staging)
-  with open(params_path) as f:
-    found = json.load(f)
+  found = json.loads(storage.read_text(params_path))
   if found != params:
     raise UserError(f'{spec.dir} holds a synthetic set made with {found}, '
                      f'config data.synthetic asks for {params}')
   specs = {'train': _split_spec(spec.dir, 'train', spec.train_clips),
            'val': _split_spec(spec.dir, 'val', spec.val_clips),
-           'label_map': os.path.join(spec.dir, 'label_map.txt')}
+           'label_map': storage.join(spec.dir, 'label_map.txt')}
   data.train_spec, data.eval_spec = specs['train'], specs['val']
   data.label_map = specs['label_map']
   return specs

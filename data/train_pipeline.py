@@ -34,7 +34,10 @@ request (SIGTERM, single-process) is honoured between records instead of
 waiting forever. Frames are checked for the JPEG start and end markers
 before libjpeg sees them (libjpeg prints a line to stderr for every bad
 frame). A shard that cannot be read any more (deleted during the run) stops
-the run naming it.
+the run naming it. Only data errors are skipped: a record that gives no
+clip is decoded again on its own, without skipping, and unless that fails
+with a DATA_ERRORS error (what a bad example, label or JPEG raises), the
+error (out of memory, a bug) stops the run with its traceback.
 
 State: the next slot (as epoch, position) and the skip counters of the slots
 this process read, a few ints per process. Every process saves its state;
@@ -67,6 +70,9 @@ _PREFETCH_BATCHES = 2
 SKIP_REASONS = {1: 'unreadable or not a clip', 2: 'no label or label out of '
                 'range', 3: 'frames that do not decode as JPEG'}
 _SKIP_KEYS = {1: 'skipped_unreadable', 2: 'skipped_label', 3: 'skipped_jpeg'}
+# What a record's own bad data raises in its decode (tf.io parsing, JPEG
+# decoding, the checks of data/sampling.py and data/labels.py).
+DATA_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.DataLossError)
 # What every process's saved data state must agree on.
 _GLOBAL_KEYS = ('epoch', 'position', 'seed', 'num_records', 'num_shards',
                 'data_fingerprint')
@@ -226,6 +232,9 @@ class TrainIterator:
     # The slow path of a slot whose record gives no clip: one record at a
     # time, traced once.
     self._decode = tf.function(self._element)
+    # The same decode with errors raised: what made a record give no clip.
+    self._strict = tf.function(
+        lambda element: _train_clips(element, data, seed, table, num_classes))
     self._max_run = int(self._data.max_consecutive_skips)
     self._data_ids = {
         'num_records': len(self._index), 'num_shards': len(self._index.files),
@@ -302,6 +311,7 @@ class TrainIterator:
     gives any, decoded with the randomness of `slot` (whose own record, from
     shard number `file`, failed for `reason`)."""
     own = _slot_entry(tf.constant(slot, tf.int64), self._columns, self._seed)
+    self._check_data_error(int(own['record_number']), own)
     run = [(reason, file)]  # the records in a row without a clip
     candidate = slot
     while True:
@@ -311,13 +321,37 @@ class TrainIterator:
       candidate += 1
       number = int(_slot_entry(tf.constant(candidate, tf.int64),
                                self._columns, self._seed)['record_number'])
-      element = self._decode({
-          'record': tf.constant(self._index.read(number)),
-          'file': tf.constant(self._index.file[number]),
-          **{key: own[key] for key in ('slot', 'epoch', 'position')}})
+      element = self._decode(self._element_of(number, own))
       if not element['reason']:
         return {key: element[key].numpy() for key in ('video', 'key', 'label')}
+      self._check_data_error(number, own)
       run.append((int(element['reason']), int(self._index.file[number])))
+
+  def _element_of(self, number: int, slot_entry) -> dict:
+    """The input of _train_element for record `number`, read here, with
+    the randomness of the slot of `slot_entry` (_slot_entry's)."""
+    return {'record': tf.constant(self._index.read(number)),
+            'file': tf.constant(self._index.file[number]),
+            **{key: slot_entry[key] for key in ('slot', 'epoch', 'position')}}
+
+  def _check_data_error(self, number: int, slot_entry) -> None:
+    """Record `number`, which gave no clip with the randomness of
+    `slot_entry`'s slot, decoded again with its errors raised: a data error
+    (DATA_ERRORS) is what skips it; any other error, or a decode that now
+    succeeds, is a RuntimeError (from the error: its traceback follows)."""
+    where = (f'train record {number} of '
+             f'{self._index.files[self._index.file[number]]}')
+    try:
+      self._strict(self._element_of(number, slot_entry))
+    except DATA_ERRORS:
+      return
+    except Exception as error:
+      raise RuntimeError(f'{where}: its decode failed with '
+                         f'{type(error).__name__}, not a data error; '
+                         'stopping') from error
+    raise RuntimeError(f'{where} gave no clip in the pipeline but decodes '
+                       'on its own: the pipeline failed for a reason other '
+                       'than its data')
 
   def _too_many_skips(self, run) -> UserError:
     run_files = collections.Counter(file for _, file in run)

@@ -18,13 +18,13 @@ nh x nw patch tokens of width nc. Per frame i:
 window(i) = frames i-⌊to/2⌋ .. i-1, i+1 .. i+⌊to/2⌋: never frame i itself,
 and neighbours outside the clip are masked out, not wrapped.
 
-The per-frame computation `frame_attention` is written once and mapped over
-frames (and clips) with `jax.vmap`; the window comes from the static table
-`window_table`. That is attention implementation 'xla'. Implementation
-'cudnn' packs every frame's keys into one sequence instead (neighbours
-outside the clip moved to its end and cut off by a per-frame key length) for
-`jax.nn.dot_product_attention`'s cuDNN flash attention; softmax does not
-depend on the order of the keys, so both compute equations (7)-(8).
+This module holds the equations: the window (`window_table`), the sets of
+equation (7) for each ablation (`attention_sets`), the pooling and the
+projections. Each way of computing (7)-(8) has its own module beside it:
+'xla' (attention_xla.py) maps one frame's attention over the frames with
+`jax.vmap`; 'cudnn' (attention_cudnn.py) packs every frame's keys into one
+sequence for cuDNN's flash attention; 'pallas' (attention_pallas.py) runs
+fused Pallas kernels that read the sets where they lie.
 """
 
 import functools
@@ -34,13 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stat_jax import conv
+from stat_jax import attention_cudnn, attention_pallas, attention_xla, conv
+from stat_jax.errors import UserError
 
 ATTENTION_SETS = ('ca', 'ca+sa', 'ca+la', 'ca+sa+la')
 SPATIAL_SUMMARIES = ('cls', 'avgpool')
 # 'auto' resolves to 'xla' (resolve_attention_impl). 'cudnn' needs a GPU, a
 # 16-bit compute dtype and a head width that is a multiple of 8 up to 128.
-ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
+# 'pallas' compiles for TPUs; elsewhere its kernels are interpreted (tests).
+ATTENTION_IMPLS = ('xla', 'cudnn', 'pallas', 'auto')
 CUDNN_DTYPES = ('bfloat16', 'float16')
 # How the heads are split off the Q/K/V projection and merged into the output
 # projection (same numbers): 'products' lays them out in the products
@@ -65,42 +67,18 @@ def window_table(nt: int, window: int) -> tuple[np.ndarray, np.ndarray]:
   return np.clip(frames, 0, nt - 1).astype(np.int32), valid
 
 
-def gather_window(x, window_index):
-  """[nt, h, n_sa, d] -> [h, (to-1) * n_sa, d]: the window's SA tokens."""
-  x = x[window_index]  # [to-1, h, n_sa, d]
-  return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, x.shape[3])
-
-
-def frame_logits(q, k_ca, k_sa, window_index, window_valid, k_la):
-  """Scaled logits of frame i's queries over K̂_i = [K_CA_i, K_SA of the
-  window, K_LA] (equation (7)), -inf on neighbours outside the clip.
-  Shapes as in `frame_attention`; returns float32 [h, nq, n_ca +
-  (to-1) * n_sa + n_la]."""
-  head_dim = q.shape[2]
-  k = jnp.concatenate([k_ca, gather_window(k_sa, window_index), k_la],
-                      axis=1)  # K̂_i
-  valid = jnp.concatenate([
-      jnp.ones(k_ca.shape[1], bool),
-      jnp.repeat(window_valid, k_sa.shape[2]),
-      jnp.ones(k_la.shape[1], bool),
-  ])
-  logits = jnp.einsum('hqd,hkd->hqk', q, k, preferred_element_type=jnp.float32)
-  logits = logits / np.sqrt(head_dim).astype(np.float32)
-  # valid at the rank of logits: jax2onnx mis-batches a lower-rank mask.
-  return jnp.where(valid[None, None], logits, -jnp.inf)
-
-
 def frame_masses(q, k_ca, k_sa, window_index, window_valid, k_la):
   """Where the softmax of frame i's queries puts its mass (explain only).
 
-  Shapes as in `frame_attention`. Returns {'ca': [h, nq] on K_CA_i,
-  'sa': [h, nq, nt] on each frame's K_SA (0 outside the window and on i),
+  Shapes as in attention_xla.frame_attention. Returns {'ca': [h, nq] on
+  K_CA_i, 'sa': [h, nq, nt] on each frame's K_SA (0 outside the window and on i),
   'la': [h, nq, nt] on each frame's K_LA token (0 without LA), 'ca_keys':
   [h, nq, n_ca] the weights on each K_CA_i token}; ca + sa + la = 1.
   """
   nt, n_ca, n_sa = k_sa.shape[0], k_ca.shape[1], k_sa.shape[2]
   weights = jax.nn.softmax(
-      frame_logits(q, k_ca, k_sa, window_index, window_valid, k_la), axis=-1)
+      attention_xla.frame_logits(q, k_ca, k_sa, window_index, window_valid,
+                                 k_la), axis=-1)
   ca_keys = weights[..., :n_ca]
   sa_slots = weights[..., n_ca:n_ca + window_index.size * n_sa]
   sa_slots = sa_slots.reshape(*weights.shape[:2], window_index.shape[0],
@@ -113,85 +91,26 @@ def frame_masses(q, k_ca, k_sa, window_index, window_valid, k_la):
           'ca_keys': ca_keys}
 
 
-def frame_attention(q, k_ca, v_ca, k_sa, v_sa, window_index, window_valid,
-                    k_la, v_la):
-  """Attention of one frame i, equations (7) and (8).
+def resolve_attention_impl(impl: str, platform: str | None = None) -> str:
+  """'xla', 'cudnn' or 'pallas' for ATTENTION_IMPLS `impl` on `platform`
+  (default: the default backend's).
 
-  Args:
-    q: [h, nq, d] queries of frame i ([cls_i, Q̂_i]).
-    k_ca, v_ca: [h, n_ca, d] current-frame keys/values of frame i.
-    k_sa, v_sa: [nt, h, n_sa, d] short-term keys/values of ALL frames.
-    window_index, window_valid: [to-1] the neighbours of frame i.
-    k_la, v_la: [h, n_la, d] long-term keys/values (shared by all frames).
-  Returns:
-    [h, nq, d]
+  'auto' is 'xla': it runs on every backend and dtype. 'cudnn' and
+  'pallas' are chosen explicitly; what each costs is in
+  benchmarks/RESULTS.md. 'pallas' is refused on a GPU, where its TPU
+  kernels do not lower.
   """
-  logits = frame_logits(q, k_ca, k_sa, window_index, window_valid, k_la)
-  v = jnp.concatenate([v_ca, gather_window(v_sa, window_index), v_la],
-                      axis=1)  # V̂_i
-  # Softmax in float32, normalised after the product with V: one division
-  # per output value instead of one per key.
-  peak = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-  weights = jnp.exp(logits - peak)  # [h, nq, nk]
-  out = jnp.einsum('hqk,hkd->hqd', weights.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  return (out / weights.sum(axis=-1, keepdims=True)).astype(v.dtype)
-
-
-def resolve_attention_impl(impl: str) -> str:
-  """'xla' or 'cudnn' for ATTENTION_IMPLS `impl`.
-
-  'auto' is 'xla': it runs on every backend and dtype. 'cudnn' is chosen
-  explicitly; what each costs on a GPU is in benchmarks/RESULTS.md.
-  """
+  if impl == 'pallas' and (platform or jax.default_backend()) == 'gpu':
+    raise UserError("config.model.attention_impl = 'pallas': its kernels are "
+                    'Pallas TPU kernels, which do not lower on a GPU; use '
+                    'cudnn or xla there')
   return 'xla' if impl == 'auto' else impl
-
-
-def packed_attention(q, k_cur, v_cur, k_sa, v_sa, window_index, window_valid,
-                     k_la, v_la, *, implementation: str):
-  """Equations (7)-(8) for all frames at once with jax.nn.dot_product_attention.
-
-  Frame i's keys are packed as [K_CA_i, K_LA, K_SA of its neighbours inside
-  the clip, those outside]; a per-frame key length cuts the last ones off.
-  Shapes as in `frame_attention`, with leading [B, nt] (K_LA, V_LA: [B, h,
-  n_la, d]). Returns [B, nt, h, nq, d].
-  """
-  batch, nt, heads, nq, head_dim = q.shape
-  inside_first = np.argsort(~window_valid, axis=1, kind='stable')  # [nt, to-1]
-  neighbours = np.take_along_axis(window_index, inside_first, axis=1)
-
-  def keys(cur, sa, la):  # -> [B * nt, n_ca + n_la + (to-1) * n_sa, h, d]
-    la = jnp.broadcast_to(la[:, None], (batch, nt, *la.shape[1:]))
-    sa = sa[:, neighbours]  # [B, nt, to-1, h, n_sa, d]
-    sa = jnp.moveaxis(sa, 2, 3).reshape(batch, nt, heads, -1, head_dim)
-    packed = jnp.concatenate([cur, la, sa], axis=3)  # [B, nt, h, S, d]
-    return jnp.swapaxes(packed, 2, 3).reshape(batch * nt, -1, heads, head_dim)
-
-  lengths = (k_cur.shape[3] + k_la.shape[2]
-             + k_sa.shape[3] * window_valid.sum(axis=1))  # [nt]
-  query = jnp.swapaxes(q, 2, 3).reshape(batch * nt, nq, heads, head_dim)
-  out = jax.nn.dot_product_attention(
-      pad_to_even(query), pad_to_even(keys(k_cur, k_sa, k_la)),
-      pad_to_even(keys(v_cur, v_sa, v_la)),
-      key_value_seq_lengths=jnp.tile(jnp.asarray(lengths, jnp.int32), batch),
-      implementation=implementation)[:, :nq]  # [B * nt, nq, h, d]
-  return jnp.swapaxes(out.reshape(batch, nt, nq, heads, head_dim), 2, 3)
-
-
-def pad_to_even(x):
-  """[N, S, h, d] -> [N, S rounded up to even, h, d], zero rows appended.
-
-  cuDNN's flash attention has no backward pass for odd query or key lengths
-  under a padding mask; the extra key is beyond every key length (masked)
-  and the extra query row is sliced off the output.
-  """
-  return jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))
 
 
 def shrinking_temporal_attention(q, k, v, k_sa, v_sa, *, attention: str,
                                  window: int, num_summary: int,
                                  impl: str = 'xla'):
-  """STA for a batch of clips: maps `frame_attention` over clips and frames.
+  """STA for a batch of clips, computed by implementation `impl`.
 
   Args:
     q: [B, nt, h, nq, d] queries (summary token first, if any).
@@ -201,7 +120,8 @@ def shrinking_temporal_attention(q, k, v, k_sa, v_sa, *, attention: str,
     attention: one of ATTENTION_SETS.
     window: the temporal window `to` (odd).
     num_summary: 1 with spatial class tokens, 0 with avg-pooled summaries.
-    impl: 'xla' (vmapped frame_attention) or 'cudnn' (packed_attention).
+    impl: 'xla' (attention_xla.py), 'cudnn' (attention_cudnn.py) or
+      'pallas' (attention_pallas.py).
   Returns:
     [B, nt, h, nq, d]
   """
@@ -209,20 +129,21 @@ def shrinking_temporal_attention(q, k, v, k_sa, v_sa, *, attention: str,
       k, v, k_sa, v_sa, attention=attention, window=window,
       num_summary=num_summary)
   if impl == 'cudnn':
-    return packed_attention(q, k_cur, v_cur, k_sa, v_sa, index, valid, k_la,
-                            v_la, implementation='cudnn')
-
-  per_frame = jax.vmap(frame_attention,  # over frames: SA and LA shared
-                       in_axes=(0, 0, 0, None, None, 0, 0, None, None))
-  per_clip = jax.vmap(per_frame,  # over clips: the window table shared
-                      in_axes=(0, 0, 0, 0, 0, None, None, 0, 0))
-  return per_clip(q, k_cur, v_cur, k_sa, v_sa, index, valid, k_la, v_la)
+    return attention_cudnn.packed_attention(
+        q, k_cur, v_cur, k_sa, v_sa, index, valid, k_la, v_la,
+        implementation='cudnn')
+  if impl == 'pallas':  # K_CA_i read in place, class token masked
+    return attention_pallas.pallas_attention(
+        q, k, v, k_sa, v_sa, index, valid, k_la, v_la,
+        num_summary=num_summary)
+  return attention_xla.xla_attention(q, k_cur, v_cur, k_sa, v_sa, index,
+                                     valid, k_la, v_la)
 
 
 def attention_sets(k, v, k_sa, v_sa, *, attention: str, window: int,
                    num_summary: int):
   """The key / value sets of equation (7) for `attention`, as
-  `frame_attention` takes them (arguments as in
+  attention_xla.frame_attention takes them (arguments as in
   shrinking_temporal_attention): (k_cur, v_cur [B, nt, h, n_ca, d], k_sa,
   v_sa [B, nt, h, n_sa or 0, d], window index, valid [nt, to-1 or 0],
   k_la, v_la [B, h, nt or 0, d])."""

@@ -23,13 +23,14 @@ one line naming the step and what is wrong, with orbax / tensorstore logging
 silenced for the attempt. `newest_whole('latest', ...)` then falls back to
 the step before it with a one-line warning (train, eval, export and predict
 all restore through it); training moves the bad steps aside as
-`<step>.corrupt` so that it can save those steps again.
+`<step>.corrupt` so that it can save those steps again. With several
+processes the step is agreed: a step that any process cannot read is
+corrupt for all of them, so all restore the same one.
 """
 
 import contextlib
 import json
 import logging
-import os
 import sys
 
 import jax
@@ -37,16 +38,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorflow as tf
 from jax.experimental import multihost_utils
 
+from stat_jax import storage
 from stat_jax.errors import UserError
 
 BEST_METRIC = 'val_top1'
 
 # The file of each item that must exist for the item to be read at all.
-_ITEM_FILES = {'state': os.path.join('state', '_METADATA'),
-               'data': os.path.join('data', 'metadata'),
-               'config': os.path.join('config', 'metadata')}
+_ITEM_FILES = {'state': 'state/_METADATA', 'data': 'data/metadata',
+               'config': 'config/metadata'}
 CORRUPT_SUFFIX = '.corrupt'
 
 
@@ -79,8 +81,10 @@ def all_finite(tree) -> bool:
 
 @contextlib.contextmanager
 def _quiet():
-  """No orbax / tensorstore / absl log lines (a failed read logs per array)."""
-  loggers = [logging.getLogger(name) for name in ('absl', 'orbax', 'jax')]
+  """No orbax / tensorstore / absl log lines (a failed read logs per array,
+  and its asyncio tasks each log their traceback)."""
+  loggers = [logging.getLogger(name)
+             for name in ('absl', 'orbax', 'jax', 'asyncio')]
   levels = [logger.level for logger in loggers]
   for logger in loggers:
     logger.setLevel(logging.CRITICAL + 1)
@@ -101,7 +105,7 @@ def _reason(error: BaseException) -> str:
 
 def checkpoint_dir(workdir: str) -> str:
   """Where the checkpoints of the run directory `workdir` are."""
-  return os.path.join(workdir, 'checkpoints')
+  return storage.join(workdir, 'checkpoints')
 
 
 def _best_metric(metrics) -> float:
@@ -121,26 +125,52 @@ class Checkpointer:
         ]),
         best_fn=_best_metric, best_mode='max', read_only=read_only,
         enable_async_checkpointing=True, create=not read_only)
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # Restores run in each process on its own, with none of orbax's
+    # barriers: a process that fails to read would leave the others waiting
+    # in one. _read then agrees on the outcome.
+    with _quiet():  # its read_only options are logged as warnings
+      self._reader = ocp.CheckpointManager(
+          self.directory, options=ocp.CheckpointManagerOptions(
+              read_only=True, multiprocessing_options=ocp.options.
+              MultiprocessingOptions(primary_host=jax.process_index(),
+                                     active_processes={jax.process_index()})))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return storage.join(self.directory, str(step))
 
   def _read(self, step: int, **items):
     """The `items` (name -> orbax restore args) of checkpoint `step`;
-    CorruptCheckpoint if any cannot be read whole."""
+    CorruptCheckpoint on every process if any process cannot read them
+    whole (the processes agree, so all restore the same step)."""
+    try:
+      restored, error = self._read_here(step, **items), None
+    except CorruptCheckpoint as raised:
+      restored, error = None, raised
+      if jax.process_index():
+        print(f'warning: process {jax.process_index()}: {error}',
+              file=sys.stderr, flush=True)
+    failing = _failing_processes(error is not None)
+    if failing:
+      raise error or CorruptCheckpoint(
+          f'checkpoint step {step} ({self.step_dir(step)}) cannot be read by '
+          f'process(es) {", ".join(map(str, failing))}')
+    return restored
+
+  def _read_here(self, step: int, **items):
+    """_read for this process alone."""
     for name in items:
-      path = os.path.join(self.step_dir(step), _ITEM_FILES[name])
-      if not os.path.exists(path):
+      path = storage.join(self.step_dir(step), _ITEM_FILES[name])
+      if not tf.io.gfile.exists(path):
         raise CorruptCheckpoint(f'checkpoint step {step} is incomplete: '
                                 f'{path} is missing')
     try:
       with _quiet():
-        return self._manager.restore(step, args=ocp.args.Composite(**items))
+        return self._reader.restore(step, args=ocp.args.Composite(**items))
     except Exception as error:  # tensorstore / orbax raise many types
       raise CorruptCheckpoint(
           f'checkpoint step {step} ({self.step_dir(step)}) cannot be read: '
@@ -180,9 +210,9 @@ class Checkpointer:
       for step in steps:
         target = self.step_dir(step) + CORRUPT_SUFFIX
         suffix = 1
-        while os.path.exists(target):
+        while tf.io.gfile.exists(target):
           target, suffix = f'{self.step_dir(step)}{CORRUPT_SUFFIX}{suffix}', suffix + 1
-        os.rename(self.step_dir(step), target)
+        tf.io.gfile.rename(self.step_dir(step), target)
         print(f'warning: moved the unreadable checkpoint step {step} to '
               f'{target}', file=sys.stderr, flush=True)
     if jax.process_count() > 1:
@@ -271,6 +301,17 @@ class Checkpointer:
 
   def close(self):
     self._manager.close()
+    self._reader.close()
+
+
+def _failing_processes(failed_here: bool) -> list[int]:
+  """The processes for which a restore failed, the same list on every one
+  (a collective: every process calls it for every step it tries), so that
+  all fall back to the same step."""
+  if jax.process_count() == 1:
+    return [0] if failed_here else []
+  failed = multihost_utils.process_allgather(np.int32(failed_here))
+  return np.flatnonzero(failed).tolist()
 
 
 def gather_int_dicts(local: dict) -> list[dict]:

@@ -34,7 +34,8 @@ RUN_CONTROL_KEYS = (
     'checkpoint_every', 'keep_checkpoints', 'init_from',
     'resume_with_changed_config', 'compilation_cache_dir', 'profile_steps',
     # where and how the computation runs
-    'mesh.', 'remat', 'grad_accum_steps', 'model.attention_impl',
+    'mesh.', 'remat', 'grad_accum_steps', 'grad_reduce_dtype',
+    'model.attention_impl',
     'model.conv_impl', 'model.head_layout',
     # evaluation and what it writes
     'attention_images', 'data.eval_spec', 'data.eval_short_side', 'data.num_clips',

@@ -12,14 +12,16 @@ import difflib
 
 import ml_collections
 
-from stat_jax import arch, conv, defaults
+from stat_jax import arch, conv, defaults, mixup
 from stat_jax.errors import UserError
 from stat_jax.attention import (ATTENTION_IMPLS, ATTENTION_SETS, CUDNN_DTYPES,
                                 HEAD_LAYOUTS, SPATIAL_SUMMARIES)
+from stat_jax.kernels.mlp import MLP_IMPLS
 
-DTYPES = ('float32', 'bfloat16', 'float16')
+DTYPES = ('float32', 'bfloat16', 'float16', 'auto')
 ARCHS = ('stat', 'mvit')
 SAMPLINGS = ('segment', 'dense')
+GRAD_REDUCE_DTYPES = ('float32', 'bfloat16')
 
 
 class ConfigError(UserError):
@@ -86,12 +88,15 @@ def check_model(config: ml_collections.ConfigDict) -> None:
              'must be an integer >= 1')
   _require(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl',
            m.attention_impl, f'must be one of {", ".join(ATTENTION_IMPLS)}')
-  _require(m.attention_impl != 'cudnn' or config.dtype in CUDNN_DTYPES,
+  # 'auto' is bfloat16 on the GPUs that cudnn runs on.
+  _require(m.attention_impl != 'cudnn' or config.dtype in (*CUDNN_DTYPES, 'auto'),
            'model.attention_impl', m.attention_impl,
            f'cudnn needs dtype {" or ".join(CUDNN_DTYPES)} (dtype is '
            f'{config.dtype!r}); use auto or xla')
   _require(m.conv_impl in conv.CONV_IMPLS, 'model.conv_impl', m.conv_impl,
            f'must be one of {", ".join(conv.CONV_IMPLS)}')
+  _require(m.mlp_impl in MLP_IMPLS, 'model.mlp_impl', m.mlp_impl,
+           f'must be one of {", ".join(MLP_IMPLS)}')
   _require(m.head_layout in HEAD_LAYOUTS, 'model.head_layout', m.head_layout,
            f'must be one of {", ".join(HEAD_LAYOUTS)}')
   _require(0 <= m.drop_path < 1, 'model.drop_path', m.drop_path, 'must be in [0, 1)')
@@ -181,6 +186,9 @@ def check_training(config: ml_collections.ConfigDict) -> None:
            and config.batch_size % config.grad_accum_steps == 0,
            'grad_accum_steps', config.grad_accum_steps,
            f'must be >= 1 and divide batch_size ({config.batch_size})')
+  _require(config.grad_reduce_dtype in GRAD_REDUCE_DTYPES, 'grad_reduce_dtype',
+           config.grad_reduce_dtype,
+           f'must be one of {", ".join(GRAD_REDUCE_DTYPES)}')
   _require(isinstance(config.compilation_cache_dir, str),
            'compilation_cache_dir', config.compilation_cache_dir,
            "must be a folder (a gs:// path works too), or '' (off)")
@@ -229,6 +237,15 @@ def check_recipe(config: ml_collections.ConfigDict) -> None:
     _require(0 <= mix[key] <= 1, f'mixup.{key}', mix[key], 'must be in [0, 1]')
   _require(0 <= mix.label_smoothing < 1, 'mixup.label_smoothing',
            mix.label_smoothing, 'must be in [0, 1)')
+  videos = config.batch_size // config.data.repeated_augment
+  _require(videos >= 2 or not mixup.mixes(mix),
+           'batch_size', config.batch_size,
+           f'holds {videos} video (batch_size / data.repeated_augment): '
+           'mixup and CutMix mix a clip with another video; give 2 or more, '
+           'or set mixup.mixup_alpha = mixup.cutmix_alpha = 0. Each clip is '
+           'paired on its own device while a device holds 2 videos or more, '
+           'else with the next video\'s device (a collective permute of the '
+           'clips per step)')
 
 
 def validate_model(config: ml_collections.ConfigDict) -> None:

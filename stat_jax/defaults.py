@@ -95,8 +95,9 @@ def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
   m.qkv_bias = True
   # How STA's attention is computed (same numbers, attention.py): 'xla' maps
   # the per-frame attention over frames; 'cudnn' packs the frames for cuDNN
-  # flash attention (GPU, bfloat16/float16); 'auto' is 'xla', which runs on
-  # every backend and dtype.
+  # flash attention (GPU, bfloat16/float16); 'pallas' runs fused Pallas
+  # kernels (TPU; interpreted, slowly, elsewhere); 'auto' is 'xla', which
+  # runs on every backend and dtype.
   m.attention_impl = 'auto'
   # How the convolutions are computed (same numbers, stat_jax/conv.py): 'cpu'
   # rewrites them into forms XLA:CPU runs fast, 'xla' leaves them to XLA
@@ -107,6 +108,12 @@ def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
   # transposes the projected tokens; 'auto' is 'transposed' on the CPU
   # backend, else 'products'.
   m.head_layout = 'auto'
+  # How the STA blocks' MLPs of width <= 384 compute LN -> fc1 -> GELU ->
+  # fc2 + skip (same numbers, stat_jax/kernels/mlp.py): 'xla' leaves it to
+  # XLA; 'pallas' is one fused Pallas kernel that keeps the 4C hidden
+  # activations on chip (TPU; interpreted, slowly, on the CPU; refused on
+  # a GPU); 'auto' is 'pallas' on TPUs, else 'xla'.
+  m.mlp_impl = 'auto'
   m.drop_path = 0.2  # stochastic depth, rising linearly over the blocks
   m.dropout = 0.5  # before the classifier
   return m
@@ -189,7 +196,15 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   c.num_epochs = 200
   c.train_examples = 240_000  # train videos; with num_epochs: total_steps
   c.grad_accum_steps = 1
-  c.dtype = 'float32'  # compute dtype; params are always float32
+  # Compute dtype; params are always float32. 'auto' is bfloat16 on TPUs and
+  # GPUs, float32 on the CPU (model.resolve_dtype).
+  c.dtype = 'float32'
+  # The dtype of the one all-reduce of the gradients over the devices (each
+  # computes its own clips' gradients, train_step.py): 'float32' sums them
+  # exactly enough at any device count; 'bfloat16' sends half the bytes
+  # (benchmarks.aot reports both) with 8 mantissa bits per partial sum.
+  # Unused on one device.
+  c.grad_reduce_dtype = 'float32'
   c.remat = False  # rematerialise each STA block in the backward pass
 
   c.optimizer = ml_collections.ConfigDict()
@@ -201,6 +216,10 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.grad_clip = 1.0
 
+  # Each clip is mixed with a clip of another video (never itself nor a
+  # repeated-augment twin): on its own device while each device holds 2
+  # videos or more, else with the same row of the next video's device, one
+  # collective permute of the clips per step (stat_jax/mixup.py).
   c.mixup = ml_collections.ConfigDict()
   c.mixup.mixup_alpha = 0.8
   c.mixup.cutmix_alpha = 1.0

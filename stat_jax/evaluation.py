@@ -8,11 +8,10 @@ sums, view counts); trainer.evaluate gathers every process's rows into it.
 """
 
 import json
-import os
-import tempfile
 
 import numpy as np
 
+from stat_jax import storage
 from stat_jax.confusion import format_confused
 
 TOP_K = 5  # top-5 accuracy; top-min(5, K) when there are fewer classes
@@ -112,21 +111,6 @@ def _predictions(sums, top, mean_probs) -> list[dict]:
               sums['views'].tolist(), top.tolist(), top_probs.tolist())]
 
 
-def _write_atomic(path: str, text: str) -> None:
-  """Writes a temporary file beside `path`, then renames it over `path`."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, temporary = tempfile.mkstemp(dir=folder,
-                                   prefix=os.path.basename(path) + '.tmp')
-  try:
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-    os.replace(temporary, path)
-  except BaseException:
-    os.remove(temporary)
-    raise
-
-
 def _named_prediction(prediction: dict, class_names) -> dict:
   if class_names is None:
     return prediction
@@ -140,10 +124,10 @@ def write_report(result: dict, path: str, class_names=None) -> str:
   confusion_matrix) and, beside it, <path without extension>.predictions.jsonl
   (one line per video) and, with a confusion matrix, .confusion.png. Each file
   appears complete or not at all. Returns the predictions path."""
-  predictions_path = os.path.splitext(path)[0] + '.predictions.jsonl'
+  predictions_path = storage.strip_extension(path) + '.predictions.jsonl'
   lines = [json.dumps(_named_prediction(p, class_names)) + '\n'
            for p in result['predictions']]
-  _write_atomic(predictions_path, ''.join(lines))
+  storage.write_text(predictions_path, ''.join(lines))
   per_class = [{'class': c, 'top1': acc,
                 'videos': result['per_class_videos'][c]}
                for c, acc in sorted(result['per_class'].items())]
@@ -153,12 +137,12 @@ def write_report(result: dict, path: str, class_names=None) -> str:
   report = {key: value for key, value in result.items()
             if key not in ('per_class', 'per_class_videos', 'predictions')}
   report.update(per_class=per_class,
-                predictions=os.path.basename(predictions_path))
-  _write_atomic(path, json.dumps(report, indent=2) + '\n')
+                predictions=storage.basename(predictions_path))
+  storage.write_text(path, json.dumps(report, indent=2) + '\n')
   if 'confusion_matrix' in result:  # beside it: <path>.confusion.png
     from stat_jax import plots  # pylint: disable=g-import-not-at-top
     plots.save(plots.confusion_figure(result['confusion_matrix'], class_names),
-               os.path.splitext(path)[0] + '.confusion.png')
+               storage.strip_extension(path) + '.confusion.png')
   return predictions_path
 
 

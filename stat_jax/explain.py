@@ -41,7 +41,7 @@ import tensorflow as tf
 from absl import flags
 
 from data import dmvr, eval_pipeline, records
-from stat_jax import attention_maps, cli, plots
+from stat_jax import attention_maps, cli, plots, storage
 from stat_jax.deploy import inference, predict
 from stat_jax.errors import UserError
 
@@ -52,8 +52,8 @@ def record_argument(argument: str) -> tuple[str, int] | None:
   """(file, K) when `argument` is FILE:K, record K of an existing file (and
   no file is named `argument` itself); None for a video file."""
   path, colon, index = argument.rpartition(':')
-  if colon and index.isdigit() and os.path.isfile(path) and not os.path.exists(
-      argument):
+  if colon and index.isdigit() and not tf.io.gfile.isdir(path) and (
+      tf.io.gfile.exists(path)) and not tf.io.gfile.exists(argument):
     return path, int(index)
   return None
 
@@ -141,7 +141,7 @@ def write_pictures(result: dict, out: str, stem: str) -> list[str]:
   names = []
   for kind, fig in figures.items():
     names.append(f'{stem}.{kind}.png')
-    plots.save(fig, os.path.join(out, names[-1]))
+    plots.save(fig, storage.join(out, names[-1]))
   return names
 
 
@@ -166,9 +166,8 @@ def write_index(entries: list[tuple[dict, list[str]]], out: str) -> str:
               f'<p>attention mass: {html.escape(shares)}</p>']
     parts += [f'<img src="{html.escape(name)}" alt="{html.escape(name)}">'
               for name in images]
-  path = os.path.join(out, 'index.html')
-  with open(path, 'w') as f:
-    f.write('\n'.join(parts) + '\n')
+  path = storage.join(out, 'index.html')
+  storage.write_text(path, '\n'.join(parts) + '\n')
   return path
 
 
@@ -181,13 +180,13 @@ def explain(workdir: str, which: str, out: str, videos: list[str]) -> list[dict]
                     'attention (STA) only')
   apply = jax.jit(attention_maps.capture_fn(restored.parts,
                                             restored.config.data))
-  os.makedirs(out, exist_ok=True)
+  storage.make_folder(out)
   entries, results = [], []
   for index, path in enumerate(videos):
     result = explain_video(restored, apply, path)
-    name = os.path.basename(path)
+    name = storage.basename(path)
     stem = f'{index:02d}_' + (name.replace(':', '_') if record_argument(path)
-                              else os.path.splitext(name)[0])
+                              else storage.strip_extension(name))
     entries.append((result, write_pictures(result, out, stem)))
     summary, times = result['summary'], result['times']
     nt = summary['frame_maps'].shape[-1]
@@ -225,7 +224,7 @@ def _explain(videos: list[str]) -> int:
     print('  CA/SA/LA by block: ' + '  '.join(
         '/'.join(f'{m[k]:.2f}' for k in attention_maps.SHARES)
         for m in result['attention_mass']))
-  print(f'Pictures: {os.path.join(FLAGS.out, "index.html")}', flush=True)
+  print(f'Pictures: {storage.join(FLAGS.out, "index.html")}', flush=True)
   if FLAGS.json:
     print(json.dumps({'videos': results,
                       'attention_mass': results[0]['attention_mass']}))

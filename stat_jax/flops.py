@@ -105,13 +105,25 @@ def param_count(model: nnx.Module) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def _counted(config):
+  """A copy of `config` with the attention and the MLP on XLA: a Pallas
+  kernel's jaxpr is one grid step of it, so the kernel's form would hide
+  most of its multiply-adds (every implementation computes the same)."""
+  counted = config.copy_and_resolve_references()
+  counted.model.attention_impl = 'xla'
+  counted.model.mlp_impl = 'xla'
+  return counted
+
+
 def model_macs(config) -> int:
   """Multiply-adds of one view of the configured model."""
+  config = _counted(config)
   return count_macs(*model_forward(abstract_model(config), config))
 
 
 def model_cost(config) -> tuple[int, int]:
   """(multiply-adds of one view, trainable parameters), one abstract build."""
+  config = _counted(config)
   model = abstract_model(config)
   return count_macs(*model_forward(model, config)), param_count(model)
 

@@ -1,13 +1,12 @@
 """What a run reports: clu metric writers (TensorBoard + console) and a
 progress line with step/s, clips/s, ETA and model FLOP utilisation."""
 
-import os
 import time
 
 import jax
 from clu import metric_writers
 
-from stat_jax import chips
+from stat_jax import chips, storage
 
 
 def peak_flops(device) -> float | None:
@@ -20,7 +19,7 @@ def peak_flops(device) -> float | None:
 def make_writer(workdir: str) -> metric_writers.MetricWriter:
   """TensorBoard event files under workdir/tensorboard on process 0 only."""
   return metric_writers.create_default_writer(
-      os.path.join(workdir, 'tensorboard'),
+      storage.join(workdir, 'tensorboard'),
       just_logging=jax.process_index() > 0, asynchronous=True)
 
 

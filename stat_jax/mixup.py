@@ -1,23 +1,75 @@
 """Mixup and CutMix of video clips on device, as timm's `Mixup(mode='batch')`.
 
-Every clip is mixed with the clip at the mirrored position of its shard:
-the batch is cut into `shards` equal consecutive parts (one per device that
-holds a part of the batch; 1: the whole batch) and each part is flipped
-along its clips, so no clip crosses devices (a flip of the whole sharded
-batch sent every clip to another chip). The middle clip of an odd shard
-meets itself; with repeated augmentation (copies of a video side by side)
-a shard of 4k + 2 clips mixes its middle video with its own copy. One
-lam ~ Beta(alpha, alpha) serves the whole batch, and so does the CutMix box,
-which is the same in every frame of a clip. Targets are label-smoothed one-hot
-vectors mixed with the same lam.
+Every clip is mixed with a partner clip of another video (`partner_fn`),
+never with itself nor with a repeated-augment twin (data.repeated_augment:
+the k clips of a video side by side). It runs on each device's part of the
+batch (train_step.py), and the partner is found where it costs least:
+
+  each device holds >= 2 videos: the partner is on the same device, the
+      clip half of its videos ahead (a roll of its clips; no communication);
+  each device holds 1 video or part of one (clips per device <= k): the
+      partner is the same row of the device holding the next video, sent
+      by one collective permute of the clips and targets per step.
+
+The clips per device and k must divide one another (preflight.check_mesh),
+so that every device is in the same case; with mixup off nothing is sent.
+One lam ~ Beta(alpha, alpha) serves the whole batch, and so does the CutMix
+box, which is the same in every frame of a clip. Targets are label-smoothed
+one-hot vectors mixed with the same lam.
 
 The alphas and probabilities are Python floats from `config.mixup` (static
 under jit); every random choice is a traced value, so one compiled step covers
 mixup, CutMix and no mixing.
 """
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+
+from stat_jax.errors import UserError
+
+
+def mixes(mix_config) -> bool:
+  """Whether config.mixup mixes clips at all (else no partner is needed)."""
+  return _mixes(mix_config.mixup_alpha, mix_config.cutmix_alpha,
+                mix_config.prob)
+
+
+def _mixes(mixup_alpha: float, cutmix_alpha: float, prob: float) -> bool:
+  return (mixup_alpha > 0 or cutmix_alpha > 0) and prob > 0
+
+
+def check_pairing(clips_per_device: int, clips_per_video: int) -> None:
+  """UserError unless every device holds whole videos or a whole share of
+  one: the two counts divide one another."""
+  if clips_per_device % clips_per_video and clips_per_video % clips_per_device:
+    raise UserError(
+        f'mixup: each device holds {clips_per_device} clips and a video gives '
+        f'data.repeated_augment = {clips_per_video}; one must divide the '
+        'other to pair every clip with another video (change batch_size or '
+        'data.repeated_augment)')
+
+
+def partner_fn(clips_per_device: int, clips_per_video: int, devices: int = 1,
+               axis_name=None) -> Callable[[jax.Array], jax.Array]:
+  """fn(x [b, ...]) -> [b, ...]: row j of a device's clips (or targets) ->
+  its partner's row, a clip of another video (module doc). `devices` that
+  hold the batch in order along `axis_name` (a shard_map axis); 1: the
+  whole batch is here."""
+  check_pairing(clips_per_device, clips_per_video)
+  videos_here = clips_per_device // clips_per_video
+  if videos_here >= 2:
+    shift = clips_per_video * (videos_here // 2)
+    return lambda x: jnp.roll(x, -shift, axis=0)  # row j <- row j + shift
+  hop = clips_per_video // clips_per_device  # devices that share a video
+  if devices < 2 * hop:
+    raise UserError(
+        f'mixup needs two videos in the batch; it holds '
+        f'{devices * clips_per_device // clips_per_video} (batch_size / '
+        'data.repeated_augment)')
+  sources = [((device + hop) % devices, device) for device in range(devices)]
+  return lambda x: jax.lax.ppermute(x, axis_name, sources)
 
 
 def smooth_one_hot(labels: jax.Array, num_classes: int,
@@ -83,37 +135,28 @@ def _mixing_weight(rng: jax.Array, height: int, width: int, *,
 def mixup_cutmix(rng: jax.Array, video: jax.Array, labels: jax.Array, *,
                  num_classes: int, mixup_alpha: float, cutmix_alpha: float,
                  prob: float, switch_prob: float, label_smoothing: float,
-                 shards: int = 1) -> tuple[jax.Array, jax.Array]:
-  """Mixes each of `shards` parts of a batch with its flip: video [B, T, H,
-  W, C] float, labels [B] int -> (video [B, T, H, W, C], soft targets [B,
-  K] float32).
+                 partner=None) -> tuple[jax.Array, jax.Array]:
+  """Mixes each clip with its partner: video [B, T, H, W, C] float, labels
+  [B] int -> (video [B, T, H, W, C], soft targets [B, K] float32).
 
   With probability `prob` the batch is mixed: by CutMix with probability
   `switch_prob` when both alphas are > 0, else by whichever alpha is > 0. An
   alpha of 0 disables that kind; both 0 gives the smoothed one-hot targets and
   the video unchanged. The keyword arguments are those of `config.mixup`
-  plus `num_classes`; `shards` must divide B.
+  plus `num_classes` and `partner` (partner_fn's; default: the whole batch
+  here, one clip a video).
   """
-  if video.shape[0] % shards:
-    raise ValueError(f'{shards} shards do not divide a batch of '
-                     f'{video.shape[0]} clips')
   if not jnp.issubdtype(video.dtype, jnp.floating):
     raise TypeError(f'mixup needs a floating video, got {video.dtype}')
   targets = smooth_one_hot(labels, num_classes, label_smoothing)  # [B, K]
-  if mixup_alpha <= 0 and cutmix_alpha <= 0:
+  if not _mixes(mixup_alpha, cutmix_alpha, prob):
     return video, targets
+  partner = partner or partner_fn(video.shape[0], 1)
   height, width = video.shape[2:4]
   weight, lam = _mixing_weight(
       rng, height, width, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
       prob=prob, switch_prob=switch_prob)
   weight = weight[:, :, None]  # [H, W, 1], broadcast over B, T and C
-  mixed = weight * video + (1.0 - weight) * flip_shards(video, shards)
-  mixed_targets = lam * targets + (1.0 - lam) * flip_shards(targets, shards)
+  mixed = weight * video + (1.0 - weight) * partner(video)
+  mixed_targets = lam * targets + (1.0 - lam) * partner(targets)
   return mixed.astype(video.dtype), mixed_targets
-
-
-def flip_shards(x: jax.Array, shards: int) -> jax.Array:
-  """x [B, ...] with each of its `shards` consecutive parts reversed along
-  the clips: clip s * b + j -> s * b + b - 1 - j (b = B / shards)."""
-  parts = x.reshape(shards, x.shape[0] // shards, *x.shape[1:])
-  return jnp.flip(parts, axis=1).reshape(x.shape)

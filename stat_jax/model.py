@@ -14,6 +14,7 @@ from stat_jax import arch, conv
 from stat_jax.config_validation import validate_model
 from stat_jax.attention import (ShrinkingTemporalAttention, dense_init,
                                 resolve_head_layout)
+from stat_jax.kernels import mlp as mlp_kernel
 
 embedding_init = nnx.initializers.truncated_normal(stddev=0.02)
 
@@ -88,6 +89,10 @@ class STABlock(nnx.Module):
     self.proj = (nnx.Linear(dim, spec.dim_out, dtype=dtype,
                             kernel_init=dense_init, rngs=rngs)
                  if spec.dim_out != dim else None)
+    # The fused kernel where the MLP's skip is its input (no projection).
+    self.mlp_impl = (mlp_kernel.resolve_mlp_impl(model.mlp_impl)
+                     if self.proj is None and dim <= mlp_kernel.MAX_WIDTH
+                     else 'xla')
 
   def make_attention(self, spec: arch.BlockSpec,
                      model: ml_collections.ConfigDict, *, dtype,
@@ -126,10 +131,24 @@ class STABlock(nnx.Module):
     """The output tokens alone (what remat recomputes; grid is static)."""
     attended, _ = self.attn(self.norm1(x), grid)
     x = self.skip(x, grid) + self.drop_path(attended)
+    if self.mlp_impl != 'xla':
+      return self.fused_mlp(x)
     x_norm = self.norm2(x)
     if self.proj is not None:
       x = self.proj(x_norm)
     return x + self.drop_path(self.mlp(x_norm))
+
+  def fused_mlp(self, x):
+    """x + drop_path(MLP(norm2(x))) by the Pallas kernel, frame by frame."""
+    # The drop-path scale of each clip: the mask nnx.Dropout draws for x.
+    scale = self.drop_path(jnp.ones((x.shape[0], 1, 1, 1), jnp.float32))
+    fc1, fc2 = self.mlp.fc1, self.mlp.fc2
+    weights = mlp_kernel.MlpWeights(
+        self.norm2.scale[...], self.norm2.bias[...],
+        fc1.kernel[...].astype(x.dtype), fc1.bias[...],
+        fc2.kernel[...].astype(x.dtype), fc2.bias[...])
+    return mlp_kernel.fused_mlp_clips(x, scale.reshape(-1), weights,
+                                      self.norm2.epsilon)
 
 
 class TemporalBlock(nnx.Module):
@@ -194,7 +213,7 @@ class STAT(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     model = config.model
-    dtype = jnp.dtype(config.dtype)
+    dtype = jnp.dtype(resolve_dtype(config.dtype))
     blocks = arch.block_specs(model)
     stem = arch.stem_specs(model)
     self.num_summary = 1 if model.spatial_summary == 'cls' else 0
@@ -266,13 +285,29 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module
   return STAT(config, rngs=rngs)
 
 
-def resolve_for_platform(model: ml_collections.ConfigDict,
+def resolve_dtype(dtype: str, platform: str | None = None) -> str:
+  """The compute dtype of config `dtype` on `platform` (default: the default
+  backend's): 'auto' is bfloat16 on TPUs and GPUs, whose matmul units run
+  it at several times their float32 rate, float32 on the CPU, where
+  bfloat16 buys nothing and the casts cost."""
+  if dtype != 'auto':
+    return dtype
+  return 'float32' if (platform or jax.default_backend()) == 'cpu' else 'bfloat16'
+
+
+def resolve_for_platform(config: ml_collections.ConfigDict,
                          platform: str | None) -> None:
-  """Settle model.conv_impl and model.head_layout 'auto' for `platform`
-  (None: this process's backend), for a program compiled here to run on
-  another platform: 'auto' would otherwise follow the compiling host."""
-  model.conv_impl = conv.resolve_conv_impl(model.conv_impl, platform)
-  model.head_layout = resolve_head_layout(model.head_layout, platform)
+  """Settle config.dtype, model.conv_impl, model.head_layout and
+  model.mlp_impl 'auto' for `platform` (None: this process's backend), for
+  a program compiled here to run on another platform: 'auto' would
+  otherwise follow the compiling host."""
+  config.dtype = resolve_dtype(config.dtype, platform)
+  config.model.conv_impl = conv.resolve_conv_impl(config.model.conv_impl,
+                                                 platform)
+  config.model.head_layout = resolve_head_layout(config.model.head_layout,
+                                                 platform)
+  config.model.mlp_impl = mlp_kernel.resolve_mlp_impl(config.model.mlp_impl,
+                                                      platform)
 
 
 def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:

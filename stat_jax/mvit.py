@@ -25,7 +25,8 @@ from flax import nnx
 from stat_jax import arch, conv
 from stat_jax.attention import (dense_init, merge_heads, resolve_attention_impl,
                                 resolve_head_layout, split_heads)
-from stat_jax.model import STABlock, TokenEmbedding, embedding_init
+from stat_jax.model import (STABlock, TokenEmbedding, embedding_init,
+                            resolve_dtype)
 
 
 class Pool3d(nnx.Module):
@@ -131,7 +132,7 @@ class MViT(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     model = config.model
-    dtype = jnp.dtype(config.dtype)
+    dtype = jnp.dtype(resolve_dtype(config.dtype))
     blocks = arch.block_specs(model)
     stem = arch.stem_specs(model)  # stem_layers = 1: the patch embedding
     self.remat = config.remat

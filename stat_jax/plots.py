@@ -8,11 +8,15 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from stat_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 SHARE_NAMES = ('CA', 'SA', 'LA')
 
 
 def save(fig, path: str) -> str:
-  fig.savefig(path, dpi=fig.dpi)
+  """Writes the picture to `path` (local or gs://); closes the figure."""
+  with storage.local_copy_for_writing(path) as local:
+    fig.savefig(local, dpi=fig.dpi)
   plt.close(fig)
   return path
 

@@ -9,14 +9,27 @@ step and none waits on a collective the others left. A process waiting for
 its data then keeps waiting (the flag is for one process only): the others
 may have started the next step, whose collectives would hang without it;
 the sync point (the furthest process's step + 1) comes once its batch does.
+
+Without the coordination service's pre-emption support
+(jax_enable_preemption_service off: the one documented case in which the
+sync-point query raises), a multi-process run is warned once that a
+SIGTERM will kill it without a checkpoint; any other error of the query is
+raised, never taken for "not pre-empted".
 """
 
 import contextlib
 import signal
 import threading
 
+import sys
+
 import jax
 from jax.experimental import multihost_utils
+
+
+def service_enabled() -> bool:
+  """Whether the coordination service watches for pre-emption notices."""
+  return bool(jax.config.jax_enable_preemption_service)
 
 
 class Preemption:
@@ -24,6 +37,7 @@ class Preemption:
 
   def __init__(self):
     self.signalled = False
+    self._warned = False
 
   def on_sigterm(self, signum, frame):
     del signum, frame
@@ -32,10 +46,14 @@ class Preemption:
   def reached(self, step: int) -> bool:
     if jax.process_count() == 1:
       return self.signalled
-    try:
-      return multihost_utils.reached_preemption_sync_point(step)
-    except RuntimeError:  # jax_enable_preemption_service is off
+    if not service_enabled():
+      if not self._warned and jax.process_index() == 0:
+        print('warning: jax_enable_preemption_service is off: a SIGTERM '
+              'stops this multi-process run without a checkpoint',
+              file=sys.stderr, flush=True)
+      self._warned = True
       return False
+    return multihost_utils.reached_preemption_sync_point(step)
 
 
 @contextlib.contextmanager

@@ -8,14 +8,11 @@ names the input and what is wrong. Add a check as one function here and
 one call in check_before_training.
 """
 
-import os
-import tempfile
-
-import jax
 import ml_collections
 import tensorflow as tf
 
 from data import records
+from stat_jax import mixup, sharding, storage
 from stat_jax.errors import UserError
 
 
@@ -35,29 +32,34 @@ def check_eval_spec(config: ml_collections.ConfigDict) -> None:
                     f'{getattr(error, "message", error)}') from error
 
 
-def check_eval_batch(config: ml_collections.ConfigDict,
-                     process_count: int) -> None:
-  """The eval batch (videos x views) splits over the processes."""
-  data = config.data
-  views = data.eval_batch_size * data.num_clips * data.num_crops
-  if config.data.eval_spec and views % process_count:
-    raise UserError(f'config.data.eval_batch_size * num_clips * num_crops = '
-                    f'{views} eval views per batch do not split over '
-                    f'{process_count} processes')
+def check_mesh(config: ml_collections.ConfigDict, mesh) -> None:
+  """The batch splits over the devices of `mesh`: equally, each device's
+  clips into config.grad_accum_steps micro-batches (each device splits its
+  own rows), and into mixup pairs (stat_jax/mixup.py: each device's clips
+  and data.repeated_augment must divide one another)."""
+  sharding.check_batch(config.batch_size, mesh)
+  per_device = config.batch_size // mesh.size
+  if per_device % config.grad_accum_steps:
+    raise UserError(
+        f'config.grad_accum_steps={config.grad_accum_steps} does not divide '
+        f'the {per_device} clips of each of the {mesh.size} devices '
+        f'(batch_size {config.batch_size}): each device splits its own clips '
+        'into the micro-batches')
+  if mixup.mixes(config.mixup):
+    mixup.check_pairing(per_device, config.data.repeated_augment)
 
 
 def check_writable(directory: str) -> None:
   """Files can be created in `directory` (made if missing), where a run
   writes its checkpoints, logs and reports. Tried with a probe file, created
-  and removed: the permission bits that os.access reads say yes to root,
-  and a read-only mount or a network file system may say otherwise."""
+  and removed: the permission bits that os.access reads say yes to root, a
+  read-only mount or a network file system may say otherwise, and a bucket
+  answers for its own permissions (a missing bucket, missing credentials
+  and a denied write all fail here, before anything compiles)."""
   try:
-    os.makedirs(directory, exist_ok=True)
-    descriptor, probe = tempfile.mkstemp(prefix='.write-probe-', dir=directory)
-    os.close(descriptor)
-    os.remove(probe)
-  except OSError as error:
-    raise UserError(f'{directory} is not writable ({error.strerror or error});'
+    storage.write_probe(directory)
+  except (OSError, tf.errors.OpError) as error:
+    raise UserError(f'{directory} is not writable ({storage.reason(error)});'
                     ' checkpoints, logs and reports are written there: give '
                     'a --workdir you can write to') from error
 
@@ -65,4 +67,3 @@ def check_writable(directory: str) -> None:
 def check_before_training(config: ml_collections.ConfigDict) -> None:
   """Every pre-training check of this module, in order."""
   check_eval_spec(config)
-  check_eval_batch(config, jax.process_count())

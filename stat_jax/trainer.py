@@ -1,13 +1,17 @@
 """Training and evaluation of STAT, top to bottom.
 
-Phases (banners below): setup (config, mesh, data) -> model and optimizer
-(abstract init, sharded init or restore) -> compile -> loop (step, log,
-NaN guard, checkpoint, evaluate) -> finish. Evaluation helpers at the end
-serve both the loop and eval.py.
+train_and_evaluate reads as its phases: setup (config, mesh, data) -> state
+(abstract init, sharded init or restore) -> compile -> loop -> finish. Each
+step of the loop trains, then does what the step is due for (due_after):
+log, evaluate, save, stop. The helpers below it follow that order; the
+evaluation at the end serves both the loop and eval.py.
+
+Stops: the last step, `stop_after`, and pre-emption (a SIGTERM,
+stat_jax/preemption.py). A pre-empted step is saved at once and not
+evaluated: an evaluation can outlast the grace period before the kill.
 """
 
-import json
-import os
+import dataclasses
 import time
 
 import jax
@@ -18,47 +22,40 @@ from jax.experimental import multihost_utils
 from data import labels
 from data import eval_pipeline
 from data import train_pipeline
-from stat_jax import checkpoint, confusion, metrics, optim, sharding
-from stat_jax import config_compare, preflight, profiling
+from stat_jax import checkpoint, confusion, optim, sharding
+from stat_jax import config_compare, preflight, profiling, storage
 from stat_jax.config_validation import validate
 from stat_jax.eval_images import EvalImages
 from stat_jax.evaluation import (EVAL_SCALARS, ViewAccumulator, format_accuracy,
                                  format_summary, time_reversed, write_report)
-from stat_jax.flops import model_macs
 from stat_jax.preemption import watch as watch_preemption
+from stat_jax.train_log import NonFiniteLoss, TrainLog, log
 from stat_jax.train_state import (abstract_train_state, init_train_state,
                                   with_shardings)
 from stat_jax.train_step import abstract_batch, jit_train_step, make_eval_step
 from stat_jax.transfer import load_pretrained
 
-
-def log(message: str) -> None:
-  if jax.process_index() == 0:
-    print(message, flush=True)
-
-
-# The training loss or the train state became NaN or infinite (raised here
-# for the loss, by Checkpointer.save for the state).
-NonFiniteLoss = checkpoint.NonFiniteState
+__all__ = ['NonFiniteLoss', 'train_and_evaluate', 'evaluate',
+           'evaluate_checkpoint']
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after: int | None = None) -> dict:
   """Train (resuming from workdir's latest checkpoint if any), evaluate.
 
-  `stop_after` ends the run after that step with a checkpoint, as a
-  pre-emption would (tests); a SIGTERM ends it after the current step, with
-  a checkpoint (stat_jax/preemption.py). Returns {'losses': {step: loss},
+  `stop_after` ends the run after that step with a checkpoint (tests); a
+  SIGTERM ends it after the current step, with a checkpoint and without
+  its evaluation (stat_jax/preemption.py). Returns {'losses': {step: loss},
   'eval': the last evaluation result or None, 'state': the final train
-  state, 'preempted': whether a SIGTERM stopped it before its last step}.
+  state, 'preempted': whether a SIGTERM stopped it (its last step saved,
+  not evaluated)}.
   """
   # ------------------------------------------------------------- setup ---
   validate(config)
   preflight.check_before_training(config)
   preflight.check_writable(workdir)
   mesh = sharding.make_mesh(config)
-  total_steps = optim.total_steps(config)
-  sharding.check_batch(config.batch_size, mesh)
+  preflight.check_mesh(config, mesh)
   train_data = train_pipeline.make_train_iterator(
       config, process_index=jax.process_index(),
       process_count=jax.process_count(),
@@ -67,47 +64,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # ------------------------------------------ model, optimizer, state ---
   parts, tx, abstract_state, state_shardings = abstract_train_state(config, mesh)
-  schedule = optim.learning_rate(config)
   ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir),
                                  config.keep_checkpoints)
-  start = ckpt.latest_step()
-  if start is not None:
-    start, state, data_states = resume(
-        config, ckpt, with_shardings(abstract_state, state_shardings))
-    train_data.set_state(data_states,
-                         allow_data_change=config.data.allow_data_change)
-    log(f'Resuming from step {start} ({ckpt.directory}).')
-  else:
-    state = jax.jit(lambda: init_train_state(parts, config.seed, tx),
-                    out_shardings=state_shardings)()
-    if config.init_from:
-      state = state.replace(params=load_pretrained(
-          config.init_from, state.params, log=log, target=config.model,
-          report_path=os.path.join(workdir, 'init_from.txt')))
-    start = 0
+  start, state = restore_or_init(
+      config, workdir, ckpt, train_data,
+      with_shardings(abstract_state, state_shardings),
+      lambda: init_train_state(parts, config.seed, tx))
 
   # ----------------------------------------------------------- compile ---
-  train_step = jit_train_step(config, parts, tx, mesh, state_shardings)
-  compile_start = time.perf_counter()
-  train_step = train_step.lower(abstract_state, abstract_batch(config)).compile()
-  report_memory(train_step, time.perf_counter() - compile_start)
-  eval_step = jax.jit(make_eval_step(parts, config.data))
-  eval_images = EvalImages(config, parts, mesh) if config.data.eval_spec else None
+  train_step = compile_train_step(
+      jit_train_step(config, parts, tx, mesh, state_shardings),
+      abstract_state, abstract_batch(config))
+  train_log = TrainLog(config, workdir, start, ckpt)
+  evaluate_in_loop = loop_evaluation(config, parts, mesh, train_log.writer)
+  window = profiling.ProfileWindow(config.profile_steps, workdir)
 
   # -------------------------------------------------------------- loop ---
-  writer = metrics.make_writer(workdir)
-  progress = metrics.Progress(total_steps, start, config.batch_size,
-                              train_flops_per_clip=6 * model_macs(config))
-  window = profiling.ProfileWindow(config.profile_steps, workdir)
-  data_wait = profiling.DataWait()
-  losses, pending, last_eval = {}, [], None
-  loss_log = os.path.join(workdir, 'train_log.jsonl')
-  truncate_loss_log(loss_log, start)  # a resumed run replays what follows
+  total_steps = optim.total_steps(config)
+  last_step = min(total_steps, stop_after or total_steps)
   log(f'Training {total_steps} steps of {config.batch_size} clips on '
       f'{mesh.size} device(s) in {jax.process_count()} process(es) '
       f'(mesh {dict(mesh.shape)}).')
-  last_step = min(total_steps, stop_after or total_steps)
-  step = saved_step = start
+  step, last_eval, preempted = start, None, False
+  # Saves the state of the moment (bound when called).
+  save = lambda step, result=None: save_checkpoint(ckpt, step, state,
+                                                   train_data, config, result)
   with watch_preemption() as preemption, ckpt.saves_kept_on_error():
     # One process: a SIGTERM while the iterator waits for clips stops the
     # run there. Several: `signalled` stays False (preemption.py), since a
@@ -115,85 +96,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     train_data.should_stop = lambda: preemption.signalled
     for step in range(start + 1, last_step + 1):
       window.before_step(step)
-      try:
-        with data_wait.waiting():
-          batch = sharding.global_batch(next(train_data), mesh)
-      except train_pipeline.Interrupted:  # SIGTERM while waiting for clips
-        step -= 1
-        losses.update(flush_losses(pending, ckpt, loss_log))
-        if step > saved_step:
-          ckpt.save(step, state, train_data.get_state(), config)
+      with train_log.data_wait.waiting():
+        batch = next_global_batch(train_data, mesh)
+      if batch is None:  # SIGTERM while waiting for clips
+        step, preempted = step - 1, True
+        stop_before_step(step, ckpt, train_log, save)
         break
       state, step_metrics = train_step(state, batch)
       profiled = window.after_step(step, step_metrics)
       if profiled:
         log(profiled)
-      pending.append((step, step_metrics))
-      is_last = step == total_steps
-      evaluate_now = is_last or step % config.eval_every == 0
-      stopping = step == last_step or preemption.reached(step)
-      save_now = (evaluate_now or stopping
-                  or step % config.checkpoint_every == 0)
-      if save_now or step % config.log_every == 0:
-        flushed = flush_losses(pending, ckpt, loss_log)
-        losses.update(flushed)
-        pending = []
-        rates = progress.report(step)
-        waited = data_wait.share()
-        lr = float(schedule(step - 1))
-        writer.write_scalars(step, {
-            'train_loss': np.mean(list(flushed.values())), 'learning_rate': lr,
-            'grad_norm': float(step_metrics['grad_norm']),
-            'clips_per_s': rates['clips_per_s'], 'data_wait_share': waited,
-            'train_skipped_records': train_data.num_skipped})
-        skipped, skip_warning = train_data.skip_report()
-        log(progress.line(step, flushed[step], lr, rates)
-            + f' | data wait {waited:.0%}' + skipped)
-        if skip_warning:
-          log(skip_warning)
-      if evaluate_now and config.data.eval_spec:
-        try:
-          last_eval = evaluate(config, eval_step, state.params, mesh)
-        except Exception:
-          if save_now:  # keep the trained step (no metric); then the error
-            ckpt.save(step, state, train_data.get_state(), config)
-          raise
-        writer.write_scalars(step, {f'val_{key}': value
-                                    for key, value in last_eval.items()
-                                    if key in EVAL_SCALARS})
-        eval_images.write(writer, step, state.params, last_eval)
-        log(f'step {step} | val {format_accuracy(last_eval)}')
-      if save_now:
-        ckpt.save(step, state, train_data.get_state(), config,
-                  metrics=({checkpoint.BEST_METRIC: last_eval['top1']}
-                           if evaluate_now and last_eval else None))
-        saved_step = step
-      if stopping:
+      train_log.add(step, step_metrics)
+      preempted = preemption.reached(step)
+      due = due_after(step, config, total_steps, last_step, preempted)
+      if due.log:
+        train_log.report(step, step_metrics, train_data)
+      if preempted:
+        stop_preempted(step, due, save)
+        break
+      if due.evaluate:
+        last_eval = evaluate_then_save(step, state.params, evaluate_in_loop,
+                                       save)
+      elif due.save:
+        save(step)
+      if due.stop:
         break
 
   # ------------------------------------------------------------ finish ---
   window.stop()  # a run that stopped inside the window
-  ckpt.wait()
-  ckpt.close()
-  writer.flush()
-  if last_eval is not None and jax.process_index() == 0:
-    write_report(last_eval, os.path.join(workdir, 'eval_report.json'),
-                 labels.class_names(config))
-  log(f'TensorBoard logs: {os.path.join(workdir, "tensorboard")}')
-  preempted = step < last_step
-  if preempted:
-    log(f'Pre-empted (SIGTERM) after step {step}: checkpoint saved; run the '
-        'same command again to resume.')
-  log(f'Checkpoints: {ckpt.directory} (latest step {step})')
-  return {'losses': losses, 'eval': last_eval, 'state': state,
+  finish(ckpt, train_log, config, workdir, step, last_eval, preempted)
+  return {'losses': train_log.losses, 'eval': last_eval, 'state': state,
           'preempted': preempted}
+
+
+# ------------------------------------------------------------- state ---
+
+def restore_or_init(config, workdir, ckpt, train_data, abstract_state,
+                    init_fn):
+  """(start step, train state): workdir's newest whole checkpoint, with the
+  data position it saved, or a fresh state (init_fn, laid out as
+  `abstract_state`; config.init_from's parameters if set, with the table
+  of what they gave written to the workdir's init_from.txt) at step 0."""
+  if ckpt.latest_step() is not None:
+    start, state, data_states = resume(config, ckpt, abstract_state)
+    train_data.set_state(data_states,
+                         allow_data_change=config.data.allow_data_change)
+    log(f'Resuming from step {start} ({ckpt.directory}).')
+    return start, state
+  shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+  state = jax.jit(init_fn, out_shardings=shardings)()
+  if config.init_from:
+    state = state.replace(params=load_pretrained(
+        config.init_from, state.params, log=log, target=config.model,
+        report_path=storage.join(workdir, 'init_from.txt')))
+  return 0, state
 
 
 def resume(config, ckpt, abstract_state):
   """(step, state, the data states of the processes that saved it) of the
   newest whole checkpoint of `ckpt` (a corrupt or non-finite one is moved
-  aside with a warning), after its saved config was compared with `config`
-  (config_compare)."""
+  aside with a warning; every process restores the same step), after its
+  saved config was compared with `config` (config_compare)."""
 
   def attempt(step):
     changed = config_compare.check_resume(ckpt.restore_config(step), config,
@@ -209,42 +172,14 @@ def resume(config, ckpt, abstract_state):
   return step, state, data_states
 
 
-def truncate_loss_log(path: str, step: int) -> None:
-  """Drop the entries of train_log.jsonl after `step` (and a line cut short
-  by a kill): the run continues from there, so each step is logged once."""
-  if jax.process_index() != 0 or not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
+# ----------------------------------------------------------- compile ---
 
-  def kept(line):
-    try:
-      return line.endswith('\n') and json.loads(line)['step'] <= step
-    except (ValueError, KeyError, TypeError):
-      return False
-
-  keep = [line for line in lines if kept(line)]
-  if len(keep) != len(lines):
-    with open(path + '.tmp', 'w') as f:
-      f.writelines(keep)
-    os.replace(path + '.tmp', path)
-
-
-def flush_losses(pending, ckpt, path) -> dict:
-  """Fetch the losses of the steps since the last flush; stop on NaN/inf."""
-  losses = {step: float(m['loss']) for step, m in pending}
-  for step, loss in losses.items():
-    if not np.isfinite(loss):
-      ckpt.wait()
-      raise NonFiniteLoss(
-          f'training loss is {loss} at step {step}; stopping. Last good '
-          f'checkpoint: step {ckpt.latest_step()} in {ckpt.directory}'
-          f'{checkpoint.NON_FINITE_ADVICE}')
-  if jax.process_index() == 0:
-    with open(path, 'a') as f:
-      for step, loss in losses.items():
-        f.write(json.dumps({'step': step, 'loss': loss}) + '\n')
-  return losses
+def compile_train_step(train_step, abstract_state, abstract_batch_):
+  """The jitted step compiled before the first batch, its memory logged."""
+  compile_start = time.perf_counter()
+  compiled = train_step.lower(abstract_state, abstract_batch_).compile()
+  report_memory(compiled, time.perf_counter() - compile_start)
+  return compiled
 
 
 def report_memory(compiled, seconds: float) -> None:
@@ -258,6 +193,111 @@ def report_memory(compiled, seconds: float) -> None:
       f'{gib(analysis.argument_size_in_bytes):.2f} GiB, temporaries '
       f'{gib(analysis.temp_size_in_bytes):.2f} GiB, outputs '
       f'{gib(analysis.output_size_in_bytes):.2f} GiB.')
+
+
+# -------------------------------------------------------------- step ---
+
+def next_global_batch(train_data, mesh) -> dict | None:
+  """The next global batch, split over the mesh; None if a stop request
+  (SIGTERM) came while the iterator waited for clips."""
+  try:
+    return sharding.global_batch(next(train_data), mesh)
+  except train_pipeline.Interrupted:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Due:
+  """What a trained step is due for."""
+  log: bool  # fetch the losses, the progress line
+  evaluate: bool  # an evaluation (data.eval_spec set), unless pre-empted
+  save: bool
+  stop: bool  # the last step of this run
+
+
+def due_after(step: int, config, total_steps: int, last_step: int,
+              preempted: bool) -> Due:
+  """Every step at which the run stops is saved (and logged)."""
+  eval_step = step == total_steps or step % config.eval_every == 0
+  stop = step == last_step or preempted
+  save = eval_step or stop or step % config.checkpoint_every == 0
+  return Due(log=save or step % config.log_every == 0,
+             evaluate=eval_step and bool(config.data.eval_spec),
+             save=save, stop=stop)
+
+
+def save_checkpoint(ckpt, step, state, train_data, config, result=None):
+  """Start the save of `step`; an evaluation `result` ranks it (best kept)."""
+  ckpt.save(step, state, train_data.get_state(), config,
+            metrics=({checkpoint.BEST_METRIC: result['top1']}
+                     if result else None))
+
+
+# ------------------------------------------------- evaluate, in the loop ---
+
+def evaluate_then_save(step, params, evaluate_in_loop, save) -> dict:
+  """The evaluation of `step`, then its save ranked by it. If the
+  evaluation fails, the step is saved without a rank before the error
+  propagates."""
+  try:
+    result = evaluate_in_loop(step, params)
+  except Exception:
+    save(step)
+    raise
+  save(step, result)
+  return result
+
+
+def loop_evaluation(config, parts, mesh, writer):
+  """evaluate_in_loop(step, params) -> evaluate()'s result, written to
+  TensorBoard (scalars, images) and the log."""
+  eval_step = jax.jit(make_eval_step(parts, config.data))
+  eval_images = EvalImages(config, parts, mesh) if config.data.eval_spec else None
+
+  def evaluate_in_loop(step, params):
+    result = evaluate(config, eval_step, params, mesh)
+    writer.write_scalars(step, {f'val_{key}': value
+                                for key, value in result.items()
+                                if key in EVAL_SCALARS})
+    eval_images.write(writer, step, params, result)
+    log(f'step {step} | val {format_accuracy(result)}')
+    return result
+
+  return evaluate_in_loop
+
+
+# -------------------------------------------------------------- stop ---
+
+def stop_before_step(step, ckpt, train_log, save) -> None:
+  """A stop request between steps: the steps trained are logged and the
+  last of them saved (unless it is saved already)."""
+  train_log.flush()
+  if step > 0 and step != ckpt.latest_step():
+    save(step)
+
+
+def stop_preempted(step, due, save) -> None:
+  """Save the pre-empted step at once; its evaluation is skipped."""
+  save(step)
+  if due.evaluate:
+    log(f'Pre-empted at step {step}: its evaluation is skipped (python '
+        f'eval.py --checkpoint={step} runs it).')
+
+
+def finish(ckpt, train_log, config, workdir, step, last_eval,
+           preempted) -> None:
+  """Wait for the saves; the eval report; where things are."""
+  ckpt.wait()
+  ckpt.close()
+  train_log.writer.flush()
+  if last_eval is not None and jax.process_index() == 0:
+    write_report(last_eval, storage.join(workdir, 'eval_report.json'),
+                 labels.class_names(config))
+  log(f'TensorBoard logs: {storage.join(workdir, "tensorboard")}')
+  if preempted:
+    log(f'Pre-empted (SIGTERM) after step {step}: checkpoint saved; run the '
+        'same command again to resume.')
+  log(f'Checkpoints: {ckpt.directory} (latest step {step})')
 
 
 # -------------------------------------------------------------- evaluate ---
@@ -275,7 +315,8 @@ def evaluate(config, eval_step, params, mesh) -> dict:
   """
   views = eval_pipeline.make_eval_iterator(
       config, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(),
+      devices_per_process=len(mesh.local_devices))
   forward = ViewAccumulator(config.model.num_classes)
   reversed_classes = tuple(config.data.reversed_classes)
   backward = (ViewAccumulator(config.model.num_classes)
@@ -321,7 +362,7 @@ def evaluate_checkpoint(config, workdir: str, which: str = 'latest') -> dict:
                     state.params, mesh)
   result['checkpoint_step'] = step
   if jax.process_index() == 0:
-    path = os.path.join(workdir, f'eval_step{step}.json')
+    path = storage.join(workdir, f'eval_step{step}.json')
     names = labels.class_names(config)
     write_report(result, path, names)
     log(format_summary(result, names))

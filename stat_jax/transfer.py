@@ -26,16 +26,16 @@ The table of what was copied, adapted and left new goes to `log` and to
 """
 
 import json
-import os
 import re
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorflow as tf
 from flax import nnx
 
-from stat_jax import arch, param_names
+from stat_jax import arch, param_names, storage
 from stat_jax.errors import UserError
 
 
@@ -48,23 +48,26 @@ def _flatten(tree) -> dict:
 
 def _latest_state_dir(source: str) -> str:
   """A run workdir, its checkpoints/ dir, or one step dir -> the state item."""
-  for candidate in (source, os.path.join(source, 'checkpoints')):
-    if os.path.isdir(os.path.join(candidate, 'state')):
-      return os.path.join(candidate, 'state')
-    steps = [int(d) for d in os.listdir(candidate) if d.isdigit()] if os.path.isdir(candidate) else []
+  for candidate in (source, storage.join(source, 'checkpoints')):
+    if tf.io.gfile.isdir(storage.join(candidate, 'state')):
+      return storage.join(candidate, 'state')
+    # GCS lists folders with a trailing '/'
+    names = (tf.io.gfile.listdir(candidate)
+             if tf.io.gfile.isdir(candidate) else [])
+    steps = [int(name.rstrip('/')) for name in names
+             if name.rstrip('/').isdigit()]
     if steps:
-      return os.path.join(candidate, str(max(steps)), 'state')
+      return storage.join(candidate, str(max(steps)), 'state')
   raise FileNotFoundError(f'config.init_from={source!r}: no checkpoint found '
                           '(expected a workdir, its checkpoints/ or a step dir)')
 
 
 def _saved_model_config(state_dir: str) -> ml_collections.ConfigDict | None:
   """The model section of the config saved beside the state item."""
-  path = os.path.join(os.path.dirname(state_dir), 'config', 'metadata')
-  if not os.path.exists(path):
+  path = storage.join(storage.parent(state_dir), 'config', 'metadata')
+  if not tf.io.gfile.exists(path):
     return None
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f)['model'])
+  return ml_collections.ConfigDict(json.loads(storage.read_text(path))['model'])
 
 
 def _resized(array: np.ndarray, shape: tuple) -> np.ndarray:
@@ -182,8 +185,7 @@ def load_pretrained(source: str, params: nnx.State, log=print, *,
   table = format_table(path, f'{source_arch} -> {target_arch}', rows)
   log(table)
   if report_path and jax.process_index() == 0:
-    with open(report_path, 'w') as f:
-      f.write(table + '\n')
+    storage.write_text(report_path, table + '\n')
   if not values:
     raise UserError(f'config.init_from={source!r}: no parameter of the '
                     f'{source_arch} checkpoint at {path} fits this '

@@ -112,3 +112,27 @@ def pytest_collection_modifyitems(items):
   rank = lambda item: (_RUN_FIRST.index(item.path.name)
                        if item.path.name in _RUN_FIRST else len(_RUN_FIRST))
   items.sort(key=rank)  # stable: the order within a module stays
+
+
+@pytest.fixture(scope='session')
+def gcs(tmp_path_factory):
+  """A GCS API on 127.0.0.1 (tests/gcs_emulator.py) holding the buckets
+  test-bucket and read-only-bucket (writes refused, as by IAM). Its
+  variables are in os.environ, so in subprocesses too, until the session
+  ends; then the emulator and the proxy are stopped."""
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+  emulator = gcs_emulator.Emulator(str(tmp_path_factory.mktemp('gcs')),
+                                   read_only=['read-only-bucket'])
+  saved = {name: os.environ.get(name) for name in emulator.env}
+  os.environ.update(emulator.env)
+  try:
+    for bucket in ('test-bucket', 'read-only-bucket'):
+      emulator.create_bucket(bucket)
+    yield emulator
+  finally:
+    for name, value in saved.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
+    emulator.stop()

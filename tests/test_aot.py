@@ -183,7 +183,8 @@ ADD_COMPUTATION = '''%add (a: f32[], b: f32[]) -> f32[] {
 
 class FakeCompiled:
   """What slice_report reads of a compiled program, set by hand: 1 GiB of
-  temporaries, an all-reduce of 1000 float32 values, a step estimate."""
+  temporaries, an all-reduce of 1000 float32 values, a Pallas kernel that
+  declares 6 GFLOP and 2 GB, an optimizer fusion, a step estimate."""
 
   def __init__(self, optimal_seconds):
     self.optimal_seconds = optimal_seconds
@@ -194,13 +195,20 @@ class FakeCompiled:
         temp_size_in_bytes=2**30, peak_memory_in_bytes=0)
 
   def cost_analysis(self):
-    return {'optimal_seconds': self.optimal_seconds, 'bytes accessed': 4e9}
+    return {'optimal_seconds': self.optimal_seconds, 'bytes accessed': 4e9,
+            'flops': 7e9}
 
   def as_text(self):
     return '''HloModule fake
-''' + ADD_COMPUTATION + '''ENTRY %main (p: f32[1000]) -> f32[1000] {
+''' + ADD_COMPUTATION + '''%scale (x: f32[1000]) -> f32[1000] {
+  %x = f32[1000]{0} parameter(0)
+  ROOT %negated = f32[1000]{0} negate(%x)
+}
+ENTRY %main (p: f32[1000]) -> f32[1000] {
   %p = f32[1000]{0} parameter(0)
-  ROOT %all-reduce = f32[1000]{0} all-reduce(%p), to_apply=%add
+  %all-reduce = f32[1000]{0} all-reduce(%p), to_apply=%add
+  %fused_mlp_forward.1 = f32[1000]{0} custom-call(%all-reduce), custom_call_target="tpu_custom_call", metadata={op_name="jit(step)/jvp(STAT)/fused_mlp_forward/pallas_call"}, backend_config={"custom_call_config":{"body":"TUzv","cost_estimate":{"flops":"6000000000","transcendentals":"0","bytes_accessed":"2000000000"}}}
+  ROOT %update = f32[1000]{0} fusion(%fused_mlp_forward.1), kind=kLoop, calls=%scale, metadata={op_name="jit(step)/optimizer/neg"}
 }
 '''
 
@@ -226,6 +234,32 @@ def test_the_estimate_gives_mfu_clips_per_s_and_ici_time_by_hand():
   all_reduce = report['collectives']['all-reduce']
   assert all_reduce['count'] == 1 and all_reduce['bytes'] == 4000
   assert all_reduce['seconds'] == pytest.approx(2 * 4000 / 200e9)
+
+
+def test_program_flops_phases_and_pallas_kernels_by_hand():
+  """The Pallas kernel counts what it declares, not its 8 KB of operands
+  (2 GB at v5e's 819 GB/s: 2.44 ms, longer than 6 GFLOP at 197 TFLOP/s);
+  the optimizer's fusion and the all-reduce move 4 KB in and 4 KB out."""
+  config = tiny.get_config()
+  config.batch_size = 8
+  report = aot.slice_report(config, FakeCompiled(0.01), 1.0, fake_v5e_slice(4))
+  assert report['program_flops'] == 7e9
+  assert report['model_flops'] == 2 * 3 * 2 * flops.model_macs(config)  # 2 clips
+  assert report['bytes_floor_s'] == pytest.approx(4e9 / 819e9)
+  assert report['kernels'] == [{'name': 'fused_mlp_forward', 'calls': 1,
+                                'flops': 6e9, 'bytes': 2e9}]
+  phases = report['phases']
+  assert phases['forward'] == {'kernels': 1, 'runs': 1, 'flops': 6e9,
+                               'bytes': 2e9,
+                               'seconds': pytest.approx(2e9 / 819e9)}
+  for name in ('optimizer', 'other'):  # the fusion; the all-reduce
+    assert phases[name]['kernels'] == 1 and phases[name]['bytes'] == 8000
+    assert phases[name]['seconds'] == pytest.approx(8000 / 819e9)
+  text = aot.format_report(report, 'v5e:2x2')
+  assert 'program: 7.0 GFLOP per chip per step' in text
+  assert 'its bytes take 4.9 ms at HBM bandwidth' in text
+  assert re.search(r'Pallas fused_mlp_forward +1 calls, +6.0 GFLOP, +2.00 GB',
+                   text)
 
 
 def test_a_negative_compiler_estimate_is_no_estimate():
@@ -257,7 +291,7 @@ TWO_SLICES_HLO = '''HloModule two_slices
 
 
 def test_collectives_between_slices_are_told_from_those_within_one():
-  ici, dcn = aot.collective_summary(TWO_SLICES_HLO,
+  ici, dcn = aot.collective_summary(aot.hlo_cost.Module(TWO_SLICES_HLO),
                                     aot.chips.CHIPS['TPU v5 lite'])
   assert ici['all-reduce'] == {'count': 1, 'bytes': 4000.0,
                                'seconds': pytest.approx(2 * 4000 / 200e9)}

@@ -12,6 +12,7 @@ import tensorflow as tf
 import data_testlib
 from data import dmvr
 from data import eval_pipeline
+from data import sampling
 from data import train_pipeline
 
 TRAIN_LENGTHS = [6 + (5 * i) % 25 for i in range(20)]  # 6..30 frames
@@ -234,18 +235,23 @@ def _eval_config(spec):
   return config
 
 
-@pytest.mark.parametrize('process_count', [1, 2, 3])
-def test_eval_covers_every_view_exactly_once(data_specs, process_count):
+@pytest.mark.parametrize('process_count, devices, rows', [
+    (1, 1, 12), (2, 1, 6), (3, 1, 4),
+    (5, 2, 4),  # 12 views over 5 processes of 2 devices: 3 -> 4 rows each
+    (4, 4, 4)])  # 3 views a process, padded to one row per device
+def test_eval_covers_every_view_exactly_once(data_specs, process_count,
+                                             devices, rows):
   config = _eval_config(data_specs['eval'])
   views, batch_counts = [], []
   for k in range(process_count):
     iterator = eval_pipeline.make_eval_iterator(
-        config, process_index=k, process_count=process_count)
+        config, process_index=k, process_count=process_count,
+        devices_per_process=devices)
     batches = list(iterator)
     batch_counts.append(len(batches))
     assert iterator.num_skipped == 0
     for batch in batches:
-      assert batch['video'].shape == (12 // process_count, 4, 16, 16, 3)
+      assert batch['video'].shape == (rows, 4, 16, 16, 3)
       keep = batch['mask']
       assert np.all(batch['label'][~keep] == -1)
       views.extend(zip(batch['video_id'][keep], batch['view'][keep],
@@ -279,6 +285,29 @@ def test_eval_skips_and_counts_corrupt_records(data_specs):
   labels = np.concatenate([b['label'][b['mask']] for b in batches])
   assert sorted(set(labels)) == [i for i in range(12) if i not in BAD]
   assert len(labels) == 10 * 6
+
+
+def _out_of_memory(jpegs):
+  """checked_jpegs that fails as a bug or a full memory would: not bad data."""
+  def fail(_):
+    raise MemoryError('decode ran out of memory')
+  return tf.py_function(fail, [jpegs], jpegs.dtype)
+
+
+def test_an_error_that_is_not_bad_data_stops_the_pipelines(data_specs,
+                                                           monkeypatch):
+  monkeypatch.setattr(sampling, 'checked_jpegs', _out_of_memory)
+  train = train_pipeline.make_train_iterator(
+      data_testlib.tiny_config(data_specs['train']))
+  with pytest.raises(RuntimeError, match=r'train record \d+ of .*: its decode '
+                     'failed with ResourceExhaustedError, not a data error') as raised:
+    next(train)
+  assert 'decode ran out of memory' in str(raised.value.__cause__)
+  assert train.num_skipped == 0
+  evaluation = eval_pipeline.make_eval_iterator(_eval_config(data_specs['eval']))
+  with pytest.raises(RuntimeError, match='eval record 0: its decode failed '
+                     'with ResourceExhaustedError, not a data error'):
+    list(evaluation)
 
 
 def test_config_errors_name_the_values(data_specs):

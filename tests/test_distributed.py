@@ -357,6 +357,63 @@ def test_two_process_checkpoint_restores_on_one_device(
     np.testing.assert_array_equal(a, b)
 
 
+AGREE_SCRIPT = r'''
+"""argv: checkpoint folder. Saves steps 1 and 2 of a replicated array; then
+process 1 alone finds step 2 corrupt, and all restore the newest whole
+step. Prints {'step', 'w', 'on_disk'}."""
+import json, os, sys
+from stat_jax import distributed
+distributed.initialize()
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from configs import tiny
+from stat_jax import checkpoint
+folder = sys.argv[1]
+replicated = NamedSharding(Mesh(np.array(jax.devices()), ('x',)), P())
+ckpt = checkpoint.Checkpointer(folder, 3)
+for step in (1, 2):
+  w = jax.make_array_from_process_local_data(replicated, np.full(4, step, np.float32))
+  ckpt.save(step, {'w': w}, {'position': step}, tiny.get_config())
+ckpt.wait()
+read = ckpt._reader.restore
+def unreadable_on_process_1(step, **kwargs):  # inside orbax's restore
+  if step == 2 and jax.process_index() == 1:
+    raise OSError('process 1 cannot read its shard')
+  return read(step, **kwargs)
+ckpt._reader.restore = unreadable_on_process_1
+abstract = {'w': jax.ShapeDtypeStruct((4,), jnp.float32, sharding=replicated)}
+step, state = ckpt.newest_whole(
+    'latest', lambda s: ckpt.restore_state(s, abstract), move_aside=True)
+print(json.dumps({'step': step, 'w': np.asarray(state['w'].addressable_data(0)).tolist(),
+                  'on_disk': sorted(os.listdir(folder))}), flush=True)
+ckpt.close()
+'''
+
+
+@pytest.mark.ci_extra  # two process start-ups: past the README command's budget
+def test_processes_agree_on_the_checkpoint_to_restore(tmp_path):
+  """Only process 1 finds the latest step corrupt: both restore the step
+  before it, and it is moved aside once."""
+  script = tmp_path / 'agree.py'
+  script.write_text(AGREE_SCRIPT)
+  result = subprocess.run(launcher(2, 1, str(script), str(tmp_path / 'ckpt')),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=240)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  reports = {line[:4]: json.loads(line[5:])
+             for line in result.stdout.splitlines() if line[5:].startswith('{')}
+  assert set(reports) == {'[p0]', '[p1]'}, result.stdout
+  for report in reports.values():
+    assert report == {'step': 1, 'w': [1.0] * 4,
+                      'on_disk': ['1', '2.corrupt']}
+  output = result.stdout  # the launcher's: both processes' stdout and stderr
+  assert ('[p0] warning: checkpoint step 2 ' in output
+          and 'cannot be read by process(es) 1; trying the checkpoint before'
+          in output), output
+  assert '[p1] warning: process 1: checkpoint step 2 ' in output
+  assert 'cannot be read: process 1 cannot read its shard' in output
+
+
 def test_data_states_of_all_processes_are_kept_in_order():
   # One process here: the gather is the identity, as a list.
   state = {'epoch': 1, 'position': 5, 'process_index': 0}

@@ -6,6 +6,7 @@ so they share one compiled train step (checkpoint_every and eval_every are
 not part of it). One run crashes at step 4 (its evaluation fails); its
 checkpoints (2 and 4) and logged losses serve the other tests."""
 
+import contextlib
 import errno
 import glob
 import json
@@ -21,7 +22,8 @@ import numpy as np
 import pytest
 from absl import app
 
-from stat_jax import checkpoint, config_compare, preflight, trainer
+from stat_jax import (checkpoint, config_compare, preemption, preflight,
+                      storage, trainer)
 from stat_jax.config_validation import ConfigError, validate
 from stat_jax.deploy import inference, predict
 from stat_jax.errors import UserError
@@ -120,7 +122,7 @@ def test_eval_refuses_a_read_only_workdir_before_restoring(
   def read_only(*args, **kwargs):  # what a read-only folder answers, to root too
     raise PermissionError(errno.EACCES, 'Permission denied')
 
-  monkeypatch.setattr(preflight.tempfile, 'mkstemp', read_only)
+  monkeypatch.setattr(storage.tempfile, 'mkstemp', read_only)
   monkeypatch.setattr(trainer, 'abstract_train_state', no_model)
   with pytest.raises(UserError, match=re.escape(
       f'{workdir} is not writable (Permission denied)')):
@@ -165,6 +167,10 @@ def _corrupt(step_dir, kind):
   if kind == 'truncated':
     with open(arrays[-1], 'r+b') as f:
       f.truncate(100)
+  elif kind == 'zeros':  # the size kept, the bytes gone
+    size = os.path.getsize(arrays[-1])
+    with open(arrays[-1], 'wb') as f:
+      f.write(bytes(size))
   elif kind == 'deleted':
     os.remove(arrays[-1])
   elif kind == 'empty':
@@ -202,7 +208,7 @@ def test_every_kind_of_corrupt_latest_falls_back_to_the_step_before(
 def test_train_and_eval_fall_back_from_a_corrupt_latest(
     motion, crashed, tmp_path, capfd):
   workdir = copy_of(crashed['workdir'], tmp_path)
-  _corrupt(os.path.join(workdir, 'checkpoints', '4'), 'truncated')
+  _corrupt(os.path.join(workdir, 'checkpoints', '4'), 'zeros')
   capfd.readouterr()
   report = trainer.evaluate_checkpoint(config_of(motion), workdir)
   assert report['checkpoint_step'] == 2
@@ -212,10 +218,64 @@ def test_train_and_eval_fall_back_from_a_corrupt_latest(
     f.write('{"step": 5, "lo')  # a line cut short by a kill
   result = trainer.train_and_evaluate(config_of(motion), workdir,
                                       stop_after=STOP)
+  err = capfd.readouterr().err
+  assert len(err.splitlines()) < 50, err[-3000:]  # one warning, no flood
+  assert 'warning: checkpoint step 4 ' in err
   # Exact resume from 2; the replayed steps 3 and 4 logged once.
   assert result['losses'] == {s: crashed['losses'][s] for s in (3, 4)}
   assert steps_on_disk(workdir) == ['2', '4', '4.corrupt']
   assert log_steps(workdir) == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------- pre-emption ---
+
+class PreemptedAt:
+  """A Preemption whose sync point is `step` (watch_preemption's)."""
+
+  def __init__(self, step):
+    self.step, self.signalled = step, False
+
+  def reached(self, step):
+    return step == self.step
+
+
+def test_a_stop_on_an_eval_step_saves_it_and_skips_the_evaluation(
+    motion, crashed, tmp_path, monkeypatch, capsys):
+  workdir = copy_of(crashed['workdir'], tmp_path)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))  # resume at 2
+
+  def no_evaluation(*args, **kwargs):
+    raise AssertionError('a pre-empted step was evaluated')
+
+  @contextlib.contextmanager
+  def preempted_at_3():
+    yield PreemptedAt(3)
+
+  monkeypatch.setattr(trainer, 'evaluate', no_evaluation)
+  monkeypatch.setattr(trainer, 'watch_preemption', preempted_at_3)
+  config = run_config(motion, checkpoint_every=2, eval_every=3)
+  result = trainer.train_and_evaluate(config, workdir)  # one step, 3
+  assert result['preempted'] and result['eval'] is None
+  assert steps_on_disk(workdir) == ['2', '3']
+  assert 'Pre-empted at step 3: its evaluation is skipped' in (
+      capsys.readouterr().out)
+
+
+def test_only_a_missing_preemption_service_means_not_preempted(monkeypatch,
+                                                               capsys):
+  def failing_query(step):
+    raise RuntimeError('coordination service unreachable')
+
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(preemption.multihost_utils,
+                      'reached_preemption_sync_point', failing_query)
+  with pytest.raises(RuntimeError, match='coordination service unreachable'):
+    preemption.Preemption().reached(3)
+  monkeypatch.setattr(preemption, 'service_enabled', lambda: False)
+  watcher = preemption.Preemption()
+  assert not watcher.reached(3) and not watcher.reached(4)
+  err = capsys.readouterr().err
+  assert err.count('jax_enable_preemption_service is off') == 1
 
 
 # ------------------------------------------------- resume, other config ---
@@ -260,10 +320,24 @@ def test_run_control_keys_may_change_and_data_keys_may_not(motion):
     ('optimizer.base_lr', -1e-3, 'optimizer.base_lr = -0.001'),
     ('optimizer.min_lr', -1.0, 'optimizer.min_lr = -1.0'),
     ('optimizer.grad_clip', 0.0, 'optimizer.grad_clip = 0.0'),
+    ('batch_size', 1, 'batch_size = 1: holds 1 video .*collective permute'),
+    ('grad_reduce_dtype', 'float16', "grad_reduce_dtype = 'float16'"),
 ])
 def test_bad_run_values_are_refused(motion, key, value, message):
   with pytest.raises(ConfigError, match=message):
     validate(run_config(motion, **{key: value}))
+
+
+def test_what_the_mesh_asks_of_the_batch_is_checked_before_compiling(motion):
+  config = run_config(motion, batch_size=6, grad_accum_steps=4)
+  mesh = trainer.sharding.make_mesh(config)  # one device
+  with pytest.raises(UserError, match='grad_accum_steps=4 does not divide the '
+                     '6 clips of each of the 1 devices'):
+    preflight.check_mesh(config, mesh)
+  config = run_config(motion, batch_size=6, **{'data.repeated_augment': 4})
+  with pytest.raises(UserError, match='each device holds 6 clips and a video '
+                     'gives data.repeated_augment = 4'):
+    preflight.check_mesh(config, mesh)
 
 
 def test_predict_refuses_a_negative_top_k():

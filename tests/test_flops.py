@@ -57,3 +57,15 @@ def test_tiny_model_agrees_with_xla_cost_analysis(monkeypatch):
   concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state)
   xla = flops.xla_flops(forward, concrete, jnp.zeros(view.shape))
   assert macs == pytest.approx(xla / 2, rel=0.02)
+
+
+def test_the_model_count_is_the_same_for_every_implementation():
+  # A Pallas kernel's jaxpr is one grid step: the count reads the XLA form,
+  # and leaves the caller's config as it was.
+  config = tiny.get_config()
+  xla = flops.model_macs(config)
+  config.model.attention_impl = 'pallas'
+  config.model.mlp_impl = 'pallas'
+  assert flops.model_macs(config) == xla
+  assert (config.model.attention_impl, config.model.mlp_impl) == (
+      'pallas', 'pallas')

@@ -281,3 +281,35 @@ def test_lax_map_of_a_switch_as_xla_compiles_it():
   branch_runs = [k.runs for k in kernels if 'branch_' in k.op_name]
   assert len(branch_runs) >= 3 and branch_runs == pytest.approx([4.0] * len(branch_runs))
   assert max(k.runs for k in kernels) == 13
+
+
+PREFETCH_HLO = """HloModule prefetch
+
+%double (p: f32[1024]) -> f32[1024] {
+  %p = f32[1024]{0} parameter(0)
+  ROOT %sum = f32[1024]{0} add(%p, %p)
+}
+
+ENTRY %main (x: f32[1024], y: f32[1024]) -> (f32[1024], f32[1024]) {
+  %x = f32[1024]{0} parameter(0)
+  %y = f32[1024]{0} parameter(1)
+  %to_vmem = (f32[1024]{0:T(1024)S(1)}, f32[1024]{0:T(1024)}, u32[]{:S(2)}) copy-start(%x)
+  %in_vmem = f32[1024]{0:T(1024)S(1)} copy-done(%to_vmem)
+  %to_hbm = (f32[1024]{0:T(1024)}, f32[1024]{0:T(1024)}, u32[]{:S(2)}) copy-start(%y)
+  %in_hbm = f32[1024]{0:T(1024)} copy-done(%to_hbm)
+  %doubled = f32[1024]{0} fusion(%in_vmem), kind=kLoop, calls=%double
+  ROOT %out = (f32[1024]{0}, f32[1024]{0}) tuple(%doubled, %in_hbm)
+}
+"""
+
+
+def test_an_asynchronous_copy_moves_its_operand_once():
+  """By hand, 4 KB arrays: the prefetch into on-chip memory (S(1)) reads
+  4 KB, the copy within memory reads and writes 4 KB; the -done halves
+  move nothing; both copies are the 'copies' phase."""
+  kernels = {k.name: k for k in hlo_cost.Module(PREFETCH_HLO).kernels()}
+  assert set(kernels) == {'to_vmem', 'to_hbm', 'doubled'}
+  assert kernels['to_vmem'].bytes == 4096 and kernels['to_hbm'].bytes == 8192
+  assert kernels['doubled'].bytes == 8192
+  assert [hlo_cost.phase(kernels[n], train=True) for n in ('to_vmem', 'to_hbm')
+          ] == ['copies', 'copies']

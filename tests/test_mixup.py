@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 from stat_jax import defaults
-from stat_jax.mixup import (_cutmix_box, flip_shards, mixup_cutmix,
-                            smooth_one_hot)
+from stat_jax.errors import UserError
+from stat_jax.mixup import (_cutmix_box, check_pairing, mixup_cutmix,
+                            partner_fn, smooth_one_hot)
 from tests.conftest import run_on_cpu_devices
 
 B, T, H, W, C, K = 4, 3, 16, 12, 2, 5
 LABELS = jnp.array([0, 1, 3, 4])  # distinct, so lam is readable from targets
+PARTNER = np.array([2, 3, 0, 1])  # of a batch of 4 clips of 4 videos
 SMOOTHING = 0.1
 OFF = SMOOTHING / K
 ON = 1 - SMOOTHING + OFF
@@ -49,14 +51,14 @@ def test_smooth_one_hot_hand_computed():
 
 
 @pytest.mark.parametrize('seed', range(6))
-def test_target_rows_sum_to_one_and_mix_the_flipped_label(seed):
+def test_target_rows_sum_to_one_and_mix_the_partner_label(seed):
   _, targets = mix(seed)
   np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
   lam = lam_from_targets(targets)
-  # Clip 0 is paired with clip B - 1: the rest of its mass is on that label.
-  np.testing.assert_allclose(targets[0, LABELS[-1]],
+  # Clip 0 is paired with clip 2: the rest of its mass is on that label.
+  np.testing.assert_allclose(targets[0, LABELS[2]],
                              lam * OFF + (1 - lam) * ON, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(targets[-1, LABELS[-1]],
+  np.testing.assert_allclose(targets[2, LABELS[2]],
                              (1 - lam) * OFF + lam * ON, rtol=1e-5, atol=1e-6)
 
 
@@ -67,22 +69,22 @@ def test_both_alphas_zero_is_smoothed_one_hot_and_same_video():
 
 
 def pasted(video, mixed):
-  """bool [B, T, H, W, C]: elements of `mixed` taken from the flipped clip;
+  """bool [B, T, H, W, C]: elements of `mixed` taken from the partner clip;
   asserts every other element is the clip's own."""
-  from_flip = np.asarray(mixed == jnp.flip(video, axis=0))
+  from_partner = np.asarray(mixed == video[PARTNER])
   from_self = np.asarray(mixed == video)
-  assert (from_flip ^ from_self).all()  # each element is exactly one source
-  return from_flip
+  assert (from_partner ^ from_self).all()  # each element is exactly one source
+  return from_partner
 
 
 @pytest.mark.parametrize('seed', range(8))
 def test_cutmix_box_same_in_all_frames_and_clips_and_matches_lam(seed):
   video = distinct_video()
   mixed, targets = mix(seed, mixup_alpha=0.0)
-  from_flip = pasted(video, mixed)
-  box = from_flip[0, 0, :, :, 0]  # [H, W]
-  np.testing.assert_array_equal(from_flip, np.broadcast_to(
-      box[None, None, :, :, None], from_flip.shape))
+  from_partner = pasted(video, mixed)
+  box = from_partner[0, 0, :, :, 0]  # [H, W]
+  np.testing.assert_array_equal(from_partner, np.broadcast_to(
+      box[None, None, :, :, None], from_partner.shape))
   rows, cols = box.any(axis=1), box.any(axis=0)
   np.testing.assert_array_equal(box, rows[:, None] & cols[None, :])  # a box
   for span in (rows, cols):  # contiguous
@@ -130,75 +132,89 @@ def test_mixup_blends_video_and_targets_by_the_same_lam(seed):
   mixed, targets = mix(seed, cutmix_alpha=0.0)
   lam = lam_from_targets(targets)
   assert 0 < lam < 1
-  np.testing.assert_allclose(mixed, lam * video + (1 - lam) * video[::-1],
+  np.testing.assert_allclose(mixed, lam * video + (1 - lam) * video[PARTNER],
                              rtol=1e-5, atol=1e-2)  # pixels go up to ~1e4
   expected = (lam * smooth_one_hot(LABELS, K, SMOOTHING)
-              + (1 - lam) * smooth_one_hot(LABELS[::-1], K, SMOOTHING))
+              + (1 - lam) * smooth_one_hot(LABELS[PARTNER], K, SMOOTHING))
   np.testing.assert_allclose(targets, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_odd_batch_middle_clip_meets_itself():
+def test_odd_batch_mixes_every_clip_with_another():
   labels = jnp.array([0, 2, 4])
   video = distinct_video(3)
   for overrides in ({'cutmix_alpha': 0.0}, {'mixup_alpha': 0.0}):
     mixed, targets = mix(1, video, labels, **overrides)
-    np.testing.assert_allclose(mixed[1], video[1], rtol=1e-6)
-    np.testing.assert_allclose(targets[1], smooth_one_hot(labels, K,
-                                                          SMOOTHING)[1],
-                               rtol=1e-5)
+    lam = (targets[0, 0] - OFF) / (ON - OFF)
+    assert lam < 1
+    for clip, partner in enumerate([1, 2, 0]):  # one clip ahead
+      assert not np.allclose(mixed[clip], video[clip])
+      np.testing.assert_allclose(targets[clip, labels[partner]],
+                                 lam * OFF + (1 - lam) * ON, rtol=1e-5)
 
 
-def test_flip_shards_reverses_each_part():
-  np.testing.assert_array_equal(flip_shards(jnp.arange(8), 1),
-                                [7, 6, 5, 4, 3, 2, 1, 0])
-  np.testing.assert_array_equal(flip_shards(jnp.arange(8), 2),
-                                [3, 2, 1, 0, 7, 6, 5, 4])
-  np.testing.assert_array_equal(flip_shards(jnp.arange(6), 3),
-                                [1, 0, 3, 2, 5, 4])
+@pytest.mark.parametrize('clips, per_video, expected', [
+    (8, 1, [4, 5, 6, 7, 0, 1, 2, 3]),  # half the videos ahead
+    (3, 1, [1, 2, 0]),
+    (6, 2, [2, 3, 4, 5, 0, 1]),  # 3 videos: one ahead
+    (8, 2, [4, 5, 6, 7, 0, 1, 2, 3]),
+])
+def test_partner_of_each_clip_on_one_device(clips, per_video, expected):
+  partner = partner_fn(clips, per_video)
+  np.testing.assert_array_equal(partner(jnp.arange(clips)), expected)
+  videos = np.arange(clips) // per_video
+  assert (videos[np.array(expected)] != videos).all()
 
 
-@pytest.mark.parametrize('seed', range(4))
-def test_each_shard_is_mixed_as_a_batch_of_its_own(seed):
-  """shards=2 mixes each half exactly as mixing that half alone with the
-  same key (one lam and box per step); shards=1 is the whole-batch flip."""
-  video, labels = distinct_video(8), jnp.array([0, 1, 2, 3, 4, 0, 1, 2])
-  halves = [mix(seed, video[part], labels[part])
-            for part in (slice(0, 4), slice(4, 8))]
-  mixed, targets = mix(seed, video, labels, shards=2)
-  np.testing.assert_array_equal(mixed, jnp.concatenate([h[0] for h in halves]))
-  np.testing.assert_array_equal(targets,
-                                jnp.concatenate([h[1] for h in halves]))
-  whole = mix(seed, video, labels, shards=1)
-  mixed_flip = mix(seed, video[::-1], labels[::-1], shards=1)
-  np.testing.assert_array_equal(whole[0][::-1], mixed_flip[0])
+def test_pairings_that_cannot_work_are_refused():
+  with pytest.raises(UserError, match='each device holds 6 clips and a video '
+                     'gives data.repeated_augment = 4'):
+    check_pairing(6, 4)
+  with pytest.raises(UserError, match='mixup needs two videos in the batch; '
+                     'it holds 1'):
+    partner_fn(2, 2)  # one device, one video
 
 
-def test_shards_must_divide_the_batch():
-  with pytest.raises(ValueError, match='3 shards'):
-    mix(0, distinct_video(4), shards=3)
-
-
-def test_sharded_batch_mixes_without_moving_clips_between_devices():
-  """Compiled for a batch split over 4 devices, mixup of each device's
-  part sends no clip to another device (no collective in the program)."""
-  found = run_on_cpu_devices("""
+PAIRS_SCRIPT = """
 import json
 import jax, jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from stat_jax.mixup import mixup_cutmix
-mesh = Mesh(np.array(jax.devices()), ('batch',))
-clips = NamedSharding(mesh, P('batch'))
-mix = jax.jit(lambda rng, video, labels: mixup_cutmix(
-    rng, video, labels, num_classes=5, mixup_alpha=0.8, cutmix_alpha=1.0,
-    prob=1.0, switch_prob=0.5, label_smoothing=0.1, shards=4),
-    in_shardings=(None, clips, clips), out_shardings=(clips, clips))
-hlo = mix.lower(jax.random.key(0), jax.ShapeDtypeStruct((8, 3, 16, 12, 2),
-    jnp.float32), jax.ShapeDtypeStruct((8,), jnp.int32)).compile().as_text()
-print(json.dumps([op for op in ('collective-permute', 'all-gather',
-    'all-to-all', 'all-reduce') if op in hlo]))
-""", 4)
-  assert found == []
+from stat_jax.mixup import partner_fn
+mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ('data', 'fsdp'))
+axes = ('data', 'fsdp')
+found = {}
+for per_device in (1, 2, 4):
+  for per_video in (1, 2):
+    batch = 4 * per_device
+    partner = partner_fn(per_device, per_video, 4, axes)
+    pair = jax.jit(jax.shard_map(partner, mesh=mesh, in_specs=P(axes),
+                                 out_specs=P(axes)))
+    rows = jnp.arange(batch)
+    hlo = pair.lower(rows).compile().as_text()
+    found[f'{per_device},{per_video}'] = {
+        'partner': np.asarray(pair(rows)).tolist(),
+        'collectives': [op for op in ('collective-permute', 'all-gather',
+                        'all-to-all', 'all-reduce') if op in hlo]}
+print(json.dumps(found))
+"""
+
+
+def test_mixup_pairs_on_4_devices_at_1_2_4_clips_per_device():
+  """No clip meets itself or its repeated-augment twin; the partner is
+  sent between devices (one collective permute) only when a device holds
+  fewer than 2 videos."""
+  found = run_on_cpu_devices(PAIRS_SCRIPT, 4)
+  for per_device in (1, 2, 4):
+    for per_video in (1, 2):
+      case = found[f'{per_device},{per_video}']
+      video = np.arange(4 * per_device) // per_video
+      partner = np.array(case['partner'])
+      assert (video[partner] != video).all(), (per_device, per_video, partner)
+      local = per_device // per_video >= 2
+      assert case['collectives'] == ([] if local else ['collective-permute'])
+      if local:  # the partner is on the clip's own device
+        assert (partner // per_device == np.arange(4 * per_device)
+                // per_device).all()
 
 
 def test_same_rng_same_output_and_jit_matches_eager():

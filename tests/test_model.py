@@ -181,6 +181,7 @@ def test_bfloat16_forward_follows_float32():
     ('conv_impl', 'cudnn', r"model.conv_impl.*'cudnn'.*cpu, xla, auto"),
     ('head_layout', 'bhnd',
      r"model.head_layout.*'bhnd'.*products, transposed, auto"),
+    ('mlp_impl', 'triton', r"model.mlp_impl.*'triton'.*auto, xla, pallas"),
 ])
 def test_kernel_choices_are_validated(key, value, message):
   config = tiny.get_config()
@@ -192,16 +193,38 @@ def test_kernel_choices_are_validated(key, value, message):
 def test_auto_kernel_choices_settle_for_the_target_platform():
   """aot.py compiles TPU programs on a CPU host: 'auto' must follow the
   target, not the host's backend; explicit choices stay."""
-  model = tiny.get_config().model
-  model_lib.resolve_for_platform(model, 'tpu')
-  assert (model.conv_impl, model.head_layout) == ('xla', 'products')
-  model = tiny.get_config().model
-  model.conv_impl = 'cpu'
-  model_lib.resolve_for_platform(model, 'gpu')
-  assert (model.conv_impl, model.head_layout) == ('cpu', 'products')
-  model = tiny.get_config().model
-  model_lib.resolve_for_platform(model, None)  # this host: the CPU
-  assert (model.conv_impl, model.head_layout) == ('cpu', 'transposed')
+  config = tiny.get_config()
+  config.dtype = 'auto'
+  model_lib.resolve_for_platform(config, 'tpu')
+  assert config.dtype == 'bfloat16'
+  assert (config.model.conv_impl, config.model.head_layout) == ('xla', 'products')
+  config = tiny.get_config()
+  config.model.conv_impl, config.dtype = 'cpu', 'float32'
+  model_lib.resolve_for_platform(config, 'gpu')
+  assert config.dtype == 'float32'
+  assert (config.model.conv_impl, config.model.head_layout) == ('cpu', 'products')
+  config = tiny.get_config()
+  config.dtype = 'auto'
+  model_lib.resolve_for_platform(config, None)  # this host: the CPU
+  assert config.dtype == 'float32'
+  assert (config.model.conv_impl, config.model.head_layout) == ('cpu', 'transposed')
+
+
+def test_the_kinetics_and_ssv2_configs_compute_in_bfloat16_on_accelerators():
+  """dtype 'auto': bfloat16 on TPU and GPU, float32 on the CPU; the
+  parameters stay float32 (a model built here, on the CPU, computes in
+  float32)."""
+  for module in (k400, ssv2):
+    config = module.get_config('16')
+    assert config.dtype == 'auto'
+    assert [model_lib.resolve_dtype(config.dtype, p)
+            for p in ('tpu', 'gpu', 'cpu')] == ['bfloat16', 'bfloat16', 'float32']
+  config = tiny.get_config()
+  config.dtype = 'auto'
+  model = abstract_model(config)
+  assert model.head.dtype == model.blocks[0].mlp.fc1.dtype == jnp.float32
+  assert all(x.dtype == jnp.float32
+             for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def test_every_conv_impl_gives_the_same_logits_and_gradients():
@@ -230,7 +253,7 @@ def test_every_conv_impl_gives_the_same_logits_and_gradients():
 
 
 @pytest.mark.parametrize('impl,dtype,message', [
-    ('flash', 'float32', r'model.attention_impl.*xla, cudnn, auto'),
+    ('flash', 'float32', r'model.attention_impl.*xla, cudnn, pallas, auto'),
     ('cudnn', 'float32', r"cudnn needs dtype bfloat16 or float16.*'float32'"),
 ])
 def test_attention_impl_is_validated(impl, dtype, message):

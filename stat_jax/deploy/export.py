@@ -39,7 +39,7 @@ import tensorflow as tf
 from jax.experimental import jax2tf
 from jax2onnx import to_onnx
 
-from stat_jax import cli, defaults, param_names
+from stat_jax import cli, defaults, param_names, storage
 from stat_jax.deploy import inference
 from stat_jax.errors import UserError
 
@@ -150,7 +150,7 @@ def _manifest(restored, workdir, formats: dict) -> dict:
   data = restored.config.data
   clip = defaults.clip_shape(data)
   return {
-      'checkpoint': {'workdir': os.path.abspath(workdir),
+      'checkpoint': {'workdir': storage.absolute(workdir),
                      'step': restored.step},
       'config': restored.config.to_dict(),
       'classes': restored.classes,
@@ -173,32 +173,58 @@ def export_checkpoint(workdir: str, out: str, formats: list[str],
                       which: str = 'latest') -> dict:
   """Writes the export folder `out`; returns its manifest."""
   formats = check_formats(formats)
-  out = os.path.abspath(out)
-  if os.path.lexists(out):
-    what = ('is a symbolic link' + ('' if os.path.exists(out) else
-                                    f' to a missing {os.readlink(out)}')
-            if os.path.islink(out) else 'exists')
-    raise FileExistsError(f'--out={out} {what}; remove it or choose another')
+  out = storage.absolute(out)
+  _check_out_is_new(out)
   restored = inference.restore(workdir, which)
+  if storage.is_remote(out):
+    # Written locally, then uploaded with manifest.json last: a reader that
+    # finds the manifest finds every file it lists.
+    with tempfile.TemporaryDirectory(prefix='stat-jax-export-') as staging:
+      manifest = _write_folder(restored, workdir, formats, staging)
+      storage.upload_folder(staging, out, last='manifest.json')
+    return manifest
   os.makedirs(os.path.dirname(out), exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.partial-',
                              dir=os.path.dirname(out))
   try:
-    example = np.random.default_rng(0).integers(
-        0, 256, (EXAMPLE_BATCH, *defaults.clip_shape(restored.config.data)),
-        dtype=np.uint8)
-    np.save(os.path.join(staging, 'example_input.npy'), example)
-    np.save(os.path.join(staging, 'example_logits.npy'),
-            np.asarray(restored.classify(example)[0]))
-    written = {name: _write_format(name, restored, staging)
-               for name in formats}
-    manifest = _manifest(restored, workdir, written)
-    _write_json(os.path.join(staging, 'manifest.json'), manifest)
+    manifest = _write_folder(restored, workdir, formats, staging)
     os.chmod(staging, 0o755)  # mkdtemp made it private
     os.rename(staging, out)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
+  return manifest
+
+
+def _check_out_is_new(out: str) -> None:
+  """--out names nothing yet (and, in a bucket, a place we may write)."""
+  if storage.is_remote(out):
+    if tf.io.gfile.exists(out):
+      raise FileExistsError(f'--out={out} exists; remove it or choose another')
+    try:
+      storage.write_probe(out)
+    except tf.errors.OpError as error:
+      raise UserError(f'--out={out} is not writable '
+                      f'({storage.reason(error)})') from error
+    return
+  if os.path.lexists(out):
+    what = ('is a symbolic link' + ('' if os.path.exists(out) else
+                                    f' to a missing {os.readlink(out)}')
+            if os.path.islink(out) else 'exists')
+    raise FileExistsError(f'--out={out} {what}; remove it or choose another')
+
+
+def _write_folder(restored, workdir, formats, folder) -> dict:
+  """Every file of the export into the local `folder`; the manifest."""
+  example = np.random.default_rng(0).integers(
+      0, 256, (EXAMPLE_BATCH, *defaults.clip_shape(restored.config.data)),
+      dtype=np.uint8)
+  np.save(os.path.join(folder, 'example_input.npy'), example)
+  np.save(os.path.join(folder, 'example_logits.npy'),
+          np.asarray(restored.classify(example)[0]))
+  written = {name: _write_format(name, restored, folder) for name in formats}
+  manifest = _manifest(restored, workdir, written)
+  _write_json(os.path.join(folder, 'manifest.json'), manifest)
   return manifest
 
 
@@ -217,7 +243,7 @@ flags.DEFINE_list('formats', list(FORMATS),
 def _export() -> int:
   manifest = export_checkpoint(FLAGS.workdir, FLAGS.out, FLAGS.formats,
                                FLAGS.checkpoint)
-  files = sorted(os.listdir(FLAGS.out))
+  files = sorted(name.rstrip('/') for name in tf.io.gfile.listdir(FLAGS.out))
   print(f'Exported step {manifest["checkpoint"]["step"]} of {FLAGS.workdir} '
         f'to {FLAGS.out}: {", ".join(files)}')
   return 0

@@ -14,11 +14,11 @@ trained with, and the portable 'xla' attention (model.attention_impl).
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import tensorflow as tf
 from flax import nnx
 
 from data import labels
@@ -74,7 +74,7 @@ def restore(workdir: str, which: str = 'latest') -> Restored:
   """The parameters of checkpoint `which` ('latest', 'best' or a step) of a
   training run directory, on one device, with the run's config."""
   directory = checkpoint.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not tf.io.gfile.isdir(directory):
     raise FileNotFoundError(f'no checkpoints in {directory}: --workdir must be '
                             'the directory of a training run')
   ckpt = checkpoint.Checkpointer(directory, 1, read_only=True)

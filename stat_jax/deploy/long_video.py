@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from data import convert, sampling
-from stat_jax import plots
+from stat_jax import plots, storage
 from stat_jax.errors import UserError
 
 OVERLAY_TOP = 3
@@ -104,7 +104,7 @@ def window_clips(path: str, data, window_s: float, stride_s: float,
     first = seen - len(buffer)  # frame index of buffer[0]
     return np.stack([buffer[start + i - first] for i in indices[length]])
 
-  with av.open(path) as container:
+  with convert.open_video(path) as container:
     stream = container.streams.video[0]
     stream.thread_type = 'AUTO'
     rate = video_rate(stream)
@@ -191,21 +191,20 @@ def timeline(result: dict, classes: list[str]) -> dict:
 
 
 def png_path(timeline_path: str) -> str:
-  return os.path.splitext(timeline_path)[0] + '.png'
+  return storage.strip_extension(timeline_path) + '.png'
 
 
 def write_timeline(result: dict, classes: list[str], path: str) -> list[str]:
   """Writes `path` (JSON) and its .png (the top classes over time); the
   two paths."""
-  with open(path, 'w') as f:
-    json.dump(timeline(result, classes), f, indent=1)
+  storage.write_text(path, json.dumps(timeline(result, classes), indent=1))
   windows = [{'start_s': w['start_s'], 'end_s': w['end_s'],
               'probabilities': dict(zip(classes, map(float,
                                                      w['probabilities'])))}
              for w in result['windows']]
   figure = plots.long_video_figure(windows)
   figure.axes[0].set_title(f'top classes over time: '
-                           f'{os.path.basename(result["video"])}')
+                           f'{storage.basename(result["video"])}')
   return [path, plots.save(figure, png_path(path))]
 
 
@@ -242,7 +241,7 @@ def _label(image: Image.Image, lines: list[str]) -> Image.Image:
 
 def _codec(path: str) -> str:
   """H.264 for .mp4 / .mkv / .mov, VP9 for .webm, else MPEG-4 part 2."""
-  extension = os.path.splitext(path)[1].lower()
+  extension = path[len(storage.strip_extension(path)):].lower()
   wanted = {'.mp4': 'libx264', '.mkv': 'libx264', '.mov': 'libx264',
             '.webm': 'libvpx-vp9'}.get(extension, 'mpeg4')
   return wanted if wanted in av.codecs_available else 'mpeg4'
@@ -255,7 +254,9 @@ def write_overlay(result: dict, classes: list[str], path: str) -> str:
              top(w['probabilities'], classes, OVERLAY_TOP)]
             for w in result['windows']]
   which = frame_windows(result['num_frames'], result['windows'])
-  with av.open(result['video']) as source, av.open(path, 'w') as out:
+  with convert.open_video(result['video']) as source, \
+       storage.local_copy_for_writing(path) as local, \
+       av.open(local, 'w') as out:
     stream = source.streams.video[0]
     stream.thread_type = 'AUTO'
     rate = video_rate(stream)
@@ -299,8 +300,8 @@ def check_options(videos: list[str], window_s, stride_s, timeline_path,
                     f'{len(videos)}')
   for flag, path in (('--timeline', timeline_path),
                      ('--overlay', overlay_path)):
-    folder = os.path.dirname(os.path.abspath(path)) if path else None
-    if folder and not os.path.isdir(folder):
+    folder = storage.parent(storage.absolute(path)) if path else None
+    if folder and not storage.is_remote(folder) and not os.path.isdir(folder):
       raise UserError(f'{flag}={path}: no folder {folder}')
 
 

@@ -32,8 +32,7 @@ from collections.abc import Callable
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
-import av  # pylint: disable=g-import-not-at-top
-import jax
+import jax  # pylint: disable=g-import-not-at-top
 import ml_collections
 import numpy as np
 import onnxruntime
@@ -42,7 +41,7 @@ from absl import flags
 from flax import nnx
 
 from data import convert, sampling
-from stat_jax import cli, defaults
+from stat_jax import cli, defaults, storage
 from stat_jax.deploy import inference, long_video
 from stat_jax.errors import UserError
 
@@ -65,13 +64,15 @@ def from_workdir(workdir: str, which: str = 'latest') -> Classifier:
 
 
 def _stablehlo_runner(path):
-  with open(path, 'rb') as f:
+  with tf.io.gfile.GFile(path, 'rb') as f:
     exported = jax.export.deserialize(bytearray(f.read()))
   return lambda views: np.asarray(exported.call(views)[1])
 
 
 def _onnx_runner(path):
-  session = onnxruntime.InferenceSession(path,
+  with tf.io.gfile.GFile(path, 'rb') as f:  # local or gs://
+    model = f.read()
+  session = onnxruntime.InferenceSession(model,
                                          providers=['CPUExecutionProvider'])
   return lambda views: session.run(['probabilities'], {'video': views})[0]
 
@@ -93,13 +94,12 @@ _RUNNERS = {'stablehlo': _stablehlo_runner, 'onnx': _onnx_runner,
 def from_export(export_dir: str, fmt: str | None = None) -> Classifier:
   """The classifier of an export folder (stat_jax/deploy/export.py), run from
   format `fmt`, by default the first of EXPORT_FORMATS it holds."""
-  manifest_path = os.path.join(export_dir, 'manifest.json')
-  if not os.path.exists(manifest_path):
+  manifest_path = storage.join(export_dir, 'manifest.json')
+  if not tf.io.gfile.exists(manifest_path):
     raise FileNotFoundError(f'{manifest_path}: no such file; --export_dir must '
                             'be a folder written by stat_jax.deploy.export')
   try:
-    with open(manifest_path) as f:
-      manifest = json.load(f)
+    manifest = json.loads(storage.read_text(manifest_path))
     held = [name for name in EXPORT_FORMATS if name in manifest['formats']]
   except (ValueError, KeyError, TypeError) as error:
     raise UserError(f'{manifest_path}: not a whole export manifest '
@@ -111,7 +111,7 @@ def from_export(export_dir: str, fmt: str | None = None) -> Classifier:
   if fmt not in held:
     raise UserError(f'{export_dir} holds no {fmt} export; it holds '
                      f'{", ".join(held)}')
-  path = os.path.join(export_dir, manifest['formats'][fmt]['path'])
+  path = storage.join(export_dir, manifest['formats'][fmt]['path'])
   config = ml_collections.ConfigDict(manifest['config'])
   try:
     runner = _RUNNERS[fmt](path)
@@ -157,7 +157,7 @@ def sampled_views(path: str, data) -> tuple[np.ndarray, np.ndarray]:
   indices = sampling.eval_indices(len(frames), data)  # [clips, T]
   clips = tf.gather(frames, indices)  # [clips, T, H, W, 3]
   views = sampling.spatial_crops(clips, data.crop_size, data.num_crops)
-  with av.open(path) as container:
+  with convert.open_video(path) as container:
     rate = long_video.video_rate(container.streams.video[0])
   return views.numpy(), indices.numpy() / float(rate)
 

@@ -1,0 +1,1 @@
+"""Pallas kernels of stat_jax (TPU; interpret mode runs them on the CPU)."""
