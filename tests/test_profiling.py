@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 import training_testlib
-from stat_jax import profiling, sharding, train_step, trainer
+from stat_jax import profiling, sharding, trainer
 
 
 def run_steps(window: profiling.ProfileWindow, steps) -> dict:
@@ -81,16 +81,7 @@ def test_a_run_reports_its_data_wait_and_traces_its_window(
                                        checkpoint_every=1000,
                                        profile_steps=(2, 2))
   config.data.eval_spec = ''
-  # The loop is under test, not learning: a state and a step that compile
-  # in no time (as test_faults_data does).
-  abstract, built = trainer.abstract_train_state, []
-  monkeypatch.setattr(trainer, 'abstract_train_state',
-                      lambda *a: built.append(abstract(*a)) or built[0])
-  monkeypatch.setattr(trainer, 'init_train_state', lambda *_: jax.tree.map(
-      lambda a: jnp.zeros(a.shape, a.dtype), built[0][2]))
-  monkeypatch.setattr(train_step, 'make_train_step', lambda *_: lambda state, b: (
-      state.replace(step=state.step + 1),
-      {'loss': b['video'].mean() + 1.0, 'grad_norm': b['label'].sum() * 0.0}))
+  training_testlib.instant_state_and_step(monkeypatch)
   global_batch = sharding.global_batch
 
   def slow_batch(batch, mesh):
