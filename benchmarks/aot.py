@@ -3,6 +3,7 @@ Compiled ahead of time on this machine, without the slice.
 
   python -m benchmarks.aot --config=configs/k400.py:16 --config.dtype=bfloat16 \
       --topology=v5p:4x4x8 --batch_per_chip=8 [--config.mesh.fsdp=4] [--json]
+      [--num_slices=2]
 
 Compiles the very train step train.py runs (stat_jax/train_step.py:
 jit_train_step: the state laid out by stat_jax/sharding.py over the mesh of
@@ -26,6 +27,12 @@ optimizer, other: benchmarks/hlo_cost.py) with their count, runs, bytes
 and roofline time, and each Pallas kernel (`kernels`) with the FLOPs and
 bytes it declares. Chip figures: stat_jax/chips.py. A `cpu` topology has
 none of them, nor a time estimate: those are null.
+
+--num_slices=S compiles for S such slices joined over the data-center
+network (DCN), the mesh laid out by config.mesh.slices = S (data parallel
+across the slices). The collectives are then reported in two tables: those
+within a slice (ICI) and those between slices (DCN: benchmarks/hlo_cost.py;
+no time estimate, as there is no per-chip DCN figure to divide by).
 """
 
 import importlib.util
@@ -63,6 +70,9 @@ flags.DEFINE_integer('batch_per_chip', None, 'Clips per chip per step '
                      lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_string('hlo_out', None, 'Also write the optimized HLO here.',
                     flag_values=FLAGS)
+flags.DEFINE_integer('num_slices', 1, 'Slices of --topology joined over DCN '
+                     '(a TPU topology; sets config.mesh.slices).',
+                     lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_bool('json', False, 'End with the report as one JSON line.',
                   flag_values=FLAGS)
 flags.mark_flags_as_required(['config', 'topology'], flag_values=FLAGS)
@@ -72,10 +82,13 @@ def libtpu_installed() -> bool:
   return importlib.util.find_spec('libtpu') is not None
 
 
-def slice_devices(topology: str) -> list[jax.Device]:
-  """The devices to compile for: those of a TPU slice (compile only), or
-  this process's for 'cpu'."""
+def slice_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:
+  """The devices to compile for: those of `num_slices` TPU slices (compile
+  only), or this process's for 'cpu'."""
   if topology == 'cpu':
+    if num_slices > 1:
+      raise UserError(f'--num_slices={num_slices} needs a TPU topology '
+                      '(e.g. v5p:2x2x1): CPU devices have no slices')
     return jax.devices()
   if not TOPOLOGY.match(topology):
     raise UserError(f'unknown topology {topology!r}: give <kind>:<shape> with '
@@ -93,7 +106,7 @@ def slice_devices(topology: str) -> list[jax.Device]:
   try:
     return topologies.get_topology_desc(
         platform='tpu', topology_name=topology,
-        chip_config_name=TPU_KINDS[kind]).devices
+        chip_config_name=TPU_KINDS[kind], num_slices=num_slices).devices
   except jax.errors.JaxRuntimeError as error:
     reason = ' '.join(str(error).split())
     raise UserError(f'unknown topology {topology!r} ({reason}): see the slice '
@@ -114,19 +127,24 @@ def compile_train_step(config: ml_collections.ConfigDict,
   return compiled, time.perf_counter() - start, mesh
 
 
-def collective_summary(module: hlo_cost.Module, chip: chips.Chip | None) -> dict:
-  """{kind: {'count', 'bytes', 'seconds'}} per step, per chip; seconds
-  None without an ICI figure."""
-  summary = {kind: {'count': 0, 'bytes': 0.0, 'seconds': None}
-             for kind in hlo_cost.COLLECTIVES}
+def collective_summary(module: hlo_cost.Module,
+                       chip: chips.Chip | None) -> tuple[dict, dict]:
+  """({kind: {'count', 'bytes', 'seconds'}} of the collectives within a
+  slice (ICI), the same of those between slices (DCN)) per step, per chip.
+  ICI seconds are None without an ICI figure; DCN seconds always."""
+  ici, dcn = ({kind: {'count': 0, 'bytes': 0.0, 'seconds': None}
+               for kind in hlo_cost.COLLECTIVES} for _ in range(2))
   for found in hlo_cost.collectives(module):
-    summary[found.kind]['count'] += found.count
-    summary[found.kind]['bytes'] += found.count * found.bytes
+    summary = dcn if found.over_dcn else ici
+    entry = summary.setdefault(found.kind, {'count': 0, 'bytes': 0.0,
+                                            'seconds': None})
+    entry['count'] += found.count
+    entry['bytes'] += found.count * found.bytes
   if chip and chip.ici_bandwidth:
-    for kind, entry in summary.items():
+    for kind, entry in ici.items():
       passes = 2 if kind == 'all-reduce' else 1  # reduce-scatter + all-gather
       entry['seconds'] = passes * entry['bytes'] / chip.ici_bandwidth
-  return summary
+  return ici, dcn
 
 
 def slice_report(config: ml_collections.ConfigDict, compiled, compile_s: float,
@@ -144,7 +162,7 @@ def slice_report(config: ml_collections.ConfigDict, compiled, compile_s: float,
   step_s = optimal if optimal and optimal > 0 else None
   step_flops = measure.flops_per_clip(config, train=True) * batch
   module = hlo_cost.Module(compiled.as_text())
-  collectives = collective_summary(module, chip)
+  collectives, dcn_collectives = collective_summary(module, chip)
   kernels = module.kernels()
   hbm = chip.hbm_bytes if chip else None
   bandwidth = chip.hbm_bandwidth if chip else None
@@ -152,8 +170,6 @@ def slice_report(config: ml_collections.ConfigDict, compiled, compile_s: float,
       'chips': n, 'device_kind': device.device_kind,
       'mesh': dict(mesh.shape), 'batch': batch, 'batch_per_chip': batch // n,
       'dtype': config.dtype, 'remat': config.remat,
-      # the dtype of the gradients' all-reduce (its bytes: 'collectives')
-      'grad_reduce_dtype': config.grad_reduce_dtype,
       'argument_bytes': memory.argument_size_in_bytes,
       'output_bytes': memory.output_size_in_bytes,
       'temp_bytes': memory.temp_size_in_bytes,
@@ -172,8 +188,10 @@ def slice_report(config: ml_collections.ConfigDict, compiled, compile_s: float,
       'phases': hlo_cost.phase_summary(kernels, chip and chip.bf16_flops,
                                        bandwidth),
       'kernels': hlo_cost.pallas_summary(kernels),
-      'collectives': collectives,
-      'collective_bytes': sum(c['bytes'] for c in collectives.values()),
+      'slices': len({sharding.slice_of(d) for d in mesh.devices.flat}),
+      'collectives': collectives, 'dcn_collectives': dcn_collectives,
+      'collective_bytes': sum(c['bytes'] for c in [*collectives.values(),
+                                                   *dcn_collectives.values()]),
       'recipe_steps': optim.total_steps(config),
       'est_recipe_s': optim.total_steps(config) * step_s if step_s else None,
   }
@@ -225,26 +243,36 @@ def _program_lines(report: dict) -> list[str]:
 
 
 def format_report(report: dict, topology: str) -> str:
+  slices = f' x {report["slices"]} slices' if report['slices'] > 1 else ''
   lines = [
-      f'{topology}: {report["chips"]} x {report["device_kind"]}, mesh '
+      f'{topology}{slices}: {report["chips"]} x {report["device_kind"]}, mesh '
       f'{report["mesh"]}; train step of {report["batch"]} clips '
       f'({report["batch_per_chip"]} per chip), {report["dtype"]}, remat '
-      f'{report["remat"]}, gradients all-reduced in '
-      f'{report["grad_reduce_dtype"]}; compiled in {report["compile_s"]:.0f} s',
+      f'{report["remat"]}; compiled in {report["compile_s"]:.0f} s',
       _memory_line(report), _estimate_line(report), *_program_lines(report),
       f'config recipe: {report["recipe_steps"]} steps, '
       f'{_or_na(report["est_recipe_s"], ".1f", 1 / 3600)} h at that rate',
-      'collectives per step, per chip:']
-  for kind, entry in report['collectives'].items():
-    lines.append(f'  {kind:18s} {entry["count"]:5d} x, '
-                 f'{entry["bytes"] / 2**20:10.1f} MiB, '
-                 f'{_or_na(entry["seconds"], ".2f", 1e3)} ms at ICI bandwidth')
+      'collectives per step, per chip'
+      + (' within a slice (ICI):' if report['slices'] > 1 else ':'),
+      *_collective_lines(report['collectives'], 'ms at ICI bandwidth')]
+  if report['slices'] > 1:
+    lines += ['collectives across the slices (DCN):',
+              *_collective_lines(report['dcn_collectives'],
+                                '(no DCN bandwidth figure)')]
   return '\n'.join(lines)
 
 
+def _collective_lines(collectives: dict, unit: str) -> list[str]:
+  return [f'  {kind:18s} {entry["count"]:5d} x, '
+          f'{entry["bytes"] / 2**20:10.1f} MiB, '
+          f'{_or_na(entry["seconds"], ".2f", 1e3)} {unit}'
+          for kind, entry in collectives.items()]
+
+
 def _report() -> int:
-  devices = slice_devices(FLAGS.topology)
+  devices = slice_devices(FLAGS.topology, FLAGS.num_slices)
   config = FLAGS.config
+  config.mesh.slices = FLAGS.num_slices
   if FLAGS.batch_per_chip:
     config.batch_size = FLAGS.batch_per_chip * len(devices)
   model.resolve_for_platform(config, devices[0].platform)

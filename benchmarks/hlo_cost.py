@@ -33,7 +33,10 @@ count twice.
 
 Collectives (all-gather, reduce-scatter, all-reduce, all-to-all,
 collective-permute) are listed apart, with their bytes and how many times a
-call runs them (benchmarks/aot.py).
+call runs them (benchmarks/aot.py). A multi-slice TPU program is one
+slice's program: its collectives between slices, over the data-center
+network (DCN), are sends to the megascale runtime naming the collective
+they are part of; they are listed as collectives too, marked over_dcn.
 """
 
 import dataclasses
@@ -440,6 +443,7 @@ class Collective:
   # gathers, reduces or exchanges, as each device holds it before or after.
   bytes: float
   count: int  # runs per call of the program (while loops' trip counts)
+  over_dcn: bool = False  # between slices (a megascale send)
 
 
 def collective_kind(opcode: str) -> str | None:
@@ -447,6 +451,17 @@ def collective_kind(opcode: str) -> str | None:
   '-done' half moves nothing); None for other opcodes."""
   kind = opcode.removesuffix('-start')
   return kind if kind in COLLECTIVES else None
+
+
+MEGASCALE_TRANSFER = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+
+
+def dcn_collective_kind(instruction: Instruction) -> str | None:
+  """'all-reduce' for a send of an ALL_REDUCE to the megascale runtime
+  (its recv moves the same bytes back); None for other instructions."""
+  found = (MEGASCALE_TRANSFER.search(instruction.attributes)
+           if instruction.opcode == 'send' else None)
+  return found.group(1).lower().replace('_', '-') if found else None
 
 
 def trip_count(loop: Instruction) -> int:
@@ -471,10 +486,15 @@ def collectives(module: Module) -> list[Collective]:
   def walk(computation: str, runs: int) -> None:
     for instruction in module.computations[computation]:
       kind = collective_kind(instruction.opcode)
+      dcn_kind = dcn_collective_kind(instruction)
       if kind:
         found.append(Collective(instruction.name, kind,
                                 collective_bytes(instruction, module.shapes),
                                 runs))
+      elif dcn_kind:
+        sent = module.shapes[instruction.operands[0]]
+        found.append(Collective(instruction.name, dcn_kind, shape_bytes(sent),
+                                runs, over_dcn=True))
       elif instruction.opcode == 'while':
         walk(instruction.attribute('body'), runs * trip_count(instruction))
       elif instruction.attribute('calls') in module.computations:

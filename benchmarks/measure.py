@@ -56,8 +56,9 @@ def _arguments(make, shapes_only: bool):
 
 def one_device_mesh(config: ml_collections.ConfigDict,
                     device: jax.Device | None) -> jax.sharding.Mesh:
-  """A (data=1, fsdp=1) mesh of `device` (None: the default device)."""
-  config.mesh.data, config.mesh.fsdp = 1, 1
+  """A (data=1, fsdp=1) mesh of `device` (None: the default device), on
+  one slice."""
+  config.mesh.data, config.mesh.fsdp, config.mesh.slices = 1, 1, 1
   return sharding.make_mesh(config, [device or jax.devices()[0]])
 
 

@@ -1,5 +1,10 @@
 """DMVR-compatible SequenceExample codec, sharded-file specs and record index.
 
+Each shard's record index, (data offset, data length) per record, is kept in
+`<shard>.index` beside it (written by ShardedWriter, else after the first
+header scan), so a start reads one small file per shard instead of every
+record header.
+
 Layout (docs/design.md#record-format), one `tf.train.SequenceExample` per clip:
   feature_lists `image/encoded`: one JPEG per frame (the older layout with all
     frames as values of one feature, in feature_lists or context, also parses);
@@ -11,8 +16,10 @@ Layout (docs/design.md#record-format), one `tf.train.SequenceExample` per clip:
 import dataclasses
 import functools
 import glob
+import io
 import re
 import struct
+import uuid
 from typing import Sequence
 
 import numpy as np
@@ -176,7 +183,8 @@ def resolve_spec(spec: str) -> list:
                                 f' shards missing, e.g. {missing[0]}')
       files.extend(names)
     elif glob.has_magic(part):
-      matches = sorted(tf.io.gfile.glob(part))
+      matches = sorted(f for f in tf.io.gfile.glob(part)
+                       if not INDEX_FILE.search(f))
       if not matches:
         raise FileNotFoundError(f'spec {part!r}: glob matches no file')
       files.extend(matches)
@@ -195,7 +203,8 @@ def spec_directory(spec: str) -> str:
 
 
 class ShardedWriter:
-  """Writes serialized records to `<prefix>-XXXXX-of-NNNNN` files."""
+  """Writes serialized records to `<prefix>-XXXXX-of-NNNNN` files, and on
+  close each file's record index beside it."""
 
   def __init__(self, prefix: str, num_shards: int):
     if num_shards < 1:
@@ -204,13 +213,19 @@ class ShardedWriter:
     self.spec = f'{prefix}@{num_shards}'
     storage.make_folder(storage.parent(prefix) or '.')
     self._writers = [tf.io.TFRecordWriter(f) for f in self.filenames]
+    self._rows = [[] for _ in self.filenames]  # (data offset, length)
+    self._sizes = [0] * num_shards
 
   def write(self, shard: int, record: bytes):
     self._writers[shard].write(record)
+    self._rows[shard].append((self._sizes[shard] + _HEADER_BYTES, len(record)))
+    self._sizes[shard] += _HEADER_BYTES + len(record) + _FOOTER_BYTES
 
   def close(self):
     for w in self._writers:
       w.close()
+    for path, rows, size in zip(self.filenames, self._rows, self._sizes):
+      write_shard_index(path, np.array(rows, np.int64).reshape(-1, 2), size)
 
   def __enter__(self):
     return self
@@ -259,3 +274,64 @@ def load_label_map(path: str) -> list:
 def write_label_map(path: str, names: Sequence[str]):
   with tf.io.gfile.GFile(path, 'w') as f:
     f.write(''.join(f'{n}\n' for n in names))
+
+
+# ------------------------------------------------------ record index files ---
+
+INDEX_SUFFIX = '.index'
+# An index file, or one being written, which a shard glob must not match.
+INDEX_FILE = re.compile(r'\.index(\.tmp-[0-9a-f]+)?$')
+
+
+class StaleIndex(Exception):
+  """A shard's index file is missing or does not describe the shard."""
+
+
+def write_shard_index(path: str, rows: np.ndarray, size: int) -> None:
+  """Writes `<path>.index`: the rows of index_shard and the shard's size.
+  Whole or not at all (a reader never sees half a file)."""
+  buffer = io.BytesIO()
+  np.savez(buffer, rows=rows, shard_bytes=np.int64(size))
+  partial = f'{path}{INDEX_SUFFIX}.tmp-{uuid.uuid4().hex}'
+  with tf.io.gfile.GFile(partial, 'wb') as f:
+    f.write(buffer.getvalue())
+  tf.io.gfile.rename(partial, path + INDEX_SUFFIX, overwrite=True)
+
+
+def read_shard_index(path: str, size: int) -> np.ndarray:
+  """The rows of index_shard, from `<path>.index`; StaleIndex (the reason)
+  when it is missing or does not fit the shard of `size` bytes: its
+  recorded size, its last record's end, and the length fields of its first
+  and last record headers must match."""
+  index = path + INDEX_SUFFIX
+  try:
+    with tf.io.gfile.GFile(index, 'rb') as f:
+      saved = np.load(io.BytesIO(f.read()), allow_pickle=False)
+      rows, saved_size = saved['rows'], int(saved['shard_bytes'])
+  except tf.errors.NotFoundError as error:
+    raise StaleIndex(f'{index}: missing') from error
+  except (OSError, ValueError, KeyError) as error:
+    raise StaleIndex(f'{index}: unreadable ({error})') from error
+  if saved_size != size:
+    raise StaleIndex(f'{index}: written for {saved_size} bytes, the shard '
+                     f'has {size}')
+  if rows.ndim != 2 or rows.shape[1] != 2 or not _fits_headers(path, rows,
+                                                               size):
+    raise StaleIndex(f'{index}: its records do not match the shard\'s')
+  return rows
+
+
+def _fits_headers(path: str, rows: np.ndarray, size: int) -> bool:
+  """Whether the first and last indexed records are framed as the shard's
+  record headers say, the last one ending the file."""
+  if not len(rows):
+    return size == 0
+  (first, _), (last, last_length) = rows[0], rows[-1]
+  if first != _HEADER_BYTES or last + last_length + _FOOTER_BYTES != size:
+    return False
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    for offset, length in (rows[0], rows[-1]):
+      f.seek(int(offset) - _HEADER_BYTES)
+      if struct.unpack('<Q', f.read(8))[0] != length:
+        return False
+  return True

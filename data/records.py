@@ -1,12 +1,16 @@
 """The record index of a DMVR shard spec, and reading records by it.
 
-Every shard is indexed once by a header scan into (file, offset, length)
-triples, so a pipeline can order, skip and split records by number and read
-each one alone (FixedLengthRecordDataset at its offset): resuming skips index
-entries, never data.
+Every shard is indexed into (file, offset, length) triples, so a pipeline
+can order, skip and split records by number and read each one alone
+(FixedLengthRecordDataset at its offset): resuming skips index entries,
+never data. A shard's triples come from its index file (data/dmvr.py); a
+shard without one, or whose one no longer fits it, is indexed by a header
+scan, its index file written for the next start, with one warning line for
+the spec.
 """
 
 import concurrent.futures
+import sys
 import zlib
 
 import numpy as np
@@ -25,10 +29,11 @@ class RecordIndex:
 
   def __init__(self, spec: str):
     self.files = dmvr.resolve_spec(spec)
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-      tables = list(pool.map(dmvr.index_shard, self.files))
     self.sizes = np.array([tf.io.gfile.stat(f).length for f in self.files],
                           np.int64)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+      tables, problems = zip(*pool.map(shard_table, self.files, self.sizes))
+    _warn_rebuilt(spec, [p for p in problems if p])
     self.file = np.concatenate([np.full(len(t), i, np.int64)
                                 for i, t in enumerate(tables)])
     rows = np.concatenate(tables)  # [n, 2]
@@ -58,6 +63,29 @@ class RecordIndex:
     with tf.io.gfile.GFile(self.files[self.file[record]], 'rb') as f:
       f.seek(int(self.offset[record]))
       return f.read(int(self.length[record]))
+
+
+def shard_table(path: str, size: int) -> tuple[np.ndarray, str | None]:
+  """(the shard's (offset, length) rows, None), from its index file; or,
+  where that is missing or stale, (the rows of a header scan, why), the
+  index file written anew (if the folder is writable)."""
+  try:
+    return dmvr.read_shard_index(path, size), None
+  except dmvr.StaleIndex as stale:
+    problem = str(stale)
+  rows = dmvr.index_shard(path)
+  try:
+    dmvr.write_shard_index(path, rows, size)
+  except tf.errors.OpError as error:
+    problem += f'; not rewritten: {error.message}'
+  return rows, problem
+
+
+def _warn_rebuilt(spec: str, problems: list[str]) -> None:
+  if problems:
+    print(f'warning: shard spec {spec!r}: indexed {len(problems)} shard(s) '
+          f'by a header scan, their index files missing or stale (e.g. '
+          f'{problems[0]})', file=sys.stderr, flush=True)
 
 
 def record_reader(index: RecordIndex):

@@ -32,7 +32,7 @@ RUN_CONTROL_KEYS = (
     # how long, how often
     'total_steps', 'num_epochs', 'train_examples', 'log_every', 'eval_every',
     'checkpoint_every', 'keep_checkpoints', 'init_from',
-    'resume_with_changed_config',
+    'resume_with_changed_config', 'compilation_cache_dir', 'profile_steps',
     # where and how the computation runs
     'mesh.', 'remat', 'grad_accum_steps', 'grad_reduce_dtype',
     'model.attention_impl',

@@ -189,7 +189,29 @@ def check_training(config: ml_collections.ConfigDict) -> None:
   _require(config.grad_reduce_dtype in GRAD_REDUCE_DTYPES, 'grad_reduce_dtype',
            config.grad_reduce_dtype,
            f'must be one of {", ".join(GRAD_REDUCE_DTYPES)}')
+  _require(isinstance(config.compilation_cache_dir, str),
+           'compilation_cache_dir', config.compilation_cache_dir,
+           "must be a folder (a gs:// path works too), or '' (off)")
+  window = tuple(config.profile_steps)
+  _require(window == (0, 0) or (len(window) == 2 and all(map(_is_int, window))
+                                and min(window) >= 1), 'profile_steps',
+           config.profile_steps, '(start, count) of positive integers, e.g. '
+           '(100, 5), or (0, 0) (off)')
   check_recipe(config)
+
+
+def check_mesh(config: ml_collections.ConfigDict) -> None:
+  """What the mesh settings say alone (the device count: sharding.py)."""
+  mesh = config.mesh
+  for key in ('fsdp', 'slices'):
+    _require(_is_int(mesh[key]) and mesh[key] >= 1, f'mesh.{key}', mesh[key],
+             'must be an integer >= 1')
+  _require(_is_int(mesh.data) and (mesh.data == -1 or mesh.data >= 1),
+           'mesh.data', mesh.data, 'must be an integer >= 1, or -1 (all '
+           'devices not used by fsdp)')
+  _require(mesh.data == -1 or mesh.data % mesh.slices == 0, 'mesh.slices',
+           mesh.slices, f'must divide mesh.data ({mesh.data}): each slice '
+           'holds an equal part of the data axis')
 
 
 def check_recipe(config: ml_collections.ConfigDict) -> None:
@@ -239,3 +261,4 @@ def validate(config: ml_collections.ConfigDict) -> None:
   validate_model(config)
   check_data(config)
   check_training(config)
+  check_mesh(config)

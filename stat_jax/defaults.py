@@ -231,6 +231,10 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1 = all devices not used by fsdp
   c.mesh.fsdp = 1
   c.mesh.fsdp_min_size = 2**14  # smaller parameters stay replicated
+  # TPU slices of a multi-slice job (their devices joined over the data
+  # center network): "data" is split across them, fsdp stays inside each
+  # (stat_jax/sharding.py). On CPUs and GPUs each process counts as a slice.
+  c.mesh.slices = 1
 
   c.log_every = 50
   c.eval_every = 5000
@@ -242,6 +246,14 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   # Workdir or checkpoint dir of another run to start from (an MViT-B run
   # or import warm-starts STAT by role: stat_jax/transfer.py).
   c.init_from = ''
+  # jax's persistent compilation cache: a restart loads the compiled train
+  # and eval steps from here (a gs:// path works too); '' = off
+  # (stat_jax/compile_cache.py).
+  c.compilation_cache_dir = '~/.cache/stat_jax/xla'
+  # (start, count): a jax.profiler trace of steps start .. start+count-1
+  # into workdir/tensorboard, for TensorBoard's profile plugin
+  # (stat_jax/profiling.py); (0, 0) = off.
+  c.profile_steps = (0, 0)
   # Resume even though the model / data / recipe keys differ from the
   # checkpoint's config (stat_jax/config_compare.py lists the keys that may
   # always differ); False refuses, naming the keys.

@@ -3,6 +3,13 @@
 Batches are split over both mesh axes. A parameter is sharded over "fsdp"
 along its largest dimension that the fsdp size divides, if it holds at least
 `config.mesh.fsdp_min_size` values; otherwise (and for scalars) replicated.
+
+With `config.mesh.slices` = S > 1 (a multi-slice TPU job) the mesh is
+hybrid: "data" spans the S slices over the data-center network (DCN), each
+slice holding data / S rows of the mesh whole, so that every fsdp group and
+its all-gathers stay on one slice's inter-chip links (ICI) and only the
+gradient reduction over "data" crosses DCN. On CPUs and GPUs each process
+counts as a slice.
 """
 
 import math
@@ -19,17 +26,45 @@ BATCH_AXES = ('data', 'fsdp')
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  return Mesh(device_grid(config.mesh, devices), BATCH_AXES)
+
+
+def device_grid(mesh_config: ml_collections.ConfigDict,
+                devices=None) -> np.ndarray:
+  """The devices laid out as the [data, fsdp] mesh `mesh_config` asks for."""
   devices = jax.devices() if devices is None else devices
-  fsdp = config.mesh.fsdp
-  data = config.mesh.data if config.mesh.data != -1 else len(devices) // fsdp
+  fsdp, slices = mesh_config.fsdp, mesh_config.get('slices', 1)
+  data = mesh_config.data if mesh_config.data != -1 else len(devices) // fsdp
   if data * fsdp != len(devices):
-    raise UserError(f'config.mesh data={config.mesh.data} x fsdp={fsdp} '
+    raise UserError(f'config.mesh data={mesh_config.data} x fsdp={fsdp} '
                      f'does not match the {len(devices)} devices')
-  # Splitting a physical axis lets fsdp be any divisor of the device count
-  # (fsdp=8 on a 4x4x4 TPU slice), not only a product of its axis sizes.
-  grid = mesh_utils.create_device_mesh((data, fsdp), devices,
-                                       allow_split_physical_axes=True)
-  return Mesh(grid, BATCH_AXES)
+  if slices == 1:
+    # Splitting a physical axis lets fsdp be any divisor of the device count
+    # (fsdp=8 on a 4x4x4 TPU slice), not only a product of its axis sizes.
+    return mesh_utils.create_device_mesh((data, fsdp), devices,
+                                         allow_split_physical_axes=True)
+  return _hybrid_grid(data, fsdp, slices, devices)
+
+
+def slice_of(device) -> int:
+  """The slice a device belongs to: a TPU's slice, else (CPUs, GPUs, whose
+  slice index, where they have one, is 0) its process."""
+  if device.platform == 'tpu':
+    return device.slice_index
+  return device.process_index
+
+
+def _hybrid_grid(data: int, fsdp: int, slices: int, devices) -> np.ndarray:
+  """[data, fsdp] devices, "data" split as slices x data/slices."""
+  found = len({slice_of(d) for d in devices})
+  if data % slices or found != slices:
+    raise UserError(f'config.mesh.slices={slices}: the {len(devices)} devices '
+                     f'are in {found} slice(s), and slices must divide the '
+                     f'data axis ({data})')
+  return mesh_utils.create_hybrid_device_mesh(
+      (data // slices, fsdp), (slices, 1), devices,
+      process_is_granule=devices[0].platform != 'tpu',
+      allow_split_physical_axes=True)  # [data, fsdp]
 
 
 def param_spec(shape, fsdp_size: int, min_size: int) -> P:

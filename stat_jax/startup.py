@@ -4,17 +4,19 @@ import jax
 from absl import logging
 
 from data import synthetic
-from stat_jax import distributed
+from stat_jax import compile_cache, distributed
 from stat_jax.config_validation import validate
 
 
 def start_run(config) -> None:
-  """Join the multi-process job if there is one, refuse a bad config, and
-  generate the synthetic data set when the config asks for it
-  (data/synthetic.py: it fills in the data specs)."""
+  """Join the multi-process job if there is one, refuse a bad config, turn
+  on the persistent compilation cache, and generate the synthetic data set
+  when the config asks for it (data/synthetic.py: it fills in the data
+  specs)."""
   logging.set_verbosity(logging.WARNING)  # orbax and clu are chatty at INFO
   distributed.initialize_from_flags()
   validate(config)
+  compile_cache.enable(config)
   if synthetic.prepare(config.data) and jax.process_index() == 0:
     spec = config.data.synthetic
     print(f'Synthetic motion data: {spec.dir} ({spec.train_clips} train, '

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from stat_jax import checkpoint, metrics, optim, storage
+from stat_jax import checkpoint, metrics, optim, profiling, storage
 from stat_jax.flops import model_macs
 
 # The training loss or the train state became NaN or infinite (raised here
@@ -35,6 +35,7 @@ class TrainLog:
         optim.total_steps(config), start, config.batch_size,
         train_flops_per_clip=6 * model_macs(config))
     self._pending = []  # (step, metrics on the device) not fetched yet
+    self.data_wait = profiling.DataWait()  # the loop's waits for batches
     self.losses = {}
     truncate_loss_log(self._path, start)  # a resumed run replays what follows
 
@@ -68,14 +69,16 @@ class TrainLog:
     """Flush; the progress line and TensorBoard scalars of `step`."""
     fetched = self.flush()
     rates = self._progress.report(step)
+    waited = self.data_wait.share()
     lr = float(self._schedule(step - 1))
     self._writer.write_scalars(step, {
         'train_loss': np.mean(list(fetched.values())), 'learning_rate': lr,
         'grad_norm': float(step_metrics['grad_norm']),
-        'clips_per_s': rates['clips_per_s'],
+        'clips_per_s': rates['clips_per_s'], 'data_wait_share': waited,
         'train_skipped_records': train_data.num_skipped})
     skipped, skip_warning = train_data.skip_report()
-    log(self._progress.line(step, fetched[step], lr, rates) + skipped)
+    log(self._progress.line(step, fetched[step], lr, rates)
+        + f' | data wait {waited:.0%}' + skipped)
     if skip_warning:
       log(skip_warning)
 

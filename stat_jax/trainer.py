@@ -23,7 +23,7 @@ from data import labels
 from data import eval_pipeline
 from data import train_pipeline
 from stat_jax import checkpoint, confusion, optim, sharding
-from stat_jax import config_compare, preflight, storage
+from stat_jax import config_compare, preflight, profiling, storage
 from stat_jax.config_validation import validate
 from stat_jax.eval_images import EvalImages
 from stat_jax.evaluation import (EVAL_SCALARS, ViewAccumulator, format_accuracy,
@@ -77,6 +77,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       abstract_state, abstract_batch(config))
   train_log = TrainLog(config, workdir, start, ckpt)
   evaluate_in_loop = loop_evaluation(config, parts, mesh, train_log.writer)
+  window = profiling.ProfileWindow(config.profile_steps, workdir)
 
   # -------------------------------------------------------------- loop ---
   total_steps = optim.total_steps(config)
@@ -94,12 +95,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # process may not leave a step that the others have started.
     train_data.should_stop = lambda: preemption.signalled
     for step in range(start + 1, last_step + 1):
-      batch = next_global_batch(train_data, mesh)
+      window.before_step(step)
+      with train_log.data_wait.waiting():
+        batch = next_global_batch(train_data, mesh)
       if batch is None:  # SIGTERM while waiting for clips
         step, preempted = step - 1, True
         stop_before_step(step, ckpt, train_log, save)
         break
       state, step_metrics = train_step(state, batch)
+      profiled = window.after_step(step, step_metrics)
+      if profiled:
+        log(profiled)
       train_log.add(step, step_metrics)
       preempted = preemption.reached(step)
       due = due_after(step, config, total_steps, last_step, preempted)
@@ -117,6 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         break
 
   # ------------------------------------------------------------ finish ---
+  window.stop()  # a run that stopped inside the window
   finish(ckpt, train_log, config, workdir, step, last_eval, preempted)
   return {'losses': train_log.losses, 'eval': last_eval, 'state': state,
           'preempted': preempted}

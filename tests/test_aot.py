@@ -134,6 +134,12 @@ def test_an_unknown_topology_is_one_line(capsys):
   assert "unknown topology 'v9z:2x2'" in lines[0] and 'v5p:4x4x8' in lines[0]
 
 
+def test_slices_of_cpu_devices_are_one_line(capsys):
+  status, lines = run_tool([TINY, '--topology=cpu', '--num_slices=2'], capsys)
+  assert status == 1 and len(lines) == 1
+  assert '--num_slices=2 needs a TPU topology' in lines[0]
+
+
 def test_a_tpu_topology_without_libtpu_says_what_to_install(capsys, monkeypatch):
   monkeypatch.setattr(aot, 'libtpu_installed', lambda: False)
   status, lines = run_tool([TINY, '--topology=v5e:2x2'], capsys)
@@ -166,6 +172,15 @@ def test_the_tiny_config_compiles_for_a_v5e_slice():
   assert "benchmarks.aot: unknown topology 'v5p:3x3x3'" in bad.stderr
 
 
+# The reduction of the hand-written all-reduces below.
+ADD_COMPUTATION = '''%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+'''
+
+
 class FakeCompiled:
   """What slice_report reads of a compiled program, set by hand: 1 GiB of
   temporaries, an all-reduce of 1000 float32 values, a Pallas kernel that
@@ -185,12 +200,7 @@ class FakeCompiled:
 
   def as_text(self):
     return '''HloModule fake
-%add (a: f32[], b: f32[]) -> f32[] {
-  %a = f32[] parameter(0)
-  %b = f32[] parameter(1)
-  ROOT %sum = f32[] add(%a, %b)
-}
-%scale (x: f32[1000]) -> f32[1000] {
+''' + ADD_COMPUTATION + '''%scale (x: f32[1000]) -> f32[1000] {
   %x = f32[1000]{0} parameter(0)
   ROOT %negated = f32[1000]{0} negate(%x)
 }
@@ -206,7 +216,8 @@ ENTRY %main (p: f32[1000]) -> f32[1000] {
 def fake_v5e_slice(chips: int):
   """A mesh-like object of `chips` TPU v5e chips (197 TFLOP/s bf16, 16 GB,
   200 GB/s of ICI one way: cloud.google.com/tpu/docs/v5e)."""
-  chip = types.SimpleNamespace(device_kind='TPU v5 lite')
+  chip = types.SimpleNamespace(device_kind='TPU v5 lite', platform='tpu',
+                               slice_index=0)
   return types.SimpleNamespace(devices=np.array([chip] * chips), size=chips,
                                shape={'data': chips, 'fsdp': 1})
 
@@ -257,3 +268,52 @@ def test_a_negative_compiler_estimate_is_no_estimate():
   assert report['est_step_s'] is None and report['est_mfu'] is None
   assert report['optimal_seconds'] == -383.0
   assert 'n/a ms/step (it gave -383 s)' in aot.format_report(report, 'v5e:2x2')
+
+
+# One slice's program of a two-slice job: an all-reduce within the slice,
+# then the same values summed with the other slice through the megascale
+# (DCN) runtime, as XLA:TPU writes it; and a host transfer that is no
+# collective.
+TWO_SLICES_HLO = '''HloModule two_slices
+''' + ADD_COMPUTATION + '''ENTRY %main (p: f32[1000]) -> f32[1000] {
+  %p = f32[1000]{0} parameter(0)
+  %inside = f32[1000]{0} all-reduce(%p), channel_id=1, replica_groups={{0,1,2,3}}, use_global_device_ids=true, to_apply=%add
+  %token = token[] after-all()
+  %send = (f32[1000]{0}, u32[], token[]) send(%inside, %token), channel_id=2, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %recv = (f32[1000]{0}, u32[], token[]) recv(%token), channel_id=3, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %send-done = token[] send-done(%send), channel_id=2, is_host_transfer=true
+  %recv-done = (f32[1000]{0}, token[]) recv-done(%recv), channel_id=3, is_host_transfer=true
+  %summed = f32[1000]{0} get-tuple-element(%recv-done), index=0
+  %log = (f32[1000]{0}, u32[], token[]) send(%summed, %token), channel_id=4, is_host_transfer=true
+  ROOT %done = token[] send-done(%log), channel_id=4, is_host_transfer=true
+}
+'''
+
+
+def test_collectives_between_slices_are_told_from_those_within_one():
+  ici, dcn = aot.collective_summary(aot.hlo_cost.Module(TWO_SLICES_HLO),
+                                    aot.chips.CHIPS['TPU v5 lite'])
+  assert ici['all-reduce'] == {'count': 1, 'bytes': 4000.0,
+                               'seconds': pytest.approx(2 * 4000 / 200e9)}
+  assert dcn['all-reduce'] == {'count': 1, 'bytes': 4000.0, 'seconds': None}
+  assert sum(entry['count'] for entry in [*ici.values(), *dcn.values()]) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                    reason='libtpu not installed (pip install "jax[tpu]")')
+def test_the_tiny_config_compiles_for_two_v5p_slices():
+  """A real two-slice TPU compile (about 2 minutes): 2 x 4 chips, data
+  parallel across the slices; the gradients cross DCN, each chip sending
+  at least its quarter of them and at most all of them."""
+  result = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.aot', TINY, '--topology=v5p:2x2x1',
+       '--num_slices=2', '--batch_per_chip=2', '--json'], cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+      timeout=900, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.splitlines()[-1])
+  assert report['chips'] == 8 and report['slices'] == 2
+  assert report['mesh'] == {'data': 8, 'fsdp': 1}
+  total = float32_bytes(parameter_shapes())
+  assert total / 4 <= report['dcn_collectives']['all-reduce']['bytes'] <= total
+  assert 'collectives across the slices (DCN):' in result.stdout

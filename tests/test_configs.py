@@ -86,9 +86,15 @@ def test_unknown_key_in_a_config_file_is_named_with_a_suggestion():
      r'data.repeated_augment = 3: must be an integer >= 1 that divides '
      r'batch_size \(64\)'),
     ('data.repeated_augment', 0, r'data.repeated_augment = 0'),
+    ('mesh.slices', 0, r'mesh.slices = 0: must be an integer >= 1'),
+    ('mesh.data', 6, r'mesh.slices = 4: must divide mesh.data \(6\)'),
+    ('profile_steps', (5,), r'profile_steps = \(5,\): \(start, count\)'),
+    ('profile_steps', (0, 3), r'profile_steps = \(0, 3\)'),
+    ('compilation_cache_dir', None, r'compilation_cache_dir = None: must be'),
 ])
 def test_invalid_values_are_refused_with_key_and_allowed(key, value, message):
   config = k400.get_config('16')
+  config.mesh.slices = 4  # valid while mesh.data is -1 (the mesh.data case)
   section, _, name = key.rpartition('.')
   (config[section] if section else config)[name] = value
   with pytest.raises(ConfigError, match=message):

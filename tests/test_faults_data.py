@@ -8,16 +8,15 @@ import os
 import signal
 
 import av
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import data_testlib
+import training_testlib
 from configs import tiny
 from data import convert, dmvr, inspect, labels, synthetic, train_pipeline
-from stat_jax import train_step, trainer
+from stat_jax import trainer
 from stat_jax.errors import UserError
 from stat_jax.preemption import watch
 
@@ -92,16 +91,7 @@ def test_skips_are_reported_and_sigterm_while_waiting_saves(
     return fetch(self)
 
   monkeypatch.setattr(train_pipeline.TrainIterator, '_next_chunk', next_chunk)
-  # The loop is under test, not learning: a state and a step that compile
-  # in no time.
-  abstract, built = trainer.abstract_train_state, []
-  monkeypatch.setattr(trainer, 'abstract_train_state',
-                      lambda *a: built.append(abstract(*a)) or built[0])
-  monkeypatch.setattr(trainer, 'init_train_state', lambda *_: jax.tree.map(
-      lambda a: jnp.zeros(a.shape, a.dtype), built[0][2]))
-  monkeypatch.setattr(train_step, 'make_train_step', lambda *_: lambda state, b: (
-      state.replace(step=state.step + 1),
-      {'loss': b['video'].mean() + 1.0, 'grad_norm': b['label'].sum() * 0.0}))
+  training_testlib.instant_state_and_step(monkeypatch)
   workdir = str(tmp_path)
   result = trainer.train_and_evaluate(config, workdir)
   out = capsys.readouterr().out

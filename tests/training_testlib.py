@@ -4,9 +4,12 @@ without the pipeline, the loss log."""
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import tiny
+from stat_jax import train_step, trainer
 
 STEPS = 12  # of the runs here; long enough that a SIGTERM lands mid-run
 
@@ -50,3 +53,17 @@ def read_loss_log(workdir):
       entry = json.loads(line)
       losses[entry['step']] = entry['loss']  # a resumed step: the latest
   return losses
+
+
+def instant_state_and_step(monkeypatch):
+  """For tests of the training loop, not of learning: a train state of
+  zeros and a step (loss from the batch, no gradients) that compile in no
+  time."""
+  abstract, built = trainer.abstract_train_state, []
+  monkeypatch.setattr(trainer, 'abstract_train_state',
+                      lambda *a: built.append(abstract(*a)) or built[0])
+  monkeypatch.setattr(trainer, 'init_train_state', lambda *_: jax.tree.map(
+      lambda a: jnp.zeros(a.shape, a.dtype), built[0][2]))
+  monkeypatch.setattr(train_step, 'make_train_step', lambda *_: lambda state, b: (
+      state.replace(step=state.step + 1),
+      {'loss': b['video'].mean() + 1.0, 'grad_norm': b['label'].sum() * 0.0}))

@@ -1,7 +1,8 @@
 """A trained checkpoint as a video classifier (shared by export and predict).
 
 `restore(workdir)` reads the config a run saved with its checkpoint and the
-parameters (optimizer state is restored too, then dropped); `serving_fn`
+parameters (optimizer state is restored too, then dropped), and turns on
+the run's compilation cache (stat_jax/compile_cache.py); `serving_fn`
 is the one function every export format serves:
 
   uint8 RGB video [B, T, H, W, 3] -> (logits, probabilities) [B, classes]
@@ -21,7 +22,8 @@ import tensorflow as tf
 from flax import nnx
 
 from data import labels
-from stat_jax import augment_device, checkpoint, defaults, sharding
+from stat_jax import augment_device, checkpoint, compile_cache, defaults
+from stat_jax import sharding
 from stat_jax.config_validation import validate
 from stat_jax.train_state import ModelParts, abstract_train_state, with_shardings
 
@@ -79,10 +81,11 @@ def restore(workdir: str, which: str = 'latest') -> Restored:
 
   def attempt(step):  # a corrupt 'latest' falls back to the step before
     config = saved_config(ckpt, step)
+    compile_cache.enable(config)
     config.dtype = 'float32'
     config.remat = False
     config.model.attention_impl = 'xla'  # no cuDNN custom call: runs anywhere
-    config.mesh.data, config.mesh.fsdp = 1, 1
+    config.mesh.data, config.mesh.fsdp, config.mesh.slices = 1, 1, 1
     mesh = sharding.make_mesh(config, jax.local_devices()[:1])
     parts, _, abstract, shardings = abstract_train_state(config, mesh)
     state = ckpt.restore_state(step, with_shardings(abstract, shardings))
