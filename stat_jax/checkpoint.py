@@ -103,6 +103,10 @@ def _reason(error: BaseException) -> str:
   return lines[0][:300]
 
 
+# The data state of an imported checkpoint: no train data was read for it.
+IMPORTED_DATA_STATE = {'imported': 1}
+
+
 def checkpoint_dir(workdir: str) -> str:
   """Where the checkpoints of the run directory `workdir` are."""
   return storage.join(workdir, 'checkpoints')
@@ -260,6 +264,16 @@ class Checkpointer:
     self._check_finite(step, restored['state'])
     return (restored['state'], restored['data']['processes'],
             restored['config'])
+
+  def holds_import(self, step: int) -> bool:
+    """Whether checkpoint `step` holds weights imported from another
+    framework (stat_jax.deploy.import_torch): a start, not a run that read
+    train data and could resume."""
+    try:
+      data = self._read(step, data=ocp.args.JsonRestore())['data']
+    except CorruptCheckpoint:
+      return False  # resume's fallback deals with it
+    return data['processes'] == [IMPORTED_DATA_STATE]
 
   def restore_config(self, step: int) -> dict:
     return self._read(step, config=ocp.args.JsonRestore())['config']

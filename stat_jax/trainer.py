@@ -25,6 +25,7 @@ from data import train_pipeline
 from stat_jax import checkpoint, confusion, optim, sharding
 from stat_jax import config_compare, preflight, profiling, storage
 from stat_jax.config_validation import validate
+from stat_jax.errors import UserError
 from stat_jax.eval_images import EvalImages
 from stat_jax.evaluation import (EVAL_SCALARS, ViewAccumulator, format_accuracy,
                                  format_summary, time_reversed, write_report)
@@ -138,6 +139,11 @@ def restore_or_init(config, workdir, ckpt, train_data, abstract_state,
   `abstract_state`; config.init_from's parameters if set, with the table
   of what they gave written to the workdir's init_from.txt) at step 0."""
   if ckpt.latest_step() is not None:
+    if ckpt.holds_import(ckpt.latest_step()):
+      raise UserError(
+          f'{workdir} holds imported weights (stat_jax.deploy.import_torch), '
+          'not a run to resume: train from them in a new workdir with '
+          f'--config.init_from={workdir}')
     start, state, data_states = resume(config, ckpt, abstract_state)
     train_data.set_state(data_states,
                          allow_data_change=config.data.allow_data_change)

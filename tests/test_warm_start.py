@@ -132,6 +132,14 @@ def test_mvit_trains_and_evaluates_from_the_imported_run(imported, motion,
             'unused 0') in f.readline()
 
 
+def test_training_in_the_imported_run_says_to_start_from_it(imported, motion):
+  config = run_config(motion, total_steps=2)
+  config.model.arch, config.model.stem_layers = 'mvit', 1
+  with pytest.raises(UserError, match='holds imported weights .* '
+                     f'--config.init_from={imported[0]}'):
+    trainer.train_and_evaluate(config, imported[0])
+
+
 def test_predict_clip_npy_refuses_a_clip_of_another_shape(imported, tmp_path):
   clip = tmp_path / 'clip.npy'
   np.save(clip, np.zeros((1, 8, 32, 32, 3), np.float64))

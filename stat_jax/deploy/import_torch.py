@@ -208,7 +208,7 @@ def import_checkpoint(path: str, fmt: str, config, out: str) -> str:
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(staging), 1)
     # No train data was read: training goes on from here as a new run
     # (--config.init_from), not by resuming this directory.
-    ckpt.save(0, state, {'imported': 1}, config)
+    ckpt.save(0, state, checkpoint.IMPORTED_DATA_STATE, config)
     ckpt.wait()
     ckpt.close()
     os.rename(staging, out)
