@@ -6,7 +6,6 @@ is always dmvr.index_shard, the header scan itself."""
 import os
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from data import dmvr, records
