@@ -39,10 +39,9 @@ import importlib.util
 import json
 import os
 import re
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -296,16 +295,8 @@ def run(args: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
   """The command line after the program name, run in this process."""
-  program, sys.argv = sys.argv, [sys.argv[0], *argv]
-  try:  # config_flags reads the --config.x overrides from sys.argv
-    args = cli.parse(FLAGS, argv)
-  finally:
-    sys.argv = program
-  return run(args)
+  return run(cli.parse_with_config(FLAGS, argv))
 
 
 if __name__ == '__main__':
-  # Parsed by this tool's FLAGS, not absl's (cli.run): the --config.x
-  # overrides exist only once --config is parsed, on the FlagValues of it.
-  app.run(lambda argv: main(argv[1:]),
-          flags_parser=lambda argv: flags.FLAGS(argv[:1]) and argv)
+  cli.run_with_config(main)
