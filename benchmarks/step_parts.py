@@ -1,17 +1,21 @@
 """One part of the train step compiled alone for a TPU chip, with the
 compiler's estimate: the MLP of one STA block (value and gradients, XLA's
-or the fused Pallas kernel's), or the optimizer update.
+or the fused Pallas kernel's), the optimizer update, or mixup / CutMix.
 
   python -m benchmarks.step_parts --part=mlp --width=192 --tokens=785 \
       [--topology=v5p:2x2x1] [--clips=8] [--json]
   python -m benchmarks.step_parts --part=optimizer --config=configs/k400.py:16
+  python -m benchmarks.step_parts --part=mixup --config=configs/k400.py:16 \
+      [--clips=8]
 
 Like benchmarks/aot.py it needs libtpu and no TPU. The MLP is that of an
 STA block of `width` channels (hidden 4 x width) over `clips` clips of
 --frames frames of `tokens` tokens each, in bfloat16 with float32
 parameters, with its LayerNorm, drop-path scale and skip; the optimizer
 is the config's (clipping, AdamW, applying the updates) on the config's
-parameters. Printed: the compiler's step estimate, its FLOPs and bytes,
+parameters; mixup is the config's (`config.mixup`: its random draws, the
+box and the blend) on --clips float32 clips of the config's shape, each
+paired with a clip of another video on the chip. Printed: the compiler's step estimate, its FLOPs and bytes,
 and the kernels XLA made.
 """
 
@@ -27,20 +31,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from benchmarks import aot, hlo_cost
-from stat_jax import optim
+from stat_jax import defaults, mixup, optim
 from stat_jax.kernels import mlp
 from stat_jax.train_state import ModelParts
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('part', 'mlp', ['mlp', 'optimizer'], 'What to compile.')
+flags.DEFINE_enum('part', 'mlp', ['mlp', 'optimizer', 'mixup'],
+                  'What to compile.')
 flags.DEFINE_string('topology', 'v5p:2x2x1', 'A slice of aot.py; one chip of it.')
 flags.DEFINE_integer('width', 192, 'MLP: channels.')
 flags.DEFINE_integer('tokens', 785, 'MLP: tokens per frame.')
 flags.DEFINE_integer('frames', 8, 'MLP: frames per clip.')
-flags.DEFINE_integer('clips', 8, 'MLP: clips.')
+flags.DEFINE_integer('clips', 8, 'MLP and mixup: clips.')
 flags.DEFINE_bool('json', False, 'Print one JSON line per program.')
 config_flags.DEFINE_config_file('config', 'configs/k400.py:16',
-                                'Optimizer: the config.')
+                                'Optimizer and mixup: the config.')
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 EPS = 1e-6
@@ -94,6 +99,28 @@ def optimizer_program(chip_sharding):
                                place(jax.eval_shape(tx.init, params))))}
 
 
+def mixup_program(chip_sharding):
+  """{'mixup': (mix the clips and their targets, (rng, video, labels))}."""
+  config = FLAGS.config
+  video = jax.ShapeDtypeStruct(
+      (FLAGS.clips, *defaults.clip_shape(config.data)), F32,
+      sharding=chip_sharding)
+  labels = jax.ShapeDtypeStruct((FLAGS.clips,), jnp.int32,
+                                sharding=chip_sharding)
+  rng = jax.eval_shape(jax.random.key, 0)
+  rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=chip_sharding)
+
+  def mix(rng, video, labels):
+    return mixup.mixup_cutmix(rng, video, labels,
+                              num_classes=config.model.num_classes,
+                              **config.mixup)
+  return {'mixup': (mix, (rng, video, labels))}
+
+
+PROGRAMS = {'mlp': mlp_programs, 'optimizer': optimizer_program,
+            'mixup': mixup_program}
+
+
 def report(name: str, compiled, compile_s: float) -> dict:
   cost = compiled.cost_analysis()
   kernels = hlo_cost.Module(compiled.as_text()).kernels()
@@ -107,8 +134,7 @@ def main(argv):
   del argv
   device = aot.slice_devices(FLAGS.topology)[0]
   chip_sharding = NamedSharding(Mesh([device], ('chip',)), PartitionSpec())
-  programs = (mlp_programs if FLAGS.part == 'mlp' else optimizer_program)(
-      chip_sharding)
+  programs = PROGRAMS[FLAGS.part](chip_sharding)
   for name, (fn, args) in programs.items():
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
