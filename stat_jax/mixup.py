@@ -82,18 +82,36 @@ def smooth_one_hot(labels: jax.Array, num_classes: int,
   return off + (on - off) * one_hot
 
 
-def _beta(rng: jax.Array, alpha: float) -> jax.Array:
-  """lam ~ Beta(alpha, alpha); 1 (no mixing) when alpha is 0."""
+def _beta(rng: jax.Array, uniforms: jax.Array, alpha: float) -> jax.Array:
+  """lam ~ Beta(alpha, alpha); 1 (no mixing) when alpha is 0. Above 1/2
+  from the two `uniforms` [2] by symmetric_beta, a fixed few element-wise
+  ops; at or below it by jax.random.beta from `rng`, which draws two Gammas
+  by rejection (while loops of many small kernels in every step)."""
   if alpha <= 0:
     return jnp.float32(1.0)
-  return jax.random.beta(rng, alpha, alpha)
+  if alpha <= 0.5:
+    return jax.random.beta(rng, alpha, alpha)
+  return symmetric_beta(uniforms, alpha)
 
 
-def _box_span(rng: jax.Array, ratio: jax.Array, size: int) -> jax.Array:
-  """[size] bool: a cut of int(size * ratio) pixels centred at a uniform
-  pixel, clipped to the image (timm's rand_bbox along one axis)."""
+def symmetric_beta(uniforms: jax.Array, alpha: float) -> jax.Array:
+  """A draw of Beta(alpha, alpha), alpha > 1/2, from two independent
+  uniforms [..., 2] in [0, 1) (Ulrich's polar method): a point of the unit
+  disc with density ~ (1 - r^2)^(alpha - 3/2) has a coordinate
+  y = r cos(theta) with density ~ (1 - y^2)^(alpha - 1) on [-1, 1], so
+  (1 + y) / 2 ~ Beta(alpha, alpha); its r^2 ~ Beta(1, alpha - 1/2) is
+  drawn by inverting that CDF, theta is uniform."""
+  if alpha <= 0.5:
+    raise ValueError(f'symmetric_beta needs alpha > 1/2, got {alpha}')
+  u_radius, u_angle = uniforms[..., 0], uniforms[..., 1]
+  radius = jnp.sqrt(1.0 - u_radius ** (1.0 / (alpha - 0.5)))
+  return 0.5 + 0.5 * radius * jnp.cos(2 * jnp.pi * u_angle)
+
+
+def _box_span(centre: jax.Array, ratio: jax.Array, size: int) -> jax.Array:
+  """[size] bool: a cut of int(size * ratio) pixels centred at pixel
+  `centre`, clipped to the image (timm's rand_bbox along one axis)."""
   cut = jnp.floor(size * ratio).astype(jnp.int32)
-  centre = jax.random.randint(rng, (), 0, size)
   low = jnp.clip(centre - cut // 2, 0, size)
   high = jnp.clip(centre + cut // 2, 0, size)
   pixels = jnp.arange(size)
@@ -102,12 +120,14 @@ def _box_span(rng: jax.Array, ratio: jax.Array, size: int) -> jax.Array:
 
 def _cutmix_box(rng: jax.Array, lam: jax.Array, height: int,
                 width: int) -> tuple[jax.Array, jax.Array]:
-  """Box [H, W] bool with sides sqrt(1 - lam) of the image's, and lam
-  corrected to the box actually pasted: 1 - box area / image area."""
-  rng_y, rng_x = jax.random.split(rng)
+  """Box [H, W] bool with sides sqrt(1 - lam) of the image's, centred at a
+  uniform pixel, and lam corrected to the box actually pasted: 1 - box
+  area / image area."""
+  centre_y, centre_x = jax.random.randint(rng, (2,), 0,
+                                          jnp.array([height, width]))
   ratio = jnp.sqrt(1.0 - lam)
-  box = (_box_span(rng_y, ratio, height)[:, None]
-         & _box_span(rng_x, ratio, width)[None, :])  # [H, W]
+  box = (_box_span(centre_y, ratio, height)[:, None]
+         & _box_span(centre_x, ratio, width)[None, :])  # [H, W]
   return box, 1.0 - box.mean()
 
 
@@ -117,16 +137,18 @@ def _mixing_weight(rng: jax.Array, height: int, width: int, *,
   """Per-pixel weight [H, W] of the clip itself (1 - weight goes to the
   flipped clip) and the lam of its label: lam everywhere for mixup, 0 in the
   box and 1 outside for CutMix, 1 everywhere without mixing."""
-  apply_rng, switch_rng, mixup_rng, cutmix_rng, box_rng = jax.random.split(
-      rng, 5)
-  apply = jax.random.uniform(apply_rng) < prob
+  draw_rng, box_rng, mixup_rng, cutmix_rng = jax.random.split(rng, 4)
+  # Every uniform of the step in one draw: each jax.random call hashes on
+  # its own, and a hash of a few scalars is tens of kernels on a TPU.
+  uniforms = jax.random.uniform(draw_rng, (6,))
+  apply = uniforms[0] < prob
   if mixup_alpha > 0 and cutmix_alpha > 0:
-    use_cutmix = jax.random.uniform(switch_rng) < switch_prob
+    use_cutmix = uniforms[1] < switch_prob
   else:
     use_cutmix = jnp.asarray(cutmix_alpha > 0)
-  lam_mixup = _beta(mixup_rng, mixup_alpha)
-  box, lam_cutmix = _cutmix_box(box_rng, _beta(cutmix_rng, cutmix_alpha),
-                                height, width)
+  lam_mixup = _beta(mixup_rng, uniforms[2:4], mixup_alpha)
+  box, lam_cutmix = _cutmix_box(
+      box_rng, _beta(cutmix_rng, uniforms[4:6], cutmix_alpha), height, width)
   weight = jnp.where(use_cutmix, 1.0 - box.astype(jnp.float32), lam_mixup)
   lam = jnp.where(use_cutmix, lam_cutmix, lam_mixup)
   return jnp.where(apply, weight, 1.0), jnp.where(apply, lam, 1.0)

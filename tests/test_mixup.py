@@ -7,11 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 from stat_jax import defaults
 from stat_jax.errors import UserError
 from stat_jax.mixup import (_cutmix_box, check_pairing, mixup_cutmix,
-                            partner_fn, smooth_one_hot)
+                            partner_fn, smooth_one_hot, symmetric_beta)
 from tests.conftest import run_on_cpu_devices
 
 B, T, H, W, C, K = 4, 3, 16, 12, 2, 5
@@ -273,3 +274,28 @@ def test_random_choices_follow_prob_switch_prob_and_alphas():
                              atol=1e-6)
   expected_variance = 1 / (4 * (2 * mixup_alpha + 1))
   assert abs(lam[is_mixup].var() - expected_variance) < 0.012
+
+
+@pytest.mark.parametrize('alpha', [0.8, 1.0, 2.5])
+def test_symmetric_beta_follows_beta_alpha_alpha(alpha):
+  """20,000 draws: a KS test against scipy's Beta(alpha, alpha) (the
+  neighbouring alphas are rejected by the same test, so it can fail), and
+  the mean 1/2 and variance 1 / (4 (2 alpha + 1)) by hand."""
+  uniforms = jax.random.uniform(jax.random.key(0), (20_000, 2))
+  lam = np.asarray(symmetric_beta(uniforms, alpha), dtype=np.float64)
+  assert ((lam >= 0) & (lam <= 1)).all()
+  assert scipy.stats.kstest(lam, scipy.stats.beta(alpha, alpha).cdf
+                            ).pvalue > 0.01
+  for wrong in (0.8 * alpha, 1.25 * alpha):
+    assert scipy.stats.kstest(lam, scipy.stats.beta(wrong, wrong).cdf
+                              ).pvalue < 1e-4
+  assert abs(lam.mean() - 0.5) < 0.01
+  np.testing.assert_allclose(lam.var(), 1 / (4 * (2 * alpha + 1)), rtol=0.03)
+
+
+def test_symmetric_beta_hand_worked_and_refuses_alpha_at_most_half():
+  """u_angle 0 gives (1 + r) / 2, 1/4 gives 1/2; alpha 1.5: r = sqrt(1 - u)."""
+  lam = symmetric_beta(jnp.array([[0.64, 0.0], [0.3, 0.25], [0.0, 0.5]]), 1.5)
+  np.testing.assert_allclose(lam, [0.8, 0.5, 0.0], atol=1e-6)
+  with pytest.raises(ValueError, match='alpha > 1/2'):
+    symmetric_beta(jnp.zeros(2), 0.5)
