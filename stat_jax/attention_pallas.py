@@ -5,9 +5,7 @@ pooling wrote it, class token included and masked, and K_SA of the whole
 clip, picking each frame's window in VMEM: no K̂_i is built in memory.
 """
 
-import functools
-
-from stat_jax.kernels import common, sta_attention
+from stat_jax.kernels import sta_attention
 
 
 def pallas_attention(q, k, v, k_sa, v_sa, window_index, window_valid, k_la,
@@ -27,7 +25,4 @@ def pallas_attention(q, k, v, k_sa, v_sa, window_index, window_valid, k_la,
   """
   layout = sta_attention.make_layout(q.shape[3], num_summary, window_index,
                                      window_valid, long_term=k_la.shape[2] > 0)
-  # Under a mesh each device runs the kernels on its own clips.
-  attend = common.on_own_clips(
-      functools.partial(sta_attention.sta_attention, layout=layout), 7)
-  return attend(q, k, v, k_sa, v_sa, k_la, v_la)
+  return sta_attention.sta_attention(q, k, v, k_sa, v_sa, k_la, v_la, layout)

@@ -108,14 +108,55 @@ def on_own_clips(fn, clip_args: int):
   """fn(*args) with each device of the mesh its first argument is laid out
   on running fn on its own clips: the first `clip_args` arguments split
   along axis 0 over every mesh axis (as stat_jax/sharding.py splits a
-  batch), the rest whole; fn's result split like them. XLA cannot split a
-  Mosaic kernel over devices itself."""
+  batch), the rest whole; each of fn's results split along axis 0 like
+  them (r rows from each device: devices x r rows). XLA cannot split a
+  Mosaic kernel over devices itself; clips that do not split evenly run
+  whole. Call it inside a custom_vjp's rules, not around one: a custom
+  vmap rule cannot be differentiated.
+
+  Under a vmap over as many slices as the mesh has devices, the clip
+  arguments batched (or the same in every slice) and the rest not (the
+  train step's per-device gradients, slice i the clips of device i), the
+  slices are folded into the clips: each device runs fn on its own slice.
+  A shard_map under vmap would split every slice over all the devices
+  instead, moving each into place and back through all-to-alls."""
   def call(*args):
     mesh = jax.typeof(args[0]).sharding.mesh
     if mesh.empty or mesh.size == 1:
       return fn(*args)
     clips = PartitionSpec(mesh.axis_names)
     specs = (clips,) * clip_args + (PartitionSpec(),) * (len(args) - clip_args)
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=clips,
-                         check_vma=False)(*args)
+    per_device = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=clips,
+                               check_vma=False)
+
+    def split_if_even(*args):
+      rows = {leaf.shape[0] for arg in args[:clip_args]
+              for leaf in jax.tree.leaves(arg)}
+      return (fn if any(n % mesh.size for n in rows) else per_device)(*args)
+
+    folding = jax.custom_batching.custom_vmap(split_if_even)
+
+    @folding.def_vmap
+    def rule(axis_size, in_batched, *args):
+      whole_batched = any(jax.tree.leaves(in_batched[clip_args:]))
+      if axis_size != mesh.size or whole_batched:
+        in_axes = jax.tree.map(lambda batched: 0 if batched else None,
+                               tuple(in_batched))
+        out = jax.vmap(split_if_even, in_axes=in_axes)(*args)
+      else:
+        out = _folded(per_device, axis_size, clip_args, args, in_batched)
+      return out, jax.tree.map(lambda _: True, out)
+    return folding(*args)
   return call
+
+
+def _folded(fn, slices: int, clip_args: int, args, in_batched):
+  """fn on the slices of the clip arguments as one batch of clips:
+  [slices, b, ...] -> [slices b, ...] in (an unbatched one the same in
+  every slice), [slices r, ...] -> [slices, r, ...] out."""
+  def fold(x, batched):
+    x = x if batched else jnp.broadcast_to(x, (slices, *x.shape))
+    return x.reshape(-1, *x.shape[2:])
+  out = fn(*[jax.tree.map(fold, arg, batched) if index < clip_args else arg
+             for index, (arg, batched) in enumerate(zip(args, in_batched))])
+  return jax.tree.map(lambda x: x.reshape(slices, -1, *x.shape[1:]), out)

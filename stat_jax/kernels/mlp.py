@@ -367,7 +367,8 @@ def _forward(x, scale, weights: MlpWeights, *, frames_per_clip: int,
 
 def _backward(x, dout, scale, weights: MlpWeights, *, frames_per_clip: int,
               eps: float):
-  """(dx, the gradients of gamma, beta, w1, b1, w2, b2)."""
+  """(dx, the float32 sums [cores, ...] of the gradients of gamma, beta, w1,
+  b1, w2, b2 that each TensorCore's frames give)."""
   frames, tokens, channels = x.shape
   hidden, clips = weights.w1.shape[1], scale.shape[0]
   tile = tiling(frames, tokens)
@@ -383,9 +384,7 @@ def _backward(x, dout, scale, weights: MlpWeights, *, frames_per_clip: int,
       vmem_bytes=_footprint(tile, channels, hidden, x.dtype, backward=True),
       cost=backward_cost(tile, clips, channels, hidden, x.dtype),
       name='fused_mlp_backward')(scale, x, dout, *_as_rows(weights)[:5])
-  grads = [total.sum(axis=0).reshape(param.shape).astype(param.dtype)
-           for total, param in zip(sums, weights)]
-  return dx, MlpWeights(*grads)
+  return dx, sums
 
 
 def _as_rows(weights: MlpWeights):
@@ -396,37 +395,46 @@ def _as_rows(weights: MlpWeights):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def fused_mlp(x, scale, weights: MlpWeights, frames_per_clip: int,
               eps: float):
-  """x + scale[clip] * fc2(GELU(fc1(LN(x)))), per frame.
+  """x + scale[clip] * fc2(GELU(fc1(LN(x)))), per frame; under a mesh each
+  device on its own clips.
 
   x: [frames, tokens, C] in the compute dtype (clip-major: frame f is of
   clip f // frames_per_clip); scale: [clips] float32, the drop-path scale
   of each clip (no gradient flows to it); weights: MlpWeights with fc2 back
   to C channels; LN's epsilon `eps`.
   """
-  return _forward(x, scale, weights, frames_per_clip=frames_per_clip, eps=eps)
+  return _forward_on_own_clips(x, scale, weights, frames_per_clip, eps)
+
+
+def _forward_on_own_clips(x, scale, weights, frames_per_clip, eps):
+  forward = functools.partial(_forward, frames_per_clip=frames_per_clip,
+                              eps=eps)
+  return common.on_own_clips(forward, clip_args=2)(x, scale, weights)
 
 
 def _fused_mlp_forward(x, scale, weights, frames_per_clip, eps):
-  out = _forward(x, scale, weights, frames_per_clip=frames_per_clip, eps=eps)
+  out = _forward_on_own_clips(x, scale, weights, frames_per_clip, eps)
   return out, (x, scale, weights)
 
 
 def _fused_mlp_backward(frames_per_clip, eps, saved, dout):
   x, scale, weights = saved
-  dx, grads = _backward(x, dout, scale, weights,
-                        frames_per_clip=frames_per_clip, eps=eps)
-  return dx, jnp.zeros_like(scale), grads
+  backward = functools.partial(_backward, frames_per_clip=frames_per_clip,
+                               eps=eps)
+  # sums: [devices x cores, ...], each device's TensorCores' partial sums
+  dx, sums = common.on_own_clips(backward, clip_args=3)(x, dout, scale,
+                                                        weights)
+  grads = [total.sum(axis=0).reshape(param.shape).astype(param.dtype)
+           for total, param in zip(sums, weights)]
+  return dx, jnp.zeros_like(scale), MlpWeights(*grads)
 
 
 fused_mlp.defvjp(_fused_mlp_forward, _fused_mlp_backward)
 
 
 def fused_mlp_clips(x, scale, weights: MlpWeights, eps: float):
-  """fused_mlp of x: [B, nt, tokens, C] (scale: [B]), under a mesh each
-  device on its own clips."""
-  def per_device(x, scale, weights):
-    batch, nt, tokens, channels = x.shape
-    out = fused_mlp(x.reshape(batch * nt, tokens, channels), scale, weights,
-                    nt, eps)
-    return out.reshape(x.shape)
-  return common.on_own_clips(per_device, clip_args=2)(x, scale, weights)
+  """fused_mlp of x: [B, nt, tokens, C] (scale: [B])."""
+  batch, nt, tokens, channels = x.shape
+  out = fused_mlp(x.reshape(batch * nt, tokens, channels), scale, weights,
+                  nt, eps)
+  return out.reshape(x.shape)

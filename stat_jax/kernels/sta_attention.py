@@ -33,8 +33,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from stat_jax.kernels.common import (cost_estimate, padded_bytes,
-                                     tpu_or_interpreted)
+from stat_jax.kernels.common import (cost_estimate, on_own_clips,
+                                     padded_bytes, tpu_or_interpreted)
 
 # Query rows a tile holds at most; a frame with more is cut into equal
 # tiles (rows rounded up to 8, the last tile padded).
@@ -94,16 +94,24 @@ def sta_attention(q, k, v, k_sa, v_sa, k_la, v_la, layout: Layout):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(layout, *arrays):
-  return _forward(layout, _window_array(layout), *arrays)
+  return _on_own_clips(_forward, layout, arrays)
 
 
 def _attention_fwd(layout, *arrays):
-  return _forward(layout, _window_array(layout), *arrays), arrays
+  return _on_own_clips(_forward, layout, arrays), arrays
 
 
 def _attention_bwd(layout, arrays, dout):
-  dq, *dkeys = _backward(layout, _window_array(layout), *arrays, dout)
+  dq, *dkeys = _on_own_clips(_backward, layout, (*arrays, dout))
   return (dq, *[g.astype(x.dtype) for g, x in zip(dkeys, arrays[1:])])
+
+
+def _on_own_clips(kernel, layout: Layout, arrays):
+  """kernel(layout, window table, *arrays), every array [B, ...] of clips;
+  under a mesh each device on its own clips (common.on_own_clips)."""
+  return on_own_clips(
+      lambda *clips: kernel(layout, _window_array(layout), *clips),
+      clip_args=len(arrays))(*arrays)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
