@@ -197,7 +197,33 @@ def convolution_flops(conv: Instruction, shapes: dict[str, str]) -> float:
   }.get(target, (result, shapes[conv.operands[1]]))
   out, kernel = array_shapes(out)[0][1], array_shapes(kernel)[0][1]
   features = kernel[kernel_labels.index('o')]
-  return 2 * math.prod(out) * math.prod(kernel) / features
+  taps = math.prod(kernel) / features
+  if not target:  # an XLA convolution: its input is operand 0
+    taps *= _taps_meeting_the_input(conv, shapes)
+  return 2 * math.prod(out) * taps
+
+
+def _taps_meeting_the_input(conv: Instruction, shapes: dict[str, str]) -> float:
+  """The share of a kernel's window taps an output meets: 1 (padded taps
+  count, as the model's FLOP counter counts them) but where XLA writes a
+  dot's batch dimension as a spatial one, an input of size 1 padded by the
+  window less 1 on both sides (each output meets one tap of the window)."""
+  window = conv.attribute('window') or ''
+  size, pad = (re.search(rf'\b{key}=([\d_x-]+)', window)
+               for key in ('size', 'pad'))
+  if not (size and pad):
+    return 1.0
+  sizes = [int(n) for n in size.group(1).split('x')]
+  pads = [low_high.split('_') for low_high in pad.group(1).split('x')]
+  input_labels = conv.attribute('dim_labels').split('_')[0]
+  lhs = array_shapes(shapes[conv.operands[0]])[0][1]
+  share = 1.0
+  for label, size in zip(input_labels, lhs):
+    if label.isdigit():
+      taps, (low, high) = sizes[int(label)], pads[int(label)]
+      if size == 1 and int(low) == int(high) == taps - 1:
+        share /= taps
+  return share
 
 
 def backend_config(instruction: Instruction) -> dict:
