@@ -186,6 +186,8 @@ def slice_report(config: ml_collections.ConfigDict, compiled, compile_s: float,
       'bytes_floor_s': cost['bytes accessed'] / bandwidth if bandwidth else None,
       'phases': hlo_cost.phase_summary(kernels, chip and chip.bf16_flops,
                                        bandwidth),
+      'operations': hlo_cost.operation_summary(
+          kernels, chip and chip.bf16_flops, bandwidth),
       'kernels': hlo_cost.pallas_summary(kernels),
       'slices': config.mesh.slices,
       'collectives': collectives, 'dcn_collectives': dcn_collectives,
@@ -223,7 +225,8 @@ def _estimate_line(report: dict) -> str:
 
 
 def _program_lines(report: dict) -> list[str]:
-  """The program's FLOPs and bytes floor, its phases, its Pallas kernels."""
+  """The program's FLOPs and bytes floor, its phases, its Pallas kernels,
+  the operations that move the most bytes."""
   lines = [f'program: {_or_na(report["program_flops"], ".1f", 1e-9)} GFLOP '
            f'per chip per step (model {report["model_flops"] / 1e9:.1f}); '
            f'its bytes take {_or_na(report["bytes_floor_s"], ".1f", 1e3)} ms '
@@ -238,6 +241,12 @@ def _program_lines(report: dict) -> list[str]:
     lines.append(f'  Pallas {kernel["name"]:24s} {kernel["calls"]:4.0f} calls, '
                  f'{kernel["flops"] / 1e9:9.1f} GFLOP, '
                  f'{kernel["bytes"] / 1e9:7.2f} GB declared')
+  lines.append('the most bytes, by phase and operation:')
+  for entry in report['operations']:
+    lines.append(f'  {entry["phase"]:10s} {entry["operation"]:32s} '
+                 f'{entry["kernels"]:5d} kernels, '
+                 f'{entry["bytes"] / 1e9:8.2f} GB, '
+                 f'{_or_na(entry["seconds"], "8.2f", 1e3)} ms')
   return lines
 
 

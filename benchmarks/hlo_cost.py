@@ -420,14 +420,31 @@ def roofline_seconds(kernel: Kernel, peak_flops: float,
   return max(kernel.flops / peak_flops, kernel.bytes / bandwidth)
 
 
-def phase_summary(kernels: list[Kernel], peak_flops: float | None,
-                  bandwidth: float | None) -> dict:
-  """{phase: {'kernels', 'runs', 'flops', 'bytes', 'seconds'}} of a train
-  step: kernels counted once, runs as expected per step, FLOPs, bytes and
+def operation(kernel: Kernel) -> str:
+  """What a kernel computes, from the jax operation at its root: 'matmul'
+  (a dot, whether XLA made it a gemm or a convolution), 'convolution' (a
+  lax convolution: the stem, the pooling), 'pallas <name>', 'prefetch'
+  (an asynchronous copy) or the jax primitive (copy, transpose,
+  reduce_sum, convert_element_type, ...)."""
+  if kernel.opcode == 'copy-start':
+    return 'prefetch'
+  if kernel.kind == 'pallas':
+    return f'pallas {kernel.name}'
+  primitive = (re.sub(r'\(.*', '', kernel.op_name.rsplit('/', 1)[-1])
+               or kernel.opcode)
+  if kernel.kind in ('gemm', 'convolution'):
+    return 'matmul' if primitive == 'dot_general' else 'convolution'
+  return primitive
+
+
+def summary(kernels: list[Kernel], key, peak_flops: float | None,
+            bandwidth: float | None) -> dict:
+  """{key(kernel): {'kernels', 'runs', 'flops', 'bytes', 'seconds'}}:
+  kernels counted once, runs as expected per step, FLOPs, bytes and
   roofline seconds summed over the runs (None without the chip's peaks)."""
-  summary = {}
+  groups = {}
   for kernel in kernels:
-    entry = summary.setdefault(phase(kernel, train=True), dict.fromkeys(
+    entry = groups.setdefault(key(kernel), dict.fromkeys(
         ('kernels', 'runs', 'flops', 'bytes', 'seconds'), 0))
     entry['kernels'] += 1
     entry['runs'] += kernel.runs
@@ -438,7 +455,26 @@ def phase_summary(kernels: list[Kernel], peak_flops: float | None,
                                                          bandwidth)
     else:
       entry['seconds'] = None
-  return summary
+  return groups
+
+
+def phase_summary(kernels: list[Kernel], peak_flops: float | None,
+                  bandwidth: float | None) -> dict:
+  """summary of a train step's kernels by phase."""
+  return summary(kernels, lambda kernel: phase(kernel, train=True),
+                 peak_flops, bandwidth)
+
+
+def operation_summary(kernels: list[Kernel], peak_flops: float | None,
+                      bandwidth: float | None, top: int = 12) -> list[dict]:
+  """The `top` (phase, operation) groups of a train step's kernels by
+  bytes, each {'phase', 'operation'} and summary's counts."""
+  groups = summary(kernels, lambda kernel: (phase(kernel, train=True),
+                                            operation(kernel)),
+                   peak_flops, bandwidth)
+  ranked = sorted(groups.items(), key=lambda item: -item[1]['bytes'])
+  return [{'phase': key[0], 'operation': key[1], **entry}
+          for key, entry in ranked[:top]]
 
 
 def pallas_summary(kernels: list[Kernel]) -> list[dict]:

@@ -255,6 +255,9 @@ def test_program_flops_phases_and_pallas_kernels_by_hand():
   for name in ('optimizer', 'other'):  # the fusion; the all-reduce
     assert phases[name]['kernels'] == 1 and phases[name]['bytes'] == 8000
     assert phases[name]['seconds'] == pytest.approx(8000 / 819e9)
+  assert report['operations'][0] == {
+      'phase': 'forward', 'operation': 'pallas fused_mlp_forward',
+      **phases['forward']}
   text = aot.format_report(report, 'v5e:2x2')
   assert 'program: 7.0 GFLOP per chip per step' in text
   assert 'its bytes take 4.9 ms at HBM bandwidth' in text

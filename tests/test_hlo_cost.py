@@ -117,6 +117,9 @@ def test_gpu_library_calls_by_hand():
   assert attention.bytes == 2 * (4 * 10 * 2 * 16 + 2 * 4 * 6 * 2 * 16
                                  + 4 * 2 * 10 * 16) + 4 * 4 * 2 * 10
   assert kernels['copy'].bytes == 2 * 2 * 64 * 48
+  assert {name: hlo_cost.operation(k) for name, k in kernels.items()} == {
+      'gemm': 'matmul', 'dgrad': 'convolution',
+      'attention': 'dot_product_attention_fwd', 'copy': 'copy'}
 
 
 def kernel(name, flops, bytes_, op_name):
