@@ -186,7 +186,8 @@ def convolution_flops(conv: Instruction, shapes: dict[str, str]) -> float:
   """2 x output elements x (kernel elements / output features) of the forward
   convolution: a cuDNN gradient call describes the forward it belongs to
   (its output gradient and kernel are operands 0 and 1 for the input
-  gradient, its input and output gradient for the kernel gradient)."""
+  gradient, its input and output gradient for the kernel gradient). An
+  XLA convolution counts the taps _share_of_taps_counted says."""
   kernel_labels = conv.attribute('dim_labels').split('_')[1].split('->')[0]
   target = conv.attribute('custom_call_target') or ''
   result = conv.shape
@@ -199,30 +200,64 @@ def convolution_flops(conv: Instruction, shapes: dict[str, str]) -> float:
   features = kernel[kernel_labels.index('o')]
   taps = math.prod(kernel) / features
   if not target:  # an XLA convolution: its input is operand 0
-    taps *= _taps_meeting_the_input(conv, shapes)
+    taps *= _share_of_taps_counted(conv, shapes)
   return 2 * math.prod(out) * taps
 
 
-def _taps_meeting_the_input(conv: Instruction, shapes: dict[str, str]) -> float:
-  """The share of a kernel's window taps an output meets: 1 (padded taps
-  count, as the model's FLOP counter counts them) but where XLA writes a
-  dot's batch dimension as a spatial one, an input of size 1 padded by the
-  window less 1 on both sides (each output meets one tap of the window)."""
-  window = conv.attribute('window') or ''
-  size, pad = (re.search(rf'\b{key}=([\d_x-]+)', window)
-               for key in ('size', 'pad'))
-  if not (size and pad):
+def _window(conv: Instruction) -> dict[str, list]:
+  """The window attribute per spatial dimension: size, stride, pad (low,
+  high), lhs_dilate, rhs_dilate (defaults where not printed)."""
+  text = conv.attribute('window') or ''
+  found = {key: re.search(rf'\b{key}=([\d_x-]+)', text)
+           for key in ('size', 'stride', 'pad', 'lhs_dilate', 'rhs_dilate')}
+  sizes = [int(n) for n in found['size'].group(1).split('x')]
+  parse = lambda key, default: ([default] * len(sizes) if not found[key] else
+                                found[key].group(1).split('x'))
+  return {'size': sizes,
+          'stride': [int(n) for n in parse('stride', 1)],
+          'pad': [tuple(int(n) for n in p.split('_')) if isinstance(p, str)
+                  else (0, 0) for p in parse('pad', None)],
+          'lhs_dilate': [int(n) for n in parse('lhs_dilate', 1)],
+          'rhs_dilate': [int(n) for n in parse('rhs_dilate', 1)]}
+
+
+def _taps_meeting_input(size, window, stride, pad_low, lhs_dilate,
+                        rhs_dilate, outputs) -> int:
+  """(output, tap) pairs of one spatial dimension whose tap lands on an
+  input element (not on padding, nor between dilated elements)."""
+  last = (size - 1) * lhs_dilate
+  return sum(1 for o in range(outputs) for w in range(window)
+             if 0 <= (p := o * stride + w * rhs_dilate - pad_low) <= last
+             and p % lhs_dilate == 0)
+
+
+def _share_of_taps_counted(conv: Instruction, shapes: dict[str, str]) -> float:
+  """Of an XLA convolution's output x window taps, the share its FLOPs
+  count, per spatial dimension: all of them where the input is not
+  dilated and is padded by at most half a window (a convolution: its
+  padded taps count, as the model's FLOP counter counts them); else the
+  taps that meet the input (XLA writes a dot's batch dimension as a
+  spatial one padded or dilated by a whole window, and gradients as
+  convolutions of dilated inputs)."""
+  if not conv.attribute('window'):
     return 1.0
-  sizes = [int(n) for n in size.group(1).split('x')]
-  pads = [low_high.split('_') for low_high in pad.group(1).split('x')]
-  input_labels = conv.attribute('dim_labels').split('_')[0]
+  window = _window(conv)
+  labels = re.search(r'\bdim_labels=(\w+)_\w+->(\w+)', conv.attributes)
+  lhs_labels, out_labels = labels.groups()
   lhs = array_shapes(shapes[conv.operands[0]])[0][1]
+  out = array_shapes(conv.shape)[0][1]
   share = 1.0
-  for label, size in zip(input_labels, lhs):
-    if label.isdigit():
-      taps, (low, high) = sizes[int(label)], pads[int(label)]
-      if size == 1 and int(low) == int(high) == taps - 1:
-        share /= taps
+  for label, size in zip(lhs_labels, lhs):
+    if not label.isdigit():
+      continue
+    d = int(label)
+    taps, (low, high) = window['size'][d], window['pad'][d]
+    if window['lhs_dilate'][d] == 1 and max(low, high) <= taps // 2:
+      continue
+    outputs = out[out_labels.index(label)]
+    share *= _taps_meeting_input(
+        size, taps, window['stride'][d], low, window['lhs_dilate'][d],
+        window['rhs_dilate'][d], outputs) / (outputs * taps)
   return share
 
 

@@ -54,22 +54,29 @@ def test_grouped_strided_convolution_by_hand():
   assert 'convolution' in {k.kind for k in kernels}
 
 
-DOT_AS_CONVOLUTION = '''HloModule jit_step, entry_computation_layout={()->f32[2,8,3]}
+DOT_AS_CONVOLUTION = '''HloModule jit_step, entry_computation_layout={()->f32[2,%d,3]}
 
-ENTRY %main (x: f32[2,1,5], k: f32[8,5,3]) -> f32[2,8,3] {
-  %x = f32[2,1,5]{2,1,0} parameter(0)
-  %k = f32[8,5,3]{2,1,0} parameter(1)
-  ROOT %conv = f32[2,8,3]{2,1,0} convolution(%x, %k), window={size=8 pad=7_7 rhs_reversal=1}, dim_labels=b0f_0io->b0f
+ENTRY %%main (x: f32[2,%d,5], k: f32[8,5,3]) -> f32[2,%d,3] {
+  %%x = f32[2,%d,5]{2,1,0} parameter(0)
+  %%k = f32[8,5,3]{2,1,0} parameter(1)
+  ROOT %%conv = f32[2,%d,3]{2,1,0} convolution(%%x, %%k), window={%s}, dim_labels=b0f_0io->b0f
 }
 '''
 
 
-def test_a_dot_batch_dimension_written_as_a_padded_convolution_by_hand():
-  """XLA:TPU writes some dots' batch dimensions as a size-1 input padded to
-  a window of 8: each of the 2 x 8 x 3 outputs meets one tap of 5 inputs,
-  not 8."""
-  (conv,) = hlo_cost.Module(DOT_AS_CONVOLUTION).kernels()
-  assert (conv.kind, conv.flops) == ('convolution', 2 * (2 * 8 * 3) * 5)
+@pytest.mark.parametrize('inputs, window, outputs', [
+    (1, 'size=8 pad=7_7 rhs_reversal=1', 8),  # each output meets 1 tap
+    (4, 'size=8 stride=7 lhs_dilate=8', 3),  # inputs 8 apart: 1 tap each
+])
+def test_a_dot_batch_dimension_written_as_a_convolution_by_hand(
+    inputs, window, outputs):
+  """XLA:TPU writes some dots' batch dimensions as a spatial dimension
+  whose window of 8 meets one input element per output: 2 x outputs x 3
+  results of 5 multiply-adds each, not of 8 x 5."""
+  hlo = DOT_AS_CONVOLUTION % (outputs, inputs, outputs, inputs, outputs,
+                              window)
+  (conv,) = hlo_cost.Module(hlo).kernels()
+  assert (conv.kind, conv.flops) == ('convolution', 2 * (2 * outputs * 3) * 5)
 
 
 def test_hlo_flops_of_the_forward_pass_equal_the_models_flop_counter():
