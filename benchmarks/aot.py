@@ -23,7 +23,7 @@ cost on a large slice, with no overlap). Beside the estimate: the
 program's FLOPs per chip (`program_flops`, XLA's count including what the
 Pallas kernels declare) against the model's, the floor its bytes set at
 the chip's HBM bandwidth, the kernels of each phase (forward, backward,
-optimizer, other: benchmarks/hlo_cost.py) with their count, runs, bytes
+optimizer, other: benchmarks/step_kernels.py) with their count, runs, bytes
 and roofline time, and each Pallas kernel (`kernels`) with the FLOPs and
 bytes it declares. Chip figures: stat_jax/chips.py. A `cpu` topology has
 none of them, nor a time estimate: those are null.
@@ -46,7 +46,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from benchmarks import hlo_cost, measure
+from benchmarks import hlo_cost, measure, step_kernels
 from stat_jax import chips, cli, model, optim, sharding
 from stat_jax.config_validation import validate
 from stat_jax.errors import UserError
@@ -184,11 +184,11 @@ def slice_report(config: ml_collections.ConfigDict, compiled, compile_s: float,
       # Pallas kernels declare), against the model's.
       'program_flops': cost.get('flops'), 'model_flops': step_flops / n,
       'bytes_floor_s': cost['bytes accessed'] / bandwidth if bandwidth else None,
-      'phases': hlo_cost.phase_summary(kernels, chip and chip.bf16_flops,
-                                       bandwidth),
-      'operations': hlo_cost.operation_summary(
+      'phases': step_kernels.phase_summary(
           kernels, chip and chip.bf16_flops, bandwidth),
-      'kernels': hlo_cost.pallas_summary(kernels),
+      'operations': step_kernels.operation_summary(
+          kernels, chip and chip.bf16_flops, bandwidth),
+      'kernels': step_kernels.pallas_summary(kernels),
       'slices': config.mesh.slices,
       'collectives': collectives, 'dcn_collectives': dcn_collectives,
       'collective_bytes': sum(c['bytes'] for c in [*collectives.values(),

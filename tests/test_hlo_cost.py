@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
-from benchmarks import hlo_cost, measure, roofline
+from benchmarks import hlo_cost, measure, roofline, step_kernels
 from configs import tiny
 
 
@@ -124,9 +124,12 @@ def test_gpu_library_calls_by_hand():
   assert attention.bytes == 2 * (4 * 10 * 2 * 16 + 2 * 4 * 6 * 2 * 16
                                  + 4 * 2 * 10 * 16) + 4 * 4 * 2 * 10
   assert kernels['copy'].bytes == 2 * 2 * 64 * 48
-  assert {name: hlo_cost.operation(k) for name, k in kernels.items()} == {
+  assert {name: step_kernels.operation(k) for name, k in kernels.items()} == {
       'gemm': 'matmul', 'dgrad': 'convolution',
       'attention': 'dot_product_attention_fwd', 'copy': 'copy'}
+  assert {name: step_kernels.category(k) for name, k in kernels.items()} == {
+      'gemm': 'matmul', 'dgrad': 'convolution', 'attention': 'attention',
+      'copy': 'layout'}
 
 
 def kernel(name, flops, bytes_, op_name):
