@@ -48,8 +48,8 @@ from ml_collections import config_flags
 
 from benchmarks import hlo_cost, measure
 from stat_jax import chips, cli, model, optim, sharding
-from stat_jax.config_validation import validate
-from stat_jax.errors import UserError
+from stat_jax.checks.config import validate
+from stat_jax.checks.errors import UserError, report_user_errors
 from stat_jax.train_state import abstract_train_state, with_shardings
 from stat_jax.train_step import abstract_batch, jit_train_step
 
@@ -290,7 +290,7 @@ def _report() -> int:
 def run(args: list[str]) -> int:
   """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
   cli.no_positional(args)
-  return cli.report_user_errors('benchmarks.aot', _report)
+  return report_user_errors('benchmarks.aot', _report)
 
 
 def main(argv: list[str]) -> int:

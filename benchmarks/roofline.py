@@ -38,6 +38,7 @@ import ml_collections
 from benchmarks import hlo_cost, measure, step_flags
 from benchmarks.hlo_cost import phase
 from stat_jax import chips, cli, model
+from stat_jax.checks.errors import report_user_errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +219,7 @@ def _roofline() -> int:
 def main(argv: list[str]) -> int:
   """The command line after the program name, run in this process."""
   cli.no_positional(cli.parse_with_config(FLAGS, argv))
-  return cli.report_user_errors('benchmarks.roofline', _roofline)
+  return report_user_errors('benchmarks.roofline', _roofline)
 
 
 if __name__ == '__main__':

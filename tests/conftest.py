@@ -48,7 +48,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jax._src import core as jax_core  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+from stat_jax.data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # jax may have been imported (by a plugin) before the variables were set.
 jax.config.update('jax_compilation_cache_dir', _CACHE_DIR)

@@ -7,9 +7,9 @@ import av
 import numpy as np
 import pytest
 
-from data import convert
-from data import dmvr
-from data import inspect
+from stat_jax.data import convert
+from stat_jax.data import dmvr
+from stat_jax.data import inspect
 
 
 def _write_video(path, codec, num_frames=10, width=48, height=36, rate=10):

@@ -10,10 +10,10 @@ import pytest
 import tensorflow as tf
 
 import data_testlib
-from data import dmvr
-from data import eval_pipeline
-from data import sampling
-from data import train_pipeline
+from stat_jax.data import dmvr
+from stat_jax.data import eval_pipeline
+from stat_jax.data import sampling
+from stat_jax.data import train_pipeline
 
 TRAIN_LENGTHS = [6 + (5 * i) % 25 for i in range(20)]  # 6..30 frames
 EVAL_LENGTHS = [5 + (7 * i) % 20 for i in range(13)]

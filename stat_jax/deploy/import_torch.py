@@ -39,8 +39,8 @@ from flax import nnx
 from ml_collections import config_flags
 
 from stat_jax import checkpoint, cli, param_names, sharding
-from stat_jax.config_validation import validate
-from stat_jax.errors import UserError
+from stat_jax.checks.config import validate
+from stat_jax.checks.errors import UserError, report_user_errors
 from stat_jax.train_state import TrainState, abstract_train_state
 
 FORMATS = ('torchvision', 'pyslowfast')
@@ -244,7 +244,7 @@ def run(args: list[str]) -> int:
           f'({FLAGS.format}); use --workdir={FLAGS.out}')
     return 0
 
-  return cli.report_user_errors(_PROGRAM, action)
+  return report_user_errors(_PROGRAM, action)
 
 
 def main(argv: list[str]) -> int:

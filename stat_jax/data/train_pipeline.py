@@ -1,12 +1,12 @@
 """tf.data train pipeline over DMVR shards (docs/design.md#data); the eval
-pipeline is data/eval_pipeline.py.
+pipeline is stat_jax/data/eval_pipeline.py.
 
 Phases: index -> order -> read -> parse -> sample -> decode -> crop -> batch.
 Batches are uint8 clips; the train augmentation after the crop (flip,
 RandAugment, normalisation, random erasing) runs on the device
 (stat_jax/augment_device.py), from per-clip key data shipped with them.
 
-Index: data/records.py. Labels: data/labels.py.
+Index: stat_jax/data/records.py. Labels: stat_jax/data/labels.py.
 
 Train order: one global stream of slots, the same for any number of
 processes. Slot s = e n + i (n records) holds record perm_e(i), where perm_e
@@ -50,12 +50,12 @@ import collections
 import numpy as np
 import tensorflow as tf
 
-from data import dmvr
-from data import labels
-from data import records
-from data import sampling
+from stat_jax.data import dmvr
+from stat_jax.data import labels
+from stat_jax.data import records
+from stat_jax.data import sampling
 from stat_jax import defaults
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 
 # The config key that lets a run resume on train data other than its
 # checkpoint's (TrainIterator.set_state).
@@ -71,7 +71,7 @@ SKIP_REASONS = {1: 'unreadable or not a clip', 2: 'no label or label out of '
                 'range', 3: 'frames that do not decode as JPEG'}
 _SKIP_KEYS = {1: 'skipped_unreadable', 2: 'skipped_label', 3: 'skipped_jpeg'}
 # What a record's own bad data raises in its decode (tf.io parsing, JPEG
-# decoding, the checks of data/sampling.py and data/labels.py).
+# decoding, the checks of stat_jax/data/sampling.py and stat_jax/data/labels.py).
 DATA_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.DataLossError)
 # What every process's saved data state must agree on.
 _GLOBAL_KEYS = ('epoch', 'position', 'seed', 'num_records', 'num_shards',
@@ -366,7 +366,7 @@ class TrainIterator:
     return UserError(
         f'train data: {len(run)} records in a row gave no clip ({limit}); '
         f'{reasons}; from {files}{f" and {more} more shards" if more > 0 else ""}'
-        f'. Check them with python -m data.inspect')
+        f'. Check them with python -m stat_jax.data.inspect_shards')
 
   def _unreadable(self, error: tf.errors.OpError) -> UserError:
     """The train shards that are gone (deleted or moved during the run), or
@@ -401,7 +401,7 @@ class TrainIterator:
                  f'the previous report were skipped ({skipped / read:.0%} > '
                  f'data.skip_warning_fraction = '
                  f'{self._data.skip_warning_fraction}); check '
-                 f'{self._data.train_spec} with python -m data.inspect')
+                 f'{self._data.train_spec} with python -m stat_jax.data.inspect_shards')
     return (f' | skipped {summary}' if summary else ''), warning
 
   def skipped_summary(self) -> str:
