@@ -62,7 +62,7 @@ def test_kinetics_csv_converts_and_lists_skipped(data_kinetics):
   wide = clips['abc_000010_000020.mp4']
   assert (wide.label_indices, wide.label_texts) == ([1], ['swim'])
   assert (wide.start_us, wide.end_us) == (10_000_000, 20_000_000)
-  stats = inspect.inspect_spec(summary['spec'], full=True)
+  stats = inspect_shards.inspect_spec(summary['spec'], full=True)
   assert stats['clips'] == 2 and stats['skipped'] == 0
   assert stats['resolutions'] == {'24x32': 1, '32x24': 1}
   assert stats['frames'] == {'min': 6, 'median': 8.0, 'max': 10}
