@@ -3,7 +3,7 @@ pipeline is stat_jax/data/eval_pipeline.py.
 
 The file follows the pipeline's phases, in order:
 1. index: every record of data.train_spec as a (file, offset, length)
-   entry (stat_jax/data/records.py), read without scanning the shards.
+   entry (stat_jax/data/records.py: the shards' index files).
 2. order: one global stream of slots, the same for any number of
    processes; slot s holds record perm_e(i) and draws from a seed of its
    own (stat_jax/data/train_order.py). Global batch j is the R = batch_size
@@ -14,7 +14,8 @@ The file follows the pipeline's phases, in order:
    process count or mesh, and a run saved by N processes resumes on M with
    the same data.
 3. read: each slot's record alone, by its index entry
-   (FixedLengthRecordDataset under a deterministic parallel interleave).
+   (FixedLengthRecordDataset under a deterministic parallel interleave; the
+   Python path below, RecordIndex.read).
 4. decode: parse, label (stat_jax/data/labels.py), sample the frames and
    decode each one inside its random crop windows (stat_jax/data/sampling.py),
    and draw the uint32 [2] key data of each clip's device augmentation (flip,
@@ -26,21 +27,21 @@ The file follows the pipeline's phases, in order:
 A record that fails to parse, lacks a label, or has a JPEG that fails to
 decode gives no clip. Its slot s takes the next record of the global order
 that gives one (slots s + 1, s + 2, ...), with the draws of slot s. The
-Python path that finds it reads one slot at a time through the same order,
-read and decode functions as the stream, so what a slot holds does not
-depend on who reads it; such a record then appears twice in that epoch. The
-slot is counted in `num_skipped` (by its own record's reason,
-SKIP_REASONS), never turned into a zero clip. data.max_consecutive_skips
-records in a row without a clip (or as many as the index holds) stop the
-run naming the shards, and a stop request (SIGTERM, single-process) is
-honoured between records instead of waiting forever. Frames are checked for
-the JPEG start and end markers before libjpeg sees them (libjpeg prints a
-line to stderr for every bad frame). A shard that cannot be read any more
-(deleted during the run) stops the run naming it. Only data errors are
-skipped: a record that gives no clip is decoded again with its errors
-raised, and unless that fails with a DATA_ERRORS error (what a bad example,
-label or JPEG raises), the error (out of memory, a bug) stops the run with
-its traceback.
+Python path that finds it takes one slot at a time through the stream's own
+order and decode functions (the same record, seed and clips for a slot), so
+what a slot holds does not depend on who reads it; such a record then
+appears twice in that epoch. The slot is counted in `num_skipped` (by its
+own record's reason, SKIP_REASONS), never turned into a zero clip.
+data.max_consecutive_skips records in a row without a clip (or as many as
+the index holds) stop the run naming the shards, and a stop request
+(SIGTERM, single-process) is honoured between records instead of waiting
+forever. Frames are checked for the JPEG start and end markers before
+libjpeg sees them (libjpeg prints a line to stderr for every bad frame). A
+shard that cannot be read any more (deleted during the run) stops the run
+naming it. Only data errors are skipped: a record that gives no clip is
+decoded again with its errors raised, and unless that fails with a
+DATA_ERRORS error (what a bad example, label or JPEG raises), the error (out
+of memory, a bug) stops the run with its traceback.
 
 State: the next slot (as epoch, position) and the skip counters of the slots
 this process read, a few ints per process. Every process saves its state;
@@ -138,16 +139,13 @@ def _slot_entry(order: train_order.TrainOrder, columns, slot, source):
 
 # -------------------------------------------------------------------- read ---
 
-def _slot_reader(index: records.RecordIndex, order: train_order.TrainOrder,
-                 columns):
-  """(slot, source) -> _slot_entry's entry plus the record's bytes
-  ('record'): the Python path's read of one slot, by the stream's reader
-  (records.read), traced once."""
-  read_one = records.record_reader(index)
-  return tf.function(
-      lambda slot, source: read_one(
-          _slot_entry(order, columns, slot, source)).get_single_element(),
-      input_signature=[tf.TensorSpec([], tf.int64)] * 2)
+def _read_slot(index: records.RecordIndex, order: train_order.TrainOrder,
+               columns, slot: int, source: int) -> dict:
+  """The Python path's read of one slot: _slot_entry's entry plus the
+  record's bytes ('record'), read alone."""
+  entry = _slot_entry(order, columns, slot, source)
+  return dict(entry, record=tf.constant(
+      index.read(int(entry['record_number']))))
 
 
 # ------------------------------------------------------------------ decode ---
@@ -257,7 +255,6 @@ class TrainIterator:
     # The Python path of a slot whose record gives no clip, one slot at a
     # time: read, decode, and the decode with errors raised (what made a
     # record give no clip).
-    self._read = _slot_reader(self._index, self._order, self._columns)
     self._decode = tf.function(self._element)
     self._strict = tf.function(
         lambda element: _train_clips(element, data, table, num_classes))
@@ -345,6 +342,10 @@ class TrainIterator:
         return {key: clips[key].numpy() for key in ('video', 'key', 'label')}
       self._check_data_error(element)
       run.append((int(clips['reason']), int(element['file'])))
+
+  def _read(self, slot: int, source: int) -> dict:
+    """Slot `slot` filled from slot `source`'s record (_read_slot)."""
+    return _read_slot(self._index, self._order, self._columns, slot, source)
 
   def _check_data_error(self, element) -> None:
     """A read slot (_read's element) whose record gave no clip, decoded
