@@ -212,6 +212,8 @@ def _clips(per_record: dict, count: int) -> dict:
           'label': np.repeat(per_record['label'], count)}
 
 
+# ---------------------------------------------------------------- iterator ---
+
 class TrainIterator:
   """Infinite iterator of {'video' uint8 [b, T, crop, crop, 3], 'key'
   uint32 [b, 2] (augment_device's key data), 'label' int32 [b]} numpy
@@ -253,8 +255,8 @@ class TrainIterator:
     self._element = lambda element: _train_element(element, data, table,
                                                    num_classes)
     # The Python path of a slot whose record gives no clip, one slot at a
-    # time: read, decode, and the decode with errors raised (what made a
-    # record give no clip).
+    # time: the stream's decode, and the decode with errors raised (what
+    # made a record give no clip).
     self._decode = tf.function(self._element)
     self._strict = tf.function(
         lambda element: _train_clips(element, data, table, num_classes))
@@ -272,12 +274,13 @@ class TrainIterator:
     any."""
     order, columns = self._order, self._columns
     slots = _process_slots(self._next_slot, self._batch_slots,
-                           self._slots_per_batch)
+                           self._slots_per_batch)  # order
     entries = slots.map(lambda slot: _slot_entry(order, columns, slot, slot))
-    elements = records.read(entries, self._index).map(
-        self._element, num_parallel_calls=self._data.num_parallel_calls,
-        deterministic=True)
-    return (elements.batch(len(self._batch_slots), drop_remainder=True)
+    read = records.read(entries, self._index)  # read
+    elements = read.map(self._element,  # decode
+                        num_parallel_calls=self._data.num_parallel_calls,
+                        deterministic=True)
+    return (elements.batch(len(self._batch_slots), drop_remainder=True)  # batch
             .prefetch(_PREFETCH_BATCHES))
 
   def __iter__(self):
