@@ -155,8 +155,8 @@ def slice_report(config: ml_collections.ConfigDict, compiled, compile_s: float,
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   bytes_per_chip = measure.planned_memory(compiled)
-  # The compiler's estimate; it is negative (no estimate) for some programs
-  # (STAT-16 on v5e: -383 s), and absent off TPUs.
+  # The compiler's estimate; it is negative (no estimate) for some programs,
+  # and absent off TPUs.
   optimal = cost.get('optimal_seconds')
   step_s = optimal if optimal and optimal > 0 else None
   step_flops = measure.flops_per_clip(config, train=True) * batch

@@ -17,8 +17,8 @@ that time is the highest MFU the program can reach as XLA compiled it: a
 bound from the program, not a measurement.
 
 --target h100 / h200 compiles for that GPU without one (deviceless, through
-the CUDA plugin: `pip install "jax[cuda13]"` plus requirements.txt in a
-separate virtual environment, ~4 GB; the machine needs no GPU and no driver). XLA's Triton gemm fusions are turned off there: without a GPU to
+the CUDA plugin: `pip install -e ".[cuda]"` in a separate virtual
+environment, ~4 GB; the machine needs no GPU and no driver). XLA's Triton gemm fusions are turned off there: without a GPU to
 autotune on, XLA cannot tile some of them ("Couldn't find output tile
 sizes"); the gemms go to cuBLAS, so element-wise ops a Triton gemm would
 have fused stay separate kernels, and the bound is a little pessimistic.

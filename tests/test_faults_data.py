@@ -1,4 +1,4 @@
-"""Data faults that used to lose work or hang: unreadable train shards,
+"""Data faults that must not lose work or hang: unreadable train shards,
 label spaces that do not match the model, shards deleted between a stop and
 its resume, converter / synthetic output folders, and one-line errors of
 the data and deploy tools."""

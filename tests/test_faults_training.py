@@ -1,4 +1,4 @@
-"""Faults of the training loop and of checkpoints that used to lose work:
+"""Faults of the training loop and of checkpoints that must not lose work:
 a crash while a checkpoint is being written, NaN states, corrupt checkpoints,
 a resume under another config, unchecked config values, duplicated log
 lines. The runs share one tiny config (tests/training_testlib.py's run_config),

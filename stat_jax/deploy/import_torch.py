@@ -10,8 +10,8 @@ checkpoint (.pyth, its `model_state`), or either state dict as a
 .safetensors file. PyTorch files are read with
 `torch.load(weights_only=True)`, whose unpickler builds tensors and plain
 containers only and refuses any other object: no code in the file runs.
-torch is needed for those alone (any recent build, CPU will do; the tests
-pin one in requirements-test.txt); safetensors files need no torch.
+torch is needed for those alone (any recent build, CPU will do; the
+package's `torch` extra pins the pair the tests use); safetensors files need no torch.
 
 Every parameter of the model of --config gets one tensor of the file, by
 the renames of --format and in Flax's layout (stat_jax/param_names.py);
