@@ -48,8 +48,8 @@ from ml_collections import config_flags
 
 from benchmarks import hlo_cost, measure, step_kernels
 from stat_jax import chips, cli, model, optim, sharding
-from stat_jax.config_validation import validate
-from stat_jax.errors import UserError
+from stat_jax.checks.config import validate
+from stat_jax.checks.errors import UserError, report_user_errors
 from stat_jax.train_state import abstract_train_state, with_shardings
 from stat_jax.train_step import abstract_batch, jit_train_step
 
@@ -155,8 +155,8 @@ def slice_report(config: ml_collections.ConfigDict, compiled, compile_s: float,
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   bytes_per_chip = measure.planned_memory(compiled)
-  # The compiler's estimate; it is negative (no estimate) for some programs
-  # (STAT-16 on v5e: -383 s), and absent off TPUs.
+  # The compiler's estimate; it is negative (no estimate) for some programs,
+  # and absent off TPUs.
   optimal = cost.get('optimal_seconds')
   step_s = optimal if optimal and optimal > 0 else None
   step_flops = measure.flops_per_clip(config, train=True) * batch
@@ -299,7 +299,7 @@ def _report() -> int:
 def run(args: list[str]) -> int:
   """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
   cli.no_positional(args)
-  return cli.report_user_errors('benchmarks.aot', _report)
+  return report_user_errors('benchmarks.aot', _report)
 
 
 def main(argv: list[str]) -> int:

@@ -8,7 +8,7 @@ and which attention set carries the temporal order.
 
 Takes up to --per_class eval records of each class from --spec (default:
 the run's eval_spec), cuts each into views as evaluation does
-(data/eval_pipeline.py eval_views), writes view 0 as a video file with each
+(stat_jax/data/eval_pipeline.py eval_views), writes view 0 as a video file with each
 codec of CODECS at 8 frames per second, reads it back as predict and explain
 read videos (stat_jax/deploy/predict.py video_views), and prints per codec
 the mean |pixel change|, top-1 and top-1 per class. Then, for the first
@@ -32,8 +32,9 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from data import dmvr, eval_pipeline
+from stat_jax.data import dmvr, eval_pipeline
 from stat_jax import attention_maps, cli
+from stat_jax.checks.errors import report_user_errors
 from stat_jax.deploy import inference, predict
 from stat_jax.train_state import ModelParts
 
@@ -158,7 +159,7 @@ def ablation_table(restored, clips):
 def run(args: list[str]) -> int:
   """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
   cli.no_positional(args)
-  return cli.report_user_errors('benchmarks.explain_checks', _checks)
+  return report_user_errors('benchmarks.explain_checks', _checks)
 
 
 def _checks() -> int:

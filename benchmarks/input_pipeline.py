@@ -25,12 +25,13 @@ import jax
 import tensorflow as tf
 from absl import flags
 
-from data import dmvr
-from data import records
-from data import sampling
-from data import train_pipeline
-from data import synthetic
+from stat_jax.data import dmvr
+from stat_jax.data import records
+from stat_jax.data import sampling
+from stat_jax.data import train_pipeline
+from stat_jax.data import synthetic
 from stat_jax import augment_device, cli, defaults
+from stat_jax.checks.errors import report_user_errors
 
 FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
 flags.DEFINE_string('spec', '', 'Existing shards to read.', flag_values=FLAGS)
@@ -144,7 +145,7 @@ def device_seconds_per_clip(config, batch):
 def run(args: list[str]) -> int:
   """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
   cli.no_positional(args)
-  return cli.report_user_errors('benchmarks.input_pipeline', _time_pipeline)
+  return report_user_errors('benchmarks.input_pipeline', _time_pipeline)
 
 
 def _time_pipeline() -> int:

@@ -17,8 +17,8 @@ that time is the highest MFU the program can reach as XLA compiled it: a
 bound from the program, not a measurement.
 
 --target h100 / h200 compiles for that GPU without one (deviceless, through
-the CUDA plugin: `pip install "jax[cuda13]"` plus requirements.txt in a
-separate virtual environment, ~4 GB; the machine needs no GPU and no driver). XLA's Triton gemm fusions are turned off there: without a GPU to
+the CUDA plugin: `pip install -e ".[cuda]"` in a separate virtual
+environment, ~4 GB; the machine needs no GPU and no driver). XLA's Triton gemm fusions are turned off there: without a GPU to
 autotune on, XLA cannot tile some of them ("Couldn't find output tile
 sizes"); the gemms go to cuBLAS, so element-wise ops a Triton gemm would
 have fused stay separate kernels, and the bound is a little pessimistic.
@@ -38,6 +38,7 @@ import ml_collections
 from benchmarks import hlo_cost, measure, step_flags
 from benchmarks.hlo_cost import phase
 from stat_jax import chips, cli, model
+from stat_jax.checks.errors import report_user_errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +219,7 @@ def _roofline() -> int:
 def main(argv: list[str]) -> int:
   """The command line after the program name, run in this process."""
   cli.no_positional(cli.parse_with_config(FLAGS, argv))
-  return cli.report_user_errors('benchmarks.roofline', _roofline)
+  return report_user_errors('benchmarks.roofline', _roofline)
 
 
 if __name__ == '__main__':

@@ -22,7 +22,8 @@ from absl import flags
 from benchmarks import measure
 from configs import k400
 from stat_jax import arch, cli
-from stat_jax.config_validation import validate
+from stat_jax.checks.errors import report_user_errors
+from stat_jax.checks.config import validate
 
 FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
 flags.DEFINE_list('frames', ['16', '32', '64'], 'Clip lengths of the STAT rows.',
@@ -83,7 +84,7 @@ def with_growth(table: list[dict]) -> list[dict]:
 def run(args: list[str]) -> int:
   """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
   cli.no_positional(args)
-  return cli.report_user_errors('benchmarks.scaling', _scaling)
+  return report_user_errors('benchmarks.scaling', _scaling)
 
 
 def _scaling() -> int:

@@ -15,6 +15,7 @@ from absl import flags
 
 from benchmarks import measure, op_profile, step_flags
 from stat_jax import cli
+from stat_jax.checks.errors import report_user_errors
 
 FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
 step_flags.define(FLAGS)
@@ -44,7 +45,7 @@ def _speed() -> int:
 def main(argv: list[str]) -> int:
   """The command line after the program name, run in this process."""
   cli.no_positional(cli.parse_with_config(FLAGS, argv))
-  return cli.report_user_errors('benchmarks.speed', _speed)
+  return report_user_errors('benchmarks.speed', _speed)
 
 
 if __name__ == '__main__':

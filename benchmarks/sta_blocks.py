@@ -26,7 +26,8 @@ from ml_collections import config_flags
 
 from benchmarks import aot
 from stat_jax import cli, defaults, model as model_lib
-from stat_jax.errors import UserError
+from stat_jax.build import abstract_model
+from stat_jax.checks.errors import UserError, report_user_errors
 
 FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
 config_flags.DEFINE_config_file('config', None, 'Model config.',
@@ -42,7 +43,7 @@ flags.mark_flags_as_required(['config'], flag_values=FLAGS)
 def block_inputs(config) -> collections.Counter:
   """{(block index of the first such block, token shape, grid): count} over
   the STA blocks whose attention sees the same shapes and settings."""
-  model = model_lib.abstract_model(config)
+  model = abstract_model(config)
   model.eval()
   graphdef, state = nnx.split(model)
   video = jax.ShapeDtypeStruct(
@@ -71,7 +72,7 @@ def block_inputs(config) -> collections.Counter:
 def compile_attention(config, index: int, shape, grid, device) -> dict:
   """Compiler FLOPs, bytes and time estimate of block `index`'s attention,
   forward and backward, on `device`."""
-  model = model_lib.abstract_model(config)
+  model = abstract_model(config)
   attn = model.blocks[index].attn
   graphdef, params = nnx.split(attn)
 
@@ -119,7 +120,7 @@ def _compare() -> int:
 def main(argv: list[str]) -> int:
   """The command line after the program name, run in this process."""
   cli.no_positional(cli.parse_with_config(FLAGS, argv))
-  return cli.report_user_errors('benchmarks.sta_blocks', _compare)
+  return report_user_errors('benchmarks.sta_blocks', _compare)
 
 
 if __name__ == '__main__':

@@ -10,7 +10,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from stat_jax.config_validation import validate
+from stat_jax.checks.config import validate
 
 
 def define(flag_values: flags.FlagValues) -> None:

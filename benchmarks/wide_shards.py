@@ -1,5 +1,5 @@
 """16:9 shards for benchmarks/input_pipeline.py: textured synthetic videos
-encoded with PyAV, then converted by data.convert (256 short side, as for
+encoded with PyAV, then converted by stat_jax.data.convert (256 short side, as for
 Kinetics). No camera video is available offline; the texture (smooth
 noise at several scales, drifting) gives JPEGs of camera-like size.
 
@@ -13,8 +13,9 @@ import av
 import numpy as np
 from absl import flags
 
-from data import convert
+from stat_jax.data import convert
 from stat_jax import cli
+from stat_jax.checks.errors import report_user_errors
 
 FLAGS = flags.FlagValues()  # this tool's own (stat_jax/cli.py)
 flags.DEFINE_string('out', None, 'Output folder.', required=True,
@@ -24,7 +25,7 @@ flags.DEFINE_integer('frames', 250, 'Frames per video (10 s at 25 fps).',
                      flag_values=FLAGS)
 flags.DEFINE_integer('shards', 4, 'Shards to write.', flag_values=FLAGS)
 
-_SIZE = (360, 640)  # (H, W): 16:9, resized to 256 x 455 by data.convert
+_SIZE = (360, 640)  # (H, W): 16:9, resized to 256 x 455 by stat_jax.data.convert
 _RATE = 25
 
 
@@ -59,7 +60,7 @@ def write_video(path, seed, num_frames):
 def run(args: list[str]) -> int:
   """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
   cli.no_positional(args)
-  return cli.report_user_errors('benchmarks.wide_shards', _write)
+  return report_user_errors('benchmarks.wide_shards', _write)
 
 
 def _write() -> int:

@@ -4,7 +4,7 @@
 
 If the dataset is not in data.synthetic.dir it is generated first (about
 20 seconds). Classes differ only by motion and come in time-reversed pairs
-(data/synthetic.py), so a high score needs temporal order; the final
+(stat_jax/data/synthetic.py), so a high score needs temporal order; the final
 evaluation also scores val clips played backwards against the reversed
 class. Horizontal flip is off: left/right and clockwise/counter-clockwise
 are labels.
@@ -17,7 +17,7 @@ benchmarks/RESULTS.md ("The demo").
 """
 
 from stat_jax import defaults
-from data import synthetic
+from stat_jax.data import synthetic
 
 
 def get_config(arg: str = ''):

@@ -37,8 +37,8 @@ def get_config(arg: str = '16'):
   opt.weight_decay = 0.05  # SOLVER.WEIGHT_DECAY (ZERO_WD_1D_PARAM: none on
   # biases, norms; this repo also spares position embeddings, class tokens)
   opt.grad_clip = 1.0  # SOLVER.CLIP_GRAD_L2NORM
-  # Peak LR 1.6e-3 at batch 512: kept from this repo's earlier recipe as
-  # MViT-B's; no source for it was checked here. The yaml has BASE_LR 1e-4
+  # Peak LR 1.6e-3 at batch 512 is this repository's choice, not a value
+  # read from a source: the yaml has BASE_LR 1e-4
   # for each machine of 16 clips, multiplied by the number of machines
   # (BASE_LR_SCALE_NUM_SHARDS), so it gives no per-512 value by itself.
   opt.base_lr = 1.6e-3

@@ -5,10 +5,10 @@
 Same architecture family as the paper (all blocks, pooling and attention
 paths exercised) at 8 frames of 32x32: the 3-layer stem gives 4 frames of
 4x4 tokens, one block per stage. Its classes are those of the synthetic
-motion set (data/synthetic.py), which the tests train it on.
+motion set (stat_jax/data/synthetic.py), which the tests train it on.
 """
 
-from data import synthetic
+from stat_jax.data import synthetic
 from stat_jax import defaults
 
 

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from stat_jax import attention_cudnn, attention_pallas, attention_xla, conv
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 
 ATTENTION_SETS = ('ca', 'ca+sa', 'ca+la', 'ca+sa+la')
 SPATIAL_SUMMARIES = ('cls', 'avgpool')

@@ -17,9 +17,9 @@ AutoContrast, Equalize and Contrast use statistics of the whole clip,
 computed so that a clip gets the same bits on any mesh.
 Clip by clip, each layer's `lax.cond` runs an op only when the layer
 applies, and its `lax.switch` the one op drawn (a geometric op warps in
-its own branch). (Vmapped over the clips all 15 ops ran on every clip and
-one was selected: on a TPU 33 GB of memory traffic per 8 clips and no
-usable step-time estimate from the compiler; benchmarks/RESULTS.md.)
+its own branch): vmapped over the clips, every op would run on every clip
+and one be selected, which multiplies the augmentation's memory traffic by
+the number of ops.
 """
 
 import math

@@ -4,7 +4,7 @@ Each checkpoint `<workdir>/checkpoints/<step>/` holds
   state   the train state (params, optimizer state, step) as sharded arrays,
   data    the input iterator position of every process, in process order
           ({'processes': [state of process 0, ...]}, a few integers each;
-          see data/train_pipeline.py),
+          see stat_jax/data/train_pipeline.py),
   config  the experiment config as JSON.
 The latest `keep` checkpoints are kept, plus the best by validation top-1.
 Orbax writes each checkpoint into a temporary directory and renames it when
@@ -15,7 +15,7 @@ the arrays it holds; process 0 writes the JSON items and commits. The state
 restores onto any mesh (it is resharded to the shardings asked for), and
 training resumes on any process count: the data states of all processes
 that saved are handed to the data pipeline, which continues its one global
-train order from their common position (data/train_pipeline.py).
+train order from their common position (stat_jax/data/train_pipeline.py).
 
 A checkpoint that cannot be read whole (a truncated or deleted array file,
 an empty step folder, a missing `state/_METADATA`) raises CorruptCheckpoint,
@@ -42,7 +42,7 @@ import tensorflow as tf
 from jax.experimental import multihost_utils
 
 from stat_jax import storage
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 
 BEST_METRIC = 'val_top1'
 

@@ -1,8 +1,7 @@
 """What the command-line tools share.
 
-Errors: one line for an error meant for the user (USER_ERRORS: a bad
-config or data set, a missing file), exit status 1; any other exception is
-a bug and propagates with its traceback.
+Errors are reported as stat_jax/checks/errors.py says: one line for an
+error meant for the user, a traceback for any other.
 
 Flags: each tool defines its flags on its own `flags.FlagValues`, so tools
 imported together (as in the tests) cannot clash in absl's global FLAGS.
@@ -16,27 +15,13 @@ after the program name in this process (as tests call it), and runs
 own FlagValues.
 """
 
-import ast
 import sys
 from collections.abc import Callable
 
 from absl import app, flags
 
-from stat_jax.errors import UserError
-
-USER_ERRORS = (UserError, FileNotFoundError)
-
-
-def report_user_errors(program: str, action: Callable[[], int],
-                       user_errors: tuple = ()) -> int:
-  """action()'s exit status; an error of USER_ERRORS or `user_errors`
-  printed as '<program>: <message>', exit status 1."""
-  try:
-    return action()
-  except (*USER_ERRORS, *user_errors) as error:
-    print(f'{program}: {error}', file=sys.stderr)
-    return 1
-
+from stat_jax.checks.errors import (FLAG_ERRORS, flag_error_message,
+                                    report_user_errors)
 
 def script_main(program: str, action: Callable[[], int],
                 user_errors: tuple = ()) -> Callable[[list[str]], int]:
@@ -48,27 +33,6 @@ def script_main(program: str, action: Callable[[], int],
     return report_user_errors(program, action, user_errors)
 
   return main
-
-
-# What parsing flags raises for a bad flag, or a bad `--config.x=y` override
-# (ml_collections: an unknown key, a value of the wrong type).
-FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
-
-
-def flag_error_message(error: Exception) -> str:
-  """One line for an error of FLAG_ERRORS (absl gives a traceback for an
-  unknown config key)."""
-  if isinstance(error, flags.Error):
-    return str(error)
-  text = str(error.args[0]) if error.args else str(error)
-  if text[:1] in ('"', "'"):  # ml_collections gives a repr
-    try:
-      text = str(ast.literal_eval(text))
-    except (SyntaxError, ValueError):
-      pass
-  kind = ('unknown config key ' if isinstance(error, AttributeError)
-          else 'bad --config override: ')
-  return kind + ' '.join(text.split())
 
 
 def flags_parser(program: str) -> Callable[[list[str]], list[str]]:

@@ -1,7 +1,7 @@
 """The reference config: every key an experiment config may set, with the
 paper's defaults (the STAT architecture, the data recipe, the training
 recipe). Each experiment file in configs/ starts from `base_config()` and
-changes what differs; config_validation refuses any key not defined here.
+changes what differs; checks/config.py refuses any key not defined here.
 
 The paper leaves some widths open; the values marked CALIBRATED below were
 chosen so that the multiply-adds per view reproduce the paper's Tables 1, 2,
@@ -166,7 +166,7 @@ def data_config(num_frames: int) -> ml_collections.ConfigDict:
   # played backwards. Set, every eval also scores the val clips played
   # backwards against it ('time_reversed_top1'). () = off.
   d.reversed_classes = ()
-  # The synthetic motion dataset (data/synthetic.py): with generate=True the
+  # The synthetic motion dataset (stat_jax/data/synthetic.py): with generate=True the
   # specs above are filled in, and the set generated into `dir` if absent.
   d.synthetic = ml_collections.ConfigDict()
   d.synthetic.generate = False
@@ -255,7 +255,7 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   # (stat_jax/profiling.py); (0, 0) = off.
   c.profile_steps = (0, 0)
   # Resume even though the model / data / recipe keys differ from the
-  # checkpoint's config (stat_jax/config_compare.py lists the keys that may
+  # checkpoint's config (stat_jax/checks/workdir.py lists the keys that may
   # always differ); False refuses, naming the keys.
   c.resume_with_changed_config = False
   return c

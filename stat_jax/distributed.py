@@ -21,7 +21,7 @@ import os
 import jax
 from absl import flags
 
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None,

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from data import labels
-from data import eval_pipeline
+from stat_jax.data import labels
+from stat_jax.data import eval_pipeline
 from stat_jax import attention_maps, plots
 
 

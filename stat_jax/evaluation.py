@@ -2,7 +2,7 @@
 (clips x crops) of each video, then top-1 / top-5 / per-class accuracy and a
 JSON report.
 
-Eval batches (data/eval_pipeline.py, EvalIterator) hold one view per row; rows
+Eval batches (stat_jax/data/eval_pipeline.py, EvalIterator) hold one view per row; rows
 with mask False are padding. The accumulator keeps per-video sums (softmax
 sums, view counts); trainer.evaluate gathers every process's rows into it.
 """

@@ -7,7 +7,7 @@
 Each video is cut into the config's eval views (as predict does); the
 first view is explained. An argument FILE:K is record K (from 0) of a
 TFRecord file of DMVR shards, cut into views by the eval pipeline itself
-(data/eval_pipeline.py eval_views): what evaluation scores, with no re-encoding
+(stat_jax/data/eval_pipeline.py eval_views): what evaluation scores, with no re-encoding
 (a lossy codec at 32x32 changes what the demo model predicts; see
 benchmarks/RESULTS.md, "What STAT sees"); its label is shown beside the
 top-5. Per video it writes into --out:
@@ -40,10 +40,10 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from data import dmvr, eval_pipeline, records
+from stat_jax.data import dmvr, eval_pipeline, records
 from stat_jax import attention_maps, cli, plots, storage
 from stat_jax.deploy import inference, predict
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 
 SPATIAL_FRAMES = 4  # frames of the spatial overlay
 

@@ -19,7 +19,8 @@ from flax import nnx
 from ml_collections import config_flags
 
 from stat_jax import cli, conv, defaults
-from stat_jax.model import abstract_model
+from stat_jax.checks.errors import report_user_errors
+from stat_jax.build import abstract_model
 
 
 def dot_general_macs(eqn) -> int:
@@ -150,7 +151,7 @@ def _report() -> int:
 def main(argv: list[str]) -> int:
   """The command line after the program name, run in this process."""
   cli.no_positional(cli.parse_with_config(FLAGS, argv))
-  return cli.report_user_errors('stat_jax.flops', _report)
+  return report_user_errors('stat_jax.flops', _report)
 
 
 if __name__ == '__main__':

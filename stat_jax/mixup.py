@@ -11,7 +11,7 @@ batch (train_step.py), and the partner is found where it costs least:
       partner is the same row of the device holding the next video, sent
       by one collective permute of the clips and targets per step.
 
-The clips per device and k must divide one another (preflight.check_mesh),
+The clips per device and k must divide one another (checks/config.py, check_batch_on_mesh),
 so that every device is in the same case; with mixup off nothing is sent.
 One lam ~ Beta(alpha, alpha) serves the whole batch, and so does the CutMix
 box, which is the same in every frame of a clip. Targets are label-smoothed
@@ -27,7 +27,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 
 
 def mixes(mix_config) -> bool:

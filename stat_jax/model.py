@@ -11,7 +11,6 @@ from flax import nnx
 from flax.nnx.nn.attention import dot_product_attention_weights
 
 from stat_jax import arch, conv
-from stat_jax.config_validation import validate_model
 from stat_jax.attention import (ShrinkingTemporalAttention, dense_init,
                                 resolve_head_layout)
 from stat_jax.kernels import mlp as mlp_kernel
@@ -273,18 +272,6 @@ class STAT(nnx.Module):
     return self.head(self.dropout(video_embedding))
 
 
-def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
-  """The STAT (or, with model.arch = 'mvit', the MViT-B) of `config`;
-  `model.eval()` for inference. Only what the model reads is validated
-  first (config.model, the clip shape, dtype): training fields may be
-  absent."""
-  validate_model(config)
-  if config.model.arch == 'mvit':
-    from stat_jax import mvit  # pylint: disable=g-import-not-at-top  (it imports this module)
-    return mvit.MViT(config, rngs=rngs)
-  return STAT(config, rngs=rngs)
-
-
 def resolve_dtype(dtype: str, platform: str | None = None) -> str:
   """The compute dtype of config `dtype` on `platform` (default: the default
   backend's): 'auto' is bfloat16 on TPUs and GPUs, whose matmul units run
@@ -308,8 +295,3 @@ def resolve_for_platform(config: ml_collections.ConfigDict,
                                                  platform)
   config.model.mlp_impl = mlp_kernel.resolve_mlp_impl(config.model.mlp_impl,
                                                       platform)
-
-
-def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
-  """The model of `config` with shapes only (no memory, no compute)."""
-  return nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))

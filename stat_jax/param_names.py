@@ -12,7 +12,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from stat_jax.model import abstract_model
+from stat_jax.build import abstract_model
 
 _LINEAR = '[in, out]: y = x @ kernel + bias (torch nn.Linear.weight = kernel.T)'
 _QKV = ('[C, 3 C]: output columns ordered (q | k | v, head, head_dim) '

@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 
 BATCH_AXES = ('data', 'fsdp')
 

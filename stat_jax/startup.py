@@ -3,15 +3,15 @@
 import jax
 from absl import logging
 
-from data import synthetic
+from stat_jax.data import synthetic
 from stat_jax import compile_cache, distributed
-from stat_jax.config_validation import validate
+from stat_jax.checks.config import validate
 
 
 def start_run(config) -> None:
   """Join the multi-process job if there is one, refuse a bad config, turn
   on the persistent compilation cache, and generate the synthetic data set
-  when the config asks for it (data/synthetic.py: it fills in the data
+  when the config asks for it (stat_jax/data/synthetic.py: it fills in the data
   specs)."""
   logging.set_verbosity(logging.WARNING)  # orbax and clu are chatty at INFO
   distributed.initialize_from_flags()

@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 
 from stat_jax import optim, sharding
-from stat_jax.model import abstract_model, build_model
+from stat_jax.build import abstract_model, build_model
 
 
 @flax.struct.dataclass

@@ -19,13 +19,15 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from data import labels
-from data import eval_pipeline
-from data import train_pipeline
+from stat_jax.data import labels
+from stat_jax.data import eval_pipeline
+from stat_jax.data import train_pipeline
 from stat_jax import checkpoint, confusion, optim, sharding
-from stat_jax import config_compare, preflight, profiling, storage
-from stat_jax.config_validation import validate
-from stat_jax.errors import UserError
+from stat_jax import profiling, storage
+from stat_jax.checks import config as config_checks
+from stat_jax.checks import data as data_checks
+from stat_jax.checks import workdir as workdir_checks
+from stat_jax.checks.errors import UserError
 from stat_jax.eval_images import EvalImages
 from stat_jax.evaluation import (EVAL_SCALARS, ViewAccumulator, format_accuracy,
                                  format_summary, time_reversed, write_report)
@@ -52,16 +54,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   not evaluated)}.
   """
   # ------------------------------------------------------------- setup ---
-  validate(config)
-  preflight.check_before_training(config)
-  preflight.check_writable(workdir)
+  # The checks in the order of stat_jax/checks/__init__.py.
+  config_checks.validate(config)
   mesh = sharding.make_mesh(config)
-  preflight.check_mesh(config, mesh)
+  config_checks.check_batch_on_mesh(config, mesh)
+  data_checks.check_eval_spec(config)
   train_data = train_pipeline.make_train_iterator(
       config, process_index=jax.process_index(),
       process_count=jax.process_count(),
       rows=sharding.process_rows(mesh, config.batch_size))
-  labels.check_label_space(config, train_data.index)
+  data_checks.check_label_space(config, train_data.index)
+  workdir_checks.check_writable(workdir)
 
   # ------------------------------------------ model, optimizer, state ---
   parts, tx, abstract_state, state_shardings = abstract_train_state(config, mesh)
@@ -162,10 +165,10 @@ def resume(config, ckpt, abstract_state):
   """(step, state, the data states of the processes that saved it) of the
   newest whole checkpoint of `ckpt` (a corrupt or non-finite one is moved
   aside with a warning; every process restores the same step), after its
-  saved config was compared with `config` (config_compare)."""
+  saved config was compared with `config` (checks/workdir.py)."""
 
   def attempt(step):
-    changed = config_compare.check_resume(ckpt.restore_config(step), config,
+    changed = workdir_checks.check_resume(ckpt.restore_config(step), config,
                                           step, ckpt.directory)
     if changed:
       log(f'Resuming step {step} under a changed config '
@@ -355,12 +358,12 @@ def add_views(accumulator, batch, eval_step, params, mesh) -> None:
 
 def evaluate_checkpoint(config, workdir: str, which: str = 'latest') -> dict:
   """eval.py: restore a checkpoint of workdir, evaluate, write the report."""
-  validate(config)
+  config_checks.validate(config)
   mesh = sharding.make_mesh(config)
   ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), 1,
                                  read_only=True)
   ckpt.resolve(which)  # no such checkpoint: said before the workdir is probed
-  preflight.check_writable(workdir)  # the report goes there
+  workdir_checks.check_writable(workdir)  # the report goes there
   parts, _, abstract_state, state_shardings = abstract_train_state(config, mesh)
   step, state = ckpt.newest_whole(which, lambda step: ckpt.restore_state(
       step, with_shardings(abstract_state, state_shardings)))

@@ -36,7 +36,7 @@ import tensorflow as tf
 from flax import nnx
 
 from stat_jax import arch, param_names, storage
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 
 
 def _flatten(tree) -> dict:

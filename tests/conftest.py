@@ -48,7 +48,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jax._src import core as jax_core  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+from stat_jax.data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # jax may have been imported (by a plugin) before the variables were set.
 jax.config.update('jax_compilation_cache_dir', _CACHE_DIR)
@@ -63,8 +63,7 @@ def _plain_tracer_sharding_error(tracer):
 # flax probes `value.sharding` of every RNG count it stores, ~300 times per
 # STAT build, and a tracer answers with an AttributeError whose message jax
 # composes by searching the program traced so far: each build under jit or
-# eval_shape spends seconds on messages nobody reads (the K400 model:
-# 2.8 s instead of 0.4 s). The tests raise the same error without the
+# eval_shape spends most of its time on messages nobody reads. The tests raise the same error without the
 # message; programs and results are unchanged.
 if not AS_RUN and isinstance(getattr(jax_core.Tracer, 'sharding', None),
                               property):

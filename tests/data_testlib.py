@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from stat_jax import defaults
-from data import dmvr
+from stat_jax.data import dmvr
 
 LEVEL_STEP = 8  # frame t of a `level_clip` has grey level LEVEL_STEP * t
 

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from configs import tiny
-from data import dmvr
+from stat_jax.data import dmvr
 from stat_jax import checkpoint, optim, param_names
 from stat_jax.train_state import ModelParts, TrainState
 

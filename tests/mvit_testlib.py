@@ -11,7 +11,7 @@ from flax import nnx
 from configs import tiny
 from stat_jax import param_names
 from stat_jax.deploy import import_torch
-from stat_jax.model import abstract_model
+from stat_jax.build import abstract_model
 
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            'mvit_testlib.py')

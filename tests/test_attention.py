@@ -168,7 +168,7 @@ def test_bfloat16_attention_keeps_every_key_in_bfloat16(impl, monkeypatch):
                              naive_sta(sta, x, GRID, 1), atol=0.1)
 
 
-def test_auto_is_the_measured_xla_path(monkeypatch):
+def test_auto_is_the_xla_path_off_tpu_and_cpu(monkeypatch):
   resolve = sta_lib.resolve_attention_impl
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert resolve('auto') == 'xla'

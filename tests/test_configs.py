@@ -6,8 +6,8 @@ from ml_collections import config_flags
 
 from configs import k400, ssv2, tiny
 from stat_jax import optim
-from stat_jax.config_validation import ConfigError, validate
-from stat_jax.model import abstract_model
+from stat_jax.checks.config import ConfigError, validate
+from stat_jax.build import abstract_model
 
 
 @pytest.mark.parametrize('module,classes', [(k400, 400), (ssv2, 174)])

@@ -7,9 +7,9 @@ import av
 import numpy as np
 import pytest
 
-from data import convert
-from data import dmvr
-from data import inspect
+from stat_jax.data import convert
+from stat_jax.data import dmvr
+from stat_jax.data import inspect_shards
 
 
 def _write_video(path, codec, num_frames=10, width=48, height=36, rate=10):
@@ -62,7 +62,7 @@ def test_kinetics_csv_converts_and_lists_skipped(data_kinetics):
   wide = clips['abc_000010_000020.mp4']
   assert (wide.label_indices, wide.label_texts) == ([1], ['swim'])
   assert (wide.start_us, wide.end_us) == (10_000_000, 20_000_000)
-  stats = inspect.inspect_spec(summary['spec'], full=True)
+  stats = inspect_shards.inspect_spec(summary['spec'], full=True)
   assert stats['clips'] == 2 and stats['skipped'] == 0
   assert stats['resolutions'] == {'24x32': 1, '32x24': 1}
   assert stats['frames'] == {'min': 6, 'median': 8.0, 'max': 10}
@@ -120,7 +120,7 @@ def test_inspect_json_counts_bad_records(tmp_path, capsys):
     writer.write(0, dmvr.make_example([jpeg] * 3, 4).SerializeToString())
     writer.write(0, b'garbage')
     writer.write(0, dmvr.make_example([jpeg, jpeg[:30]], 4).SerializeToString())
-  inspect.main([prefix + '@1', '--json'])
+  inspect_shards.main([prefix + '@1', '--json'])
   stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert (stats['clips'], stats['skipped'], stats['labels']) == (1, 2,
                                                                  {'4': 1})

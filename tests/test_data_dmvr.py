@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import data_testlib
-from data import dmvr
+from stat_jax.data import dmvr
 
 
 def _jpegs(count):

@@ -1,5 +1,6 @@
-"""Train / eval pipelines: sampling through tf.data, order, exact resume,
-skipped records, exact-once eval across simulated processes."""
+"""Train / eval pipelines: sampling through tf.data, the train order and
+its two readers (the stream, the Python path that fills bad slots), exact
+resume, skipped records, exact-once eval across simulated processes."""
 
 import gc
 import json
@@ -10,10 +11,11 @@ import pytest
 import tensorflow as tf
 
 import data_testlib
-from data import dmvr
-from data import eval_pipeline
-from data import sampling
-from data import train_pipeline
+from stat_jax.data import dmvr
+from stat_jax.data import eval_pipeline
+from stat_jax.data import sampling
+from stat_jax.data import train_order
+from stat_jax.data import train_pipeline
 
 TRAIN_LENGTHS = [6 + (5 * i) % 25 for i in range(20)]  # 6..30 frames
 EVAL_LENGTHS = [5 + (7 * i) % 20 for i in range(13)]
@@ -217,6 +219,44 @@ def _bad_spec_order(epochs):
           for epoch in range(epochs) for i in range(12)]
 
 
+def test_the_order_is_the_same_wherever_it_is_asked():
+  """A slot's record and seed: from Python ints (the Python path) and from
+  int64 tensors inside tf.data (the stream) alike, and the records those of
+  the order's definition (_bad_spec_order)."""
+  order = train_order.TrainOrder(num_records=12, seed=0)
+  slots = range(36)  # three epochs
+  in_python = [(int(order.record(s)), order.randomness(s).numpy().tolist())
+               for s in slots]
+  stream = tf.data.Dataset.range(36).map(
+      lambda s: (order.record(s), order.randomness(s)))
+  assert in_python == [(int(r), seed.tolist())
+                       for r, seed in stream.as_numpy_iterator()]
+  labels = sorted(range(12), key=lambda i: (i % 2, i))  # record -> clip
+  assert [labels[r] for r, _ in in_python] == _bad_spec_order(3)
+  assert len({tuple(seed) for _, seed in in_python}) == 36
+  assert [order.epoch_position(s) for s in (0, 11, 12, 30)] == [
+      (0, 0), (0, 11), (1, 0), (2, 6)]
+  assert all(order.slot(*order.epoch_position(s)) == s for s in slots)
+
+
+def test_the_python_path_gives_a_slot_the_clips_the_stream_gives(data_specs):
+  """The path that fills a bad slot, asked for a good slot's own record,
+  gives the very clips the tf.data stream gives that slot."""
+  config = _augmented(data_testlib.tiny_config(data_specs['train'], batch=4))
+  config.data.repeated_augment = 2
+  iterator = train_pipeline.make_train_iterator(config)
+  batches = _take(iterator, 2)  # slots 0, 1 and 2, 3
+  for slot in range(4):
+    clips = iterator._decode(iterator._read(slot, slot))
+    assert int(clips['reason']) == 0
+    streamed = batches[slot // 2]
+    rows = slice(2 * (slot % 2), 2 * (slot % 2) + 2)
+    np.testing.assert_array_equal(clips['video'].numpy(),
+                                  streamed['video'][rows])
+    np.testing.assert_array_equal(clips['key'].numpy(), streamed['key'][rows])
+    assert (streamed['label'][rows] == int(clips['label'])).all()
+
+
 def test_a_bad_record_gives_its_slot_the_next_good_record(data_specs):
   config = data_testlib.tiny_config(data_specs['bad'], batch=10)
   iterator = train_pipeline.make_train_iterator(config)
@@ -227,6 +267,27 @@ def test_a_bad_record_gives_its_slot_the_next_good_record(data_specs):
   assert iterator.skipped == {1: order[:30].count(3), 2: 0,
                               3: order[:30].count(7)}  # proto, jpeg
   assert iterator.num_skipped == sum(iterator.skipped.values()) >= 4
+
+
+def test_a_bad_slot_gets_the_next_record_with_its_own_draws(data_specs):
+  """The clip that fills a bad slot s is the next slot's record, drawn with
+  s's seed (not the one that slot s + 1 draws it with), and is what the
+  Python path gives when asked for (s, s + 1)."""
+  config = _augmented(data_testlib.tiny_config(data_specs['bad'], batch=4))
+  iterator = train_pipeline.make_train_iterator(config)
+  batches = _take(iterator, 3)  # epoch 0
+  video, key, labels = (np.concatenate([b[name] for b in batches])
+                        for name in ('video', 'key', 'label'))
+  order = _bad_spec_order(1)
+  bad = [s for s in range(11) if order[s] in BAD and order[s + 1] not in BAD]
+  assert len(bad) == 2
+  for slot in bad:
+    assert labels[slot] == labels[slot + 1] == order[slot + 1]
+    assert not np.array_equal(key[slot], key[slot + 1])
+    assert not np.array_equal(video[slot], video[slot + 1])
+    clips = iterator._decode(iterator._read(slot, slot + 1))
+    np.testing.assert_array_equal(clips['video'].numpy()[0], video[slot])
+    np.testing.assert_array_equal(clips['key'].numpy()[0], key[slot])
 
 
 def _eval_config(spec):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data import sampling
+from stat_jax.data import sampling
 
 
 def _segment(num_frames, segments, fraction):

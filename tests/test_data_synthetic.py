@@ -1,6 +1,7 @@
 """The synthetic motion dataset: determinism, reversed pairs, visible motion,
 shards + label map, and the TFDS builder."""
 
+import importlib
 import json
 import os
 
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 
 import data_testlib
-from data import dmvr
-from data import synthetic
+from stat_jax.data import dmvr
+from stat_jax.data import synthetic
 
 
 def test_classes_come_in_reversed_pairs():
@@ -87,7 +88,7 @@ def test_command_line(tmp_path, capsys):
 
 def test_tfds_builder_loads_offline(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
-  import data.synthetic_tfds  # noqa: F401  registers the builder
+  importlib.import_module('stat_jax.data.synthetic_tfds')  # registers the builder
   train = tfds.load('synthetic_motion/tiny', split='train',
                     data_dir=str(tmp_path))
   examples = list(train.as_numpy_iterator())

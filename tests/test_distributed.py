@@ -12,7 +12,7 @@ The runs compared (module fixtures; the slow part):
   killed          2 processes wait in a collective that process 1 never
                   joins; the test SIGKILLs process 1.
 Mixup and drop path are off. The global batch is the same array whatever
-the process count (data/train_pipeline.py), so the runs differ only by the float
+the process count (stat_jax/data/train_pipeline.py), so the runs differ only by the float
 rounding of their meshes' reductions.
 """
 

@@ -19,7 +19,7 @@ FAKE_TRAIN = r'''
 import sys
 from absl import app
 from stat_jax import trainer
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 import train
 
 workdir, kinds = sys.argv[1], sys.argv[2:]

@@ -14,7 +14,7 @@ from PIL import Image
 
 import export_testlib
 import video_testlib
-from data import dmvr, synthetic
+from stat_jax.data import dmvr, synthetic
 from stat_jax import attention, attention_maps, confusion, explain
 from stat_jax.deploy import inference
 

@@ -1,4 +1,4 @@
-"""Data faults that used to lose work or hang: unreadable train shards,
+"""Data faults that must not lose work or hang: unreadable train shards,
 label spaces that do not match the model, shards deleted between a stop and
 its resume, converter / synthetic output folders, and one-line errors of
 the data and deploy tools."""
@@ -15,9 +15,11 @@ import tensorflow as tf
 import data_testlib
 import training_testlib
 from configs import tiny
-from data import convert, dmvr, inspect, labels, synthetic, train_pipeline
+from stat_jax.checks import data as data_checks
+from stat_jax.data import (convert, dmvr, inspect_shards, synthetic,
+                           train_pipeline)
 from stat_jax import trainer
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 from stat_jax.preemption import watch
 
 
@@ -141,12 +143,12 @@ def test_label_space_mismatches_are_refused_before_training(motion, tmp_path):
   spec = data_testlib.write_level_shards(str(tmp_path / 'level'), 'l',
                                          [6] * 12, 2)
   config = data_testlib.tiny_config(spec, eval_spec=spec)
-  labels.check_label_space(config)
+  data_checks.check_label_space(config)
   config.model.num_classes = 4
   with pytest.raises(UserError, match=r"train_spec .*: 8 of 12 sampled "
                      r"records have labels outside 0..3 \(model.num_classes "
                      r"= 4\): 4, 5, 6"):
-    labels.check_label_space(config)
+    data_checks.check_label_space(config)
 
 
 def test_a_shard_deleted_mid_run_stops_it_naming_the_shard(tmp_path):
@@ -242,7 +244,7 @@ def test_synthetic_refuses_another_set_in_out(tmp_path, capsys):
 def test_inspect_a_file_that_is_not_a_tfrecord(tmp_path, capsys):
   path = tmp_path / 'notes.txt'
   path.write_text('this is not a TFRecord file at all\n' * 3)
-  assert inspect.main([str(path)]) == 1
+  assert inspect_shards.main([str(path)]) == 1
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and 'not a TFRecord file' in err
 

@@ -1,4 +1,4 @@
-"""Faults of the training loop and of checkpoints that used to lose work:
+"""Faults of the training loop and of checkpoints that must not lose work:
 a crash while a checkpoint is being written, NaN states, corrupt checkpoints,
 a resume under another config, unchecked config values, duplicated log
 lines. The runs share one tiny config (tests/training_testlib.py's run_config),
@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from absl import app
 
-from stat_jax import (checkpoint, config_compare, preemption, preflight,
-                      storage, trainer)
-from stat_jax.config_validation import ConfigError, validate
+from stat_jax import checkpoint, preemption, storage, trainer
+from stat_jax.checks import workdir as workdir_checks
+from stat_jax.checks.config import ConfigError, check_batch_on_mesh, validate
 from stat_jax.deploy import inference, predict
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 from stat_jax.train_state import abstract_train_state, with_shardings
 from conftest import ROOT
 from training_testlib import run_config
@@ -297,15 +297,15 @@ def test_run_control_keys_may_change_and_data_keys_may_not(motion):
   config = run_config(motion, total_steps=100, eval_every=7, log_every=3,
                       checkpoint_every=9, keep_checkpoints=1)
   config.data.eval_batch_size, config.mesh.fsdp = 2, 2
-  assert config_compare.changed_keys(saved, config) == {}
+  assert workdir_checks.changed_keys(saved, config) == {}
   config.data.train_spec = motion['train'] + ',' + motion['train']
   config.optimizer.base_lr = 1.0
-  assert set(config_compare.changed_keys(saved, config)) == {
+  assert set(workdir_checks.changed_keys(saved, config)) == {
       'data.train_spec', 'optimizer.base_lr'}
   config.data.allow_data_change = True  # the data side checks the records
-  assert set(config_compare.changed_keys(saved, config)) == {'optimizer.base_lr'}
+  assert set(workdir_checks.changed_keys(saved, config)) == {'optimizer.base_lr'}
   config.resume_with_changed_config = True
-  assert config_compare.check_resume(saved, config, 3, 'x') == {
+  assert workdir_checks.check_resume(saved, config, 3, 'x') == {
       'optimizer.base_lr': (saved['optimizer']['base_lr'], 1.0)}
 
 
@@ -333,11 +333,11 @@ def test_what_the_mesh_asks_of_the_batch_is_checked_before_compiling(motion):
   mesh = trainer.sharding.make_mesh(config)  # one device
   with pytest.raises(UserError, match='grad_accum_steps=4 does not divide the '
                      '6 clips of each of the 1 devices'):
-    preflight.check_mesh(config, mesh)
+    check_batch_on_mesh(config, mesh)
   config = run_config(motion, batch_size=6, **{'data.repeated_augment': 4})
   with pytest.raises(UserError, match='each device holds 6 clips and a video '
                      'gives data.repeated_augment = 4'):
-    preflight.check_mesh(config, mesh)
+    check_batch_on_mesh(config, mesh)
 
 
 def test_predict_refuses_a_negative_top_k():

@@ -7,7 +7,7 @@ import pytest
 from configs import tiny
 from stat_jax import flops
 from stat_jax import model as model_lib
-from stat_jax.model import abstract_model
+from stat_jax.build import abstract_model
 
 
 def test_dense_and_conv_hand_count():

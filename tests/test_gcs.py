@@ -23,7 +23,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT
-from data import convert, dmvr, synthetic
+from stat_jax.data import convert, dmvr, synthetic
 from stat_jax import checkpoint, explain, trainer
 from stat_jax.deploy import export, predict
 from stat_jax.train_state import abstract_train_state, with_shardings

@@ -4,7 +4,7 @@ gives torchvision's logits (predict --clip_npy); so does the same state
 dict under PySlowFast's names and as safetensors; a wrong mapping of any
 one tensor does not; a pickle that would run code is refused.
 
-torch is a test dependency (requirements-test.txt): these are ci_extra.
+torch is the package's `torch` extra (pyproject.toml): these are ci_extra.
 """
 
 import json

@@ -10,7 +10,7 @@ import pytest
 import scipy.stats
 
 from stat_jax import defaults
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 from stat_jax.mixup import (_cutmix_box, check_pairing, mixup_cutmix,
                             partner_fn, smooth_one_hot, symmetric_beta)
 from tests.conftest import run_on_cpu_devices

@@ -22,9 +22,10 @@ from jax import export
 from configs import tiny
 from conftest import run_on_cpu_devices
 from stat_jax import arch, flops
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 from stat_jax.kernels import common, mlp
-from stat_jax.model import Mlp, STABlock, abstract_model, build_model
+from stat_jax.build import abstract_model, build_model
+from stat_jax.model import Mlp, STABlock
 
 CHANNELS, HIDDEN, EPS = 48, 96, 1e-6
 KEEP = 0.8  # drop-path keep probability: a kept clip's branch is scaled 1 / KEEP

@@ -9,11 +9,12 @@ import pytest
 from flax import nnx
 
 from configs import k400, ssv2, tiny
-from stat_jax.config_validation import ConfigError
+from stat_jax.checks.config import ConfigError
 from stat_jax import defaults
 from stat_jax import model as model_lib
 from stat_jax.flops import param_count
-from stat_jax.model import STAT, abstract_model, build_model
+from stat_jax.build import abstract_model, build_model
+from stat_jax.model import STAT
 
 
 forward = nnx.jit(lambda model, video: model(video))

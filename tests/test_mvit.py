@@ -14,7 +14,7 @@ import safetensors.numpy
 from configs import mvit_b
 from mvit_testlib import run_import, torchvision_tensors
 from stat_jax import flops
-from stat_jax.config_validation import ConfigError, validate
+from stat_jax.checks.config import ConfigError, validate
 
 
 def test_mvit_b_16x4_cost_is_torchvisions():

@@ -7,7 +7,7 @@ import pytest
 
 import export_testlib
 import video_testlib
-from data import convert, eval_pipeline
+from stat_jax.data import convert, eval_pipeline
 from stat_jax import trainer
 from stat_jax.deploy import export, predict
 

@@ -1,4 +1,4 @@
-"""Record index files (data/dmvr.py, data/records.py): written beside each
+"""Record index files (stat_jax/data/dmvr.py, stat_jax/data/records.py): written beside each
 shard, read at start-up instead of a header scan, and rebuilt, with one
 warning line, when missing or no longer fitting the shard. The reference
 is always dmvr.index_shard, the header scan itself."""
@@ -8,7 +8,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from data import dmvr, records
+from stat_jax.data import dmvr, records
 
 PAYLOADS = [b'a' * 10, b'', b'bb' * 40, b'c' * 5, b'd' * 7]
 

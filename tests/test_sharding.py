@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from stat_jax import sharding
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 
 
 def tpu_devices(slices: int, per_slice: int):

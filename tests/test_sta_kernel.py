@@ -19,8 +19,8 @@ from conftest import run_on_cpu_devices
 from configs import tiny
 from stat_jax import attention as sta_lib
 from stat_jax.kernels import common, sta_attention
-from stat_jax.errors import UserError
-from stat_jax.model import build_model
+from stat_jax.checks.errors import UserError
+from stat_jax.build import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Clips, frames, heads, queries per frame, K_CA (+ class token), K_SA, head width.

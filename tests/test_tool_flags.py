@@ -13,7 +13,7 @@ TOOLS = ('benchmarks.aot', 'benchmarks.explain_checks',
          'benchmarks.input_pipeline', 'benchmarks.roofline',
          'benchmarks.scaling', 'benchmarks.speed', 'benchmarks.sta_blocks',
          'benchmarks.wide_shards',
-         'data.convert', 'data.inspect', 'data.synthetic',
+         'stat_jax.data.convert', 'stat_jax.data.inspect_shards', 'stat_jax.data.synthetic',
          'stat_jax.deploy.export', 'stat_jax.deploy.predict',
          'stat_jax.explain', 'stat_jax.flops', 'stat_jax.launch')
 

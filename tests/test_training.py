@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data import eval_pipeline, synthetic, train_pipeline
+from stat_jax.data import eval_pipeline, synthetic, train_pipeline
 from stat_jax import augment_device, optim, trainer
-from stat_jax.config_validation import ConfigError
+from stat_jax.checks.config import ConfigError
 from stat_jax.train_state import ModelParts, init_train_state
 from stat_jax.train_step import make_eval_step, make_train_step
 from training_testlib import fixed_batch, no_randomness, run_config

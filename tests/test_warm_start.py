@@ -20,7 +20,7 @@ from configs import tiny
 from mvit_testlib import run_import, run_tool, torchvision_tensors
 from stat_jax import param_names, trainer
 from stat_jax.deploy import predict
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 from stat_jax.train_state import ModelParts
 from stat_jax.transfer import load_pretrained
 from training_testlib import run_config

@@ -39,7 +39,7 @@ def _affine(clip, transform):
 def _translate(clip, pixels, axis):
   """Shift the content by round(pixels) along axis (1 = y, 2 = x; positive:
   towards 0), grey fill: output[i] = input[i + shift], as `_affine` with
-  offset `pixels`, at whole pixels (pad + slice, 4x faster than the warp)."""
+  offset `pixels`, at whole pixels (pad + slice: cheaper than the warp)."""
   size = tf.shape(clip)[axis]
   shift = tf.clip_by_value(tf.cast(tf.round(pixels), tf.int32), -size, size)
   pad = tf.abs(shift)
@@ -74,7 +74,7 @@ def _equalize(clip):
 
 def _channel_extreme(reduce, clip):
   """Per-channel reduce_min / reduce_max over [T, H, W] -> [3], as rows of
-  W*3 values first: 3x faster than reducing the three leading axes."""
+  W*3 values first: one reduction instead of three over the leading axes."""
   rows = reduce(tf.reshape(clip, [-1, tf.shape(clip)[2] * 3]), 0)  # [W*3]
   return reduce(tf.reshape(rows, [-1, 3]), 0)
 

@@ -41,7 +41,7 @@ from jax2onnx import to_onnx
 
 from stat_jax import cli, defaults, param_names, storage
 from stat_jax.deploy import inference
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError, report_user_errors
 
 ONNX_OPSET = 21  # runs in ONNX Runtime 1.18 and later
 # StableHLO and SavedModel carry one lowering per platform.
@@ -252,7 +252,7 @@ def _export() -> int:
 def run(args: list[str]) -> int:
   """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
   cli.no_positional(args)
-  return cli.report_user_errors('stat_jax.deploy.export', _export,
+  return report_user_errors('stat_jax.deploy.export', _export,
                                 user_errors=(FileExistsError,))
 
 

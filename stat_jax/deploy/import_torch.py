@@ -10,8 +10,8 @@ checkpoint (.pyth, its `model_state`), or either state dict as a
 .safetensors file. PyTorch files are read with
 `torch.load(weights_only=True)`, whose unpickler builds tensors and plain
 containers only and refuses any other object: no code in the file runs.
-torch is needed for those alone (any recent build, CPU will do; the tests
-pin one in requirements-test.txt); safetensors files need no torch.
+torch is needed for those alone (any recent build, CPU will do; the
+package's `torch` extra pins the pair the tests use); safetensors files need no torch.
 
 Every parameter of the model of --config gets one tensor of the file, by
 the renames of --format and in Flax's layout (stat_jax/param_names.py);
@@ -39,8 +39,8 @@ from flax import nnx
 from ml_collections import config_flags
 
 from stat_jax import checkpoint, cli, param_names, sharding
-from stat_jax.config_validation import validate
-from stat_jax.errors import UserError
+from stat_jax.checks.config import validate
+from stat_jax.checks.errors import UserError, report_user_errors
 from stat_jax.train_state import TrainState, abstract_train_state
 
 FORMATS = ('torchvision', 'pyslowfast')
@@ -244,7 +244,7 @@ def run(args: list[str]) -> int:
           f'({FLAGS.format}); use --workdir={FLAGS.out}')
     return 0
 
-  return cli.report_user_errors(_PROGRAM, action)
+  return report_user_errors(_PROGRAM, action)
 
 
 def main(argv: list[str]) -> int:

@@ -21,10 +21,10 @@ import ml_collections
 import tensorflow as tf
 from flax import nnx
 
-from data import labels
+from stat_jax.data import labels
 from stat_jax import augment_device, checkpoint, compile_cache, defaults
 from stat_jax import sharding
-from stat_jax.config_validation import validate
+from stat_jax.checks.config import validate
 from stat_jax.train_state import ModelParts, abstract_train_state, with_shardings
 
 

@@ -7,7 +7,7 @@ A window of `window_s` seconds slides by `stride_s` over the whole video
 (both rounded to whole frames at the video's average frame rate; the last
 window ends at the last frame, shorter if the stride does not divide the
 rest). In each window the config's T frames are sampled as the eval sampler
-samples a clip (data/sampling.py, one clip: segment centres, or a centred
+samples a clip (stat_jax/data/sampling.py, one clip: segment centres, or a centred
 dense span), its short side resized and cut into the config's spatial
 crops; the crops' probabilities are averaged. The video is decoded once,
 keeping only the last window's frames, and the windows go through the model
@@ -34,9 +34,9 @@ import tensorflow as tf
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import convert, sampling
+from stat_jax.data import convert, sampling
 from stat_jax import plots, storage
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 
 OVERLAY_TOP = 3
 TIMELINE_TOP = 5

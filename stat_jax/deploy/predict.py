@@ -7,7 +7,7 @@
 
 Each video is decoded with PyAV (any container and codec FFmpeg reads),
 its short side resized to data.eval_short_side, and cut into the eval views
-of the run's config with data/sampling.py (num_clips x num_crops clips of T
+of the run's config with stat_jax/data/sampling.py (num_clips x num_crops clips of T
 frames); the class probabilities are averaged over the views, as eval.py
 does. Prints the top-k classes of each video, or with --json one JSON list.
 A file that cannot be read is reported and skipped; the exit code is then 1.
@@ -40,10 +40,10 @@ import tensorflow as tf
 from absl import flags
 from flax import nnx
 
-from data import convert, sampling
+from stat_jax.data import convert, sampling
 from stat_jax import cli, defaults, storage
 from stat_jax.deploy import inference, long_video
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError, report_user_errors
 
 # Export formats predict can run, in the order --format defaults to them.
 EXPORT_FORMATS = ('stablehlo', 'onnx', 'savedmodel')
@@ -269,7 +269,7 @@ def run(videos: list[str]) -> int:
   """The tool, FLAGS parsed; `videos`: the arguments that are not flags."""
   if FLAGS.clip_npy:
     cli.no_positional(videos)
-    return cli.report_user_errors(_PROGRAM, _predict_clip)
+    return report_user_errors(_PROGRAM, _predict_clip)
   return cli.run_on_videos(_PROGRAM, _predict, videos)
 
 

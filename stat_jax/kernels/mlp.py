@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 from stat_jax.kernels import common
 
 # Rows (frames x tokens) a grid step aims for: enough to amortise the step's

@@ -1,4 +1,7 @@
-"""Resume only under the config a checkpoint was trained with.
+"""Refusals of the run directory: it must be writable, and a run resumes
+only under the config its checkpoint was trained with. The third group of
+checks (stat_jax/checks/__init__.py).
+
 
 Every checkpoint stores its run's config (stat_jax/checkpoint.py). Resuming
 compares it with the config of the new run: a change to the model, the
@@ -24,8 +27,10 @@ it when changing it mid-run cannot change what is trained.
 import json
 
 import ml_collections
+import tensorflow as tf
 
-from stat_jax.errors import UserError
+from stat_jax import storage
+from stat_jax.checks.errors import UserError
 
 # Exact keys, or prefixes ending in '.', that may differ on resume.
 RUN_CONTROL_KEYS = (
@@ -45,7 +50,7 @@ RUN_CONTROL_KEYS = (
     'data.skip_warning_fraction', 'data.allow_data_change', 'data.synthetic.',
 )
 # May differ when data.allow_data_change is set (the data side then checks
-# the records themselves: data/train_pipeline.py).
+# the records themselves: stat_jax/data/train_pipeline.py).
 DATA_CHANGE_KEYS = ('data.train_spec',)
 
 
@@ -89,3 +94,18 @@ def check_resume(saved: dict, config: ml_collections.ConfigDict,
         f'config: {listed}{more}. Use another --workdir, or pass '
         '--config.resume_with_changed_config=True to resume it anyway')
   return changed
+
+
+def check_writable(directory: str) -> None:
+  """Files can be created in `directory` (made if missing), where a run
+  writes its checkpoints, logs and reports. Tried with a probe file, created
+  and removed: the permission bits that os.access reads say yes to root, a
+  read-only mount or a network file system may say otherwise, and a bucket
+  answers for its own permissions (a missing bucket, missing credentials
+  and a denied write all fail here, before anything compiles)."""
+  try:
+    storage.write_probe(directory)
+  except (OSError, tf.errors.OpError) as error:
+    raise UserError(f'{directory} is not writable ({storage.reason(error)});'
+                    ' checkpoints, logs and reports are written there: give '
+                    'a --workdir you can write to') from error

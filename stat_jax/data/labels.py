@@ -4,25 +4,22 @@ labels fit model.num_classes.
 
 A record's label is its clip/label/index, else the label map's number of its
 clip/label/string. The label map is data.label_map, else label_map.txt beside
-the shards (data.convert writes it).
+the shards (stat_jax.data.convert writes it).
 """
 
 
 import numpy as np
 import tensorflow as tf
 
-from data import dmvr
-from data import records
+from stat_jax.data import dmvr
+from stat_jax.data import records
 from stat_jax import storage
-from stat_jax.errors import UserError
-
-_LABEL_SAMPLE = 64  # records whose labels check_label_space reads per spec
-
+from stat_jax.checks.errors import UserError
 
 def label_table(data, spec):
   """class name -> label from data.label_map (or label_map.txt beside the
   shards); None when there is no such file (then records need an index)."""
-  path = _label_map_path(data, spec)
+  path = label_map_path(data, spec)
   if not tf.io.gfile.exists(path):
     if data.label_map:
       raise FileNotFoundError(f'data.label_map: no such file {path}')
@@ -32,13 +29,13 @@ def label_table(data, spec):
       tf.lookup.KeyValueTensorInitializer(names, tf.range(len(names))), -1)
 
 
-def _label_map_path(data, spec: str) -> str:
+def label_map_path(data, spec: str) -> str:
   """data.label_map, else label_map.txt beside the shards of `spec`."""
   return data.label_map or storage.join(dmvr.spec_directory(spec),
                                         'label_map.txt')
 
 
-def _label_map_paths(data):
+def label_map_paths(data):
   if data.label_map:
     yield data.label_map
   for spec in (data.eval_spec, data.train_spec):
@@ -53,7 +50,7 @@ def class_names(config) -> list[str]:
   """From data.label_map, else label_map.txt beside the eval (or train)
   shards, else '0' .. 'N-1'."""
   count = config.model.num_classes
-  for path in _label_map_paths(config.data):
+  for path in label_map_paths(config.data):
     if tf.io.gfile.exists(path):
       names = dmvr.load_label_map(path)
       if len(names) != count:
@@ -64,7 +61,7 @@ def class_names(config) -> list[str]:
   return [str(i) for i in range(count)]
 
 
-def _sample_labels(index: records.RecordIndex, names: list | None, count: int):
+def sample_labels(index: records.RecordIndex, names: list | None, count: int):
   """(labels, unknown label texts, records read) of up to `count` records
   spread over the index; records that do not parse are left to the stream."""
   labels, unknown, read = [], set(), 0
@@ -82,35 +79,6 @@ def _sample_labels(index: records.RecordIndex, names: list | None, count: int):
     elif clip.label_texts and names is not None:
       unknown.add(clip.label_texts[0])
   return labels, unknown, read
-
-
-def check_label_space(config, train_index: records.RecordIndex | None = None) -> None:
-  """Before the first step: the label map (class_names' search order) has
-  model.num_classes names, and the labels of a sample of train and eval
-  records are in 0 .. num_classes - 1 (the stream would skip the others
-  silently, and the end-of-run report fail). UserError naming what differs."""
-  data, count = config.data, config.model.num_classes
-  class_names(config)  # the label map's length
-  for key, index in (('train_spec', train_index), ('eval_spec', None)):
-    spec = data[key]
-    if not spec:
-      continue
-    index = index or records.RecordIndex(spec)
-    path = _label_map_path(data, spec)
-    names = (dmvr.load_label_map(path) if tf.io.gfile.exists(path) else None)
-    labels, unknown, read = _sample_labels(index, names, _LABEL_SAMPLE)
-    outside = sorted({label for label in labels if not 0 <= label < count})
-    if outside:
-      bad = sum(not 0 <= label < count for label in labels)
-      raise UserError(
-          f'data.{key} {spec!r}: {bad} of {read} sampled records have labels '
-          f'outside 0..{count - 1} (model.num_classes = {count}): '
-          f'{", ".join(map(str, outside[:10]))}; set model.num_classes to '
-          'the class count of the data set')
-    if unknown:
-      raise UserError(f'data.{key} {spec!r}: label(s) '
-                       f'{", ".join(map(repr, sorted(unknown)[:10]))} of sampled '
-                       f'records are not in the label map {path}')
 
 
 def label(parsed, table, num_classes):

@@ -1,9 +1,9 @@
 """Videos + annotations -> DMVR TFRecord shards (docs/design.md#data).
 
-  python -m data.convert --videos DIR --kinetics_csv train.csv --out OUT
-  python -m data.convert --videos DIR --ssv2_json train.json \
+  python -m stat_jax.data.convert --videos DIR --kinetics_csv train.csv --out OUT
+  python -m stat_jax.data.convert --videos DIR --ssv2_json train.json \
       --ssv2_labels labels.json --out OUT --name train
-  python -m data.convert --videos DIR --csv list.csv --out OUT
+  python -m stat_jax.data.convert --videos DIR --csv list.csv --out OUT
 
 Annotations:
   Kinetics CSV  label,youtube_id,time_start,time_end,split; the video is
@@ -37,9 +37,9 @@ import tensorflow as tf
 import tqdm
 from absl import flags
 
-from data import dmvr
+from stat_jax.data import dmvr
 from stat_jax import cli, storage
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError, report_user_errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +293,7 @@ def _annotations():
 def run(args: list[str]) -> int:
   """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
   cli.no_positional(args)
-  return cli.report_user_errors('data.convert', _convert)
+  return report_user_errors('stat_jax.data.convert', _convert)
 
 
 def _convert() -> int:

@@ -3,7 +3,7 @@
 Every shard is indexed into (file, offset, length) triples, so a pipeline
 can order, skip and split records by number and read each one alone
 (FixedLengthRecordDataset at its offset): resuming skips index entries,
-never data. A shard's triples come from its index file (data/dmvr.py); a
+never data. A shard's triples come from its index file (stat_jax/data/dmvr.py); a
 shard without one, or whose one no longer fits it, is indexed by a header
 scan, its index file written for the next start, with one warning line for
 the spec.
@@ -16,9 +16,9 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from data import dmvr
+from stat_jax.data import dmvr
 from stat_jax import storage
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 
 READ_PARALLELISM = 8  # records read concurrently by read()
 

@@ -1,6 +1,6 @@
 """Summarise DMVR shards: clips, frames per clip, resolution, labels, errors.
 
-  python -m data.inspect 'DIR/train.tfrecord@4' [--json] [--full]
+  python -m stat_jax.data.inspect_shards 'DIR/train.tfrecord@4' [--json] [--full]
 
 A record counts as skipped when it fails to parse, has no frames, or one of
 the checked frames fails to decode (first, middle, last; --full: all). With
@@ -15,9 +15,9 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from data import dmvr
+from stat_jax.data import dmvr
 from stat_jax import cli
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError, report_user_errors
 
 _MAX_ERRORS_LISTED = 20
 
@@ -95,7 +95,7 @@ def run(args: list[str]) -> int:
   or a comma list)."""
   if len(args) != 1:
     raise app.UsageError(f'give one shard spec, not {args}')
-  return cli.report_user_errors('data.inspect', lambda: _inspect(args[0]))
+  return report_user_errors('stat_jax.data.inspect_shards', lambda: _inspect(args[0]))
 
 
 def _inspect(spec: str) -> int:

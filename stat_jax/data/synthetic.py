@@ -10,7 +10,7 @@ Backgrounds are mid-grey under a random texture, not a random colour: a
 per-clip offset of the whole input stalls learning from scratch (the demo
 STAT, and a plain 3D CNN, stay at chance; benchmarks/RESULTS.md, "The demo").
 
-  python -m data.synthetic --out /tmp/motion --train 1000 --val 200
+  python -m stat_jax.data.synthetic --out /tmp/motion --train 1000 --val 200
 
 writes `train.tfrecord-0000X-of-0000N`, `val.tfrecord-...` (DMVR layout) and
 label_map.txt. Train with flip off: left/right and cw/ccw are labels.
@@ -26,9 +26,9 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from data import dmvr
+from stat_jax.data import dmvr
 from stat_jax import cli, storage
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError, report_user_errors
 
 CLASSES = (
     'move_left', 'move_right',
@@ -322,7 +322,7 @@ flags.DEFINE_integer('seed', 0, 'Random seed.', flag_values=FLAGS)
 def run(args: list[str]) -> int:
   """The tool, FLAGS parsed; `args`: the arguments that are not flags."""
   cli.no_positional(args)
-  return cli.report_user_errors('data.synthetic', _generate)
+  return report_user_errors('stat_jax.data.synthetic', _generate)
 
 
 def _generate() -> int:

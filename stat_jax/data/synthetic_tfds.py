@@ -1,6 +1,6 @@
 """TFDS builder for the synthetic motion dataset (offline, no downloads).
 
-  import data.synthetic_tfds  # registers 'synthetic_motion'
+  import stat_jax.data.synthetic_tfds  # registers 'synthetic_motion'
   ds = tfds.load('synthetic_motion', data_dir=DIR)          # 1000/200 x 32x64²
   ds = tfds.load('synthetic_motion/tiny', data_dir=DIR)     # 48/24 x 8x32²
 
@@ -13,7 +13,7 @@ import dataclasses
 
 import tensorflow_datasets as tfds
 
-from data import synthetic
+from stat_jax.data import synthetic
 
 
 @dataclasses.dataclass

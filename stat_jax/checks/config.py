@@ -1,19 +1,20 @@
 """Refuse a bad experiment config before anything is built or compiled.
 
-Two checks: every key must exist in the reference schema (stat_jax/defaults.py,
+The first group of checks (stat_jax/checks/__init__.py). Every key must exist in the reference schema (stat_jax/defaults.py,
 so a typo like `model.windw` is caught even in a config file), and every
 value must be one the model and pipeline can honour. Errors name the key,
 the value and what is allowed. `validate_model` checks only what the model
-reads (model.build_model calls it); `validate` checks everything (training
-and evaluation call it).
+reads (build.build_model calls it); `validate` checks everything (training
+and evaluation call it). `check_batch_on_mesh` checks the batch against the
+devices once the mesh exists, still before any compile.
 """
 
 import difflib
 
 import ml_collections
 
-from stat_jax import arch, conv, defaults, mixup
-from stat_jax.errors import UserError
+from stat_jax import arch, conv, defaults, mixup, sharding
+from stat_jax.checks.errors import UserError
 from stat_jax.attention import (ATTENTION_IMPLS, ATTENTION_SETS, CUDNN_DTYPES,
                                 HEAD_LAYOUTS, SPATIAL_SUMMARIES)
 from stat_jax.kernels.mlp import MLP_IMPLS
@@ -262,3 +263,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_data(config)
   check_training(config)
   check_mesh(config)
+
+
+def check_batch_on_mesh(config: ml_collections.ConfigDict, mesh) -> None:
+  """The batch splits over the devices of `mesh`: equally, each device's
+  clips into config.grad_accum_steps micro-batches (each device splits its
+  own rows), and into mixup pairs (stat_jax/mixup.py: each device's clips
+  and data.repeated_augment must divide one another)."""
+  sharding.check_batch(config.batch_size, mesh)
+  per_device = config.batch_size // mesh.size
+  if per_device % config.grad_accum_steps:
+    raise UserError(
+        f'config.grad_accum_steps={config.grad_accum_steps} does not divide '
+        f'the {per_device} clips of each of the {mesh.size} devices '
+        f'(batch_size {config.batch_size}): each device splits its own clips '
+        'into the micro-batches')
+  if mixup.mixes(config.mixup):
+    mixup.check_pairing(per_device, config.data.repeated_augment)

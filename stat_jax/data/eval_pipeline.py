@@ -2,8 +2,8 @@
 of uint8 views (docs/design.md#data).
 
 Process k reads the contiguous slice [k n / P, (k+1) n / P) of the record
-index sorted by (file, offset) (data/records.py); each video yields
-num_clips x num_crops views (data/sampling.py eval_indices, spatial_crops).
+index sorted by (file, offset) (stat_jax/data/records.py); each video yields
+num_clips x num_crops views (stat_jax/data/sampling.py eval_indices, spatial_crops).
 One batch element is one view; every process yields the same number of
 batches of the same size: its share of eval_batch_size * views (rounded
 up) rounded up to a multiple of its devices, so that the global batch
@@ -21,13 +21,13 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from data import dmvr
-from data import labels
-from data import records
-from data import sampling
-from data.train_pipeline import DATA_ERRORS
+from stat_jax.data import dmvr
+from stat_jax.data import labels
+from stat_jax.data import records
+from stat_jax.data import sampling
+from stat_jax.data.train_pipeline import DATA_ERRORS
 from stat_jax import defaults
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 
 _PREFETCH_BATCHES = 2
 

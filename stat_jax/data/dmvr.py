@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from stat_jax import storage
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 
 IMAGE_KEY = 'image/encoded'
 LABEL_INDEX_KEY = 'clip/label/index'

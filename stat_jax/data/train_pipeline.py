@@ -1,43 +1,47 @@
 """tf.data train pipeline over DMVR shards (docs/design.md#data); the eval
-pipeline is data/eval_pipeline.py.
+pipeline is stat_jax/data/eval_pipeline.py.
 
-Phases: index -> order -> read -> parse -> sample -> decode -> crop -> batch.
-Batches are uint8 clips; the train augmentation after the crop (flip,
-RandAugment, normalisation, random erasing) runs on the device
-(stat_jax/augment_device.py), from per-clip key data shipped with them.
-
-Index: data/records.py. Labels: data/labels.py.
-
-Train order: one global stream of slots, the same for any number of
-processes. Slot s = e n + i (n records) holds record perm_e(i), where perm_e
-is tf.random.experimental.index_shuffle seeded (seed, e): every epoch visits
-all n records, in a new order. Global batch j is the R = batch_size /
-data.repeated_augment slots [j R, (j + 1) R), a record's clips side by side;
-each process reads the slots of the global batch rows its devices hold
-(sharding.process_rows; by default process k of P the k-th contiguous
-block), so the global batch is the same array whatever the process count or
-mesh, and a run saved by N processes resumes on M with the same data.
-Per-slot randomness comes from the stateless seed fold_in(fold_in((seed, 0),
-e), i): the frames, the crop windows and the uint32 [2] key data of each
-clip's device augmentation. Records are read with FixedLengthRecordDataset
-under a deterministic parallel interleave.
+The file follows the pipeline's phases, in order:
+1. index: every record of data.train_spec as a (file, offset, length)
+   entry (stat_jax/data/records.py: the shards' index files).
+2. order: one global stream of slots, the same for any number of
+   processes; slot s holds record perm_e(i) and draws from a seed of its
+   own (stat_jax/data/train_order.py). Global batch j is the R = batch_size
+   / data.repeated_augment slots [j R, (j + 1) R), a record's clips side by
+   side; each process reads the slots of the global batch rows its devices
+   hold (sharding.process_rows; by default process k of P the k-th
+   contiguous block), so the global batch is the same array whatever the
+   process count or mesh, and a run saved by N processes resumes on M with
+   the same data.
+3. read: each slot's record alone, by its index entry
+   (FixedLengthRecordDataset under a deterministic parallel interleave; the
+   Python path below, RecordIndex.read).
+4. decode: parse, label (stat_jax/data/labels.py), sample the frames and
+   decode each one inside its random crop windows (stat_jax/data/sampling.py),
+   and draw the uint32 [2] key data of each clip's device augmentation (flip,
+   RandAugment, normalisation, random erasing: stat_jax/augment_device.py);
+   or, for a record that gives no clip, a marker with the reason.
+5. batch: this process's slots of each global batch as one chunk, markers
+   filled (below), then the records' clips side by side: uint8 clips.
 
 A record that fails to parse, lacks a label, or has a JPEG that fails to
-decode gives no clip. Its slot takes the next record of the global order that
-does (slots s + 1, s + 2, ..., read one by one on the Python side), decoded
-with slot s's randomness, so what a slot holds does not depend on who reads
-it; such a record then appears twice in that epoch. The slot is counted in
-`num_skipped` (by its own record's reason, SKIP_REASONS), never turned into
-a zero clip. data.max_consecutive_skips records in a row without a clip (or
-as many as the index holds) stop the run naming the shards, and a stop
-request (SIGTERM, single-process) is honoured between records instead of
-waiting forever. Frames are checked for the JPEG start and end markers
-before libjpeg sees them (libjpeg prints a line to stderr for every bad
-frame). A shard that cannot be read any more (deleted during the run) stops
-the run naming it. Only data errors are skipped: a record that gives no
-clip is decoded again on its own, without skipping, and unless that fails
-with a DATA_ERRORS error (what a bad example, label or JPEG raises), the
-error (out of memory, a bug) stops the run with its traceback.
+decode gives no clip. Its slot s takes the next record of the global order
+that gives one (slots s + 1, s + 2, ...), with the draws of slot s. The
+Python path that finds it takes one slot at a time through the stream's own
+order and decode functions (the same record, seed and clips for a slot), so
+what a slot holds does not depend on who reads it; such a record then
+appears twice in that epoch. The slot is counted in `num_skipped` (by its
+own record's reason, SKIP_REASONS), never turned into a zero clip.
+data.max_consecutive_skips records in a row without a clip (or as many as
+the index holds) stop the run naming the shards, and a stop request
+(SIGTERM, single-process) is honoured between records instead of waiting
+forever. Frames are checked for the JPEG start and end markers before
+libjpeg sees them (libjpeg prints a line to stderr for every bad frame). A
+shard that cannot be read any more (deleted during the run) stops the run
+naming it. Only data errors are skipped: a record that gives no clip is
+decoded again with its errors raised, and unless that fails with a
+DATA_ERRORS error (what a bad example, label or JPEG raises), the error (out
+of memory, a bug) stops the run with its traceback.
 
 State: the next slot (as epoch, position) and the skip counters of the slots
 this process read, a few ints per process. Every process saves its state;
@@ -46,16 +50,18 @@ position (any process count), the counters' sums go to process 0.
 """
 
 import collections
+import itertools
 
 import numpy as np
 import tensorflow as tf
 
-from data import dmvr
-from data import labels
-from data import records
-from data import sampling
+from stat_jax.data import dmvr
+from stat_jax.data import labels
+from stat_jax.data import records
+from stat_jax.data import sampling
+from stat_jax.data import train_order
 from stat_jax import defaults
-from stat_jax.errors import UserError
+from stat_jax.checks.errors import UserError
 
 # The config key that lets a run resume on train data other than its
 # checkpoint's (TrainIterator.set_state).
@@ -71,7 +77,7 @@ SKIP_REASONS = {1: 'unreadable or not a clip', 2: 'no label or label out of '
                 'range', 3: 'frames that do not decode as JPEG'}
 _SKIP_KEYS = {1: 'skipped_unreadable', 2: 'skipped_label', 3: 'skipped_jpeg'}
 # What a record's own bad data raises in its decode (tf.io parsing, JPEG
-# decoding, the checks of data/sampling.py and data/labels.py).
+# decoding, the checks of stat_jax/data/sampling.py and stat_jax/data/labels.py).
 DATA_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.DataLossError)
 # What every process's saved data state must agree on.
 _GLOBAL_KEYS = ('epoch', 'position', 'seed', 'num_records', 'num_shards',
@@ -83,32 +89,74 @@ class Interrupted(Exception):
   valid clips; its state is still that after the last batch it returned."""
 
 
-# ------------------------------------------------------------------- train ---
+# ------------------------------------------------------------------- index ---
 
-def _slot_entry(slot, columns, seed):
-  """What slot `slot` (int64) of the train order holds: the index entry
-  (`columns`' file, offset, length) of record perm_e(i), e = slot // n,
-  i = slot % n, with its record number, and the slot with its e and i."""
-  count = tf.size(columns['file'], out_type=tf.int64)
-  epoch, position = slot // count, slot % count
-  record = tf.random.experimental.index_shuffle(
-      position, seed=tf.stack([tf.constant(seed, tf.int64), epoch]),
-      max_index=count - 1)
+def _index_columns(index: records.RecordIndex) -> dict:
+  """Every record's index entry, int64 [n] each: file, offset, length."""
+  return {key: tf.constant(value)
+          for key, value in index.entries(np.arange(len(index))).items()}
+
+
+# ------------------------------------------------------------------- order ---
+
+def _batch_slots(rows, clips_per_record: int) -> np.ndarray:
+  """The slots (offsets in a global batch) whose clips fill the global batch
+  rows `rows` (ascending); UserError if the rows split a record's clips."""
+  rows = np.asarray(rows)
+  slots = rows[::clips_per_record] // clips_per_record
+  whole = (np.repeat(slots * clips_per_record, clips_per_record)
+           + np.tile(np.arange(clips_per_record), len(slots)))
+  if not np.array_equal(whole, rows):
+    raise UserError(
+        f'the {len(rows)} global batch rows of this process split the '
+        f'{clips_per_record} clips of a record (data.repeated_augment): give '
+        f'a batch_size whose share per device is a multiple of '
+        f'{clips_per_record}')
+  return slots
+
+
+def _process_slots(first: int, batch_slots: np.ndarray,
+                   slots_per_batch: int) -> tf.data.Dataset:
+  """The slots this process reads, from global batch slot `first` on: the
+  offsets `batch_slots` in each global batch of `slots_per_batch` slots."""
+  offsets = tf.constant(batch_slots, tf.int64)
+  per_batch = len(batch_slots)
+  return tf.data.Dataset.counter().map(
+      lambda read: first + read // per_batch * slots_per_batch
+      + tf.gather(offsets, read % per_batch))
+
+
+def _slot_entry(order: train_order.TrainOrder, columns, slot, source):
+  """What slot `slot` gets: the index entry (`columns`' file, offset,
+  length) and record number of the record that slot `source` holds, and
+  the seed of `slot`'s draws. `source` is `slot` in the stream; a later slot
+  when the Python path fills a slot whose own record gave no clip."""
+  record = order.record(source)
   return dict({key: tf.gather(value, record) for key, value in columns.items()},
-              record_number=record, slot=slot, epoch=epoch, position=position)
+              record_number=record, slot=tf.cast(slot, tf.int64),
+              seed=order.randomness(slot))
 
 
-def _train_clips(element, data, seed, table, num_classes):
-  """The data.repeated_augment clips of one record with the randomness of
-  its slot: video uint8 [k, T, crop, crop, 3], key uint32 [k, 2] (each
-  clip's device augmentation), label."""
+# -------------------------------------------------------------------- read ---
+
+def _read_slot(index: records.RecordIndex, order: train_order.TrainOrder,
+               columns, slot: int, source: int) -> dict:
+  """The Python path's read of one slot: _slot_entry's entry plus the
+  record's bytes ('record'), read alone."""
+  entry = _slot_entry(order, columns, slot, source)
+  return dict(entry, record=tf.constant(
+      index.read(int(entry['record_number']))))
+
+
+# ------------------------------------------------------------------ decode ---
+
+def _train_clips(element, data, table, num_classes):
+  """The data.repeated_augment clips of a read record with the draws of
+  its slot (element['seed']): video uint8 [k, T, crop, crop, 3], key uint32
+  [k, 2] (each clip's device augmentation), label."""
   count = data.repeated_augment
-  slot_seed = tf.random.experimental.stateless_fold_in(
-      tf.random.experimental.stateless_fold_in(
-          tf.constant([seed, 0], tf.int64), element['epoch']),
-      element['position'])
   time_seed, crop_seed, device_seed = tf.unstack(
-      tf.random.experimental.stateless_split(slot_seed, 3))
+      tf.random.experimental.stateless_split(element['seed'], 3))
   parsed = dmvr.parse_tf(element['record'])
   label = labels.label(parsed, table, num_classes)
   indices = sampling.train_indices(tf.size(parsed['frames']), data, time_seed)
@@ -130,11 +178,10 @@ def _skipped(element, data, reason):
           'file': element['file'], 'reason': tf.constant(reason, tf.int32)}
 
 
-def _train_element(element, data, seed, table, num_classes):
-  """The one element of a read record (`element` holds its bytes under
-  'record'), never an error: the clips, or _skipped with the first reason of
-  SKIP_REASONS that explains the failure (the checks after the first
-  attempt run only for bad records)."""
+def _train_element(element, data, table, num_classes):
+  """The one element of a read record, never an error: the clips, or
+  _skipped with the first reason of SKIP_REASONS that explains the failure
+  (the checks after the first attempt run only for bad records)."""
   record = tf.data.Dataset.from_tensors(element)
 
   def parses(element):
@@ -146,7 +193,7 @@ def _train_element(element, data, seed, table, num_classes):
     return _skipped(element, data, 3)
 
   attempts = [
-      record.map(lambda e: _train_clips(e, data, seed, table, num_classes)),
+      record.map(lambda e: _train_clips(e, data, table, num_classes)),
       record.map(labelled), record.map(parses)]
   elements = tf.data.Dataset.from_tensors(_skipped(element, data, 1))
   for attempt in reversed(attempts):
@@ -154,39 +201,18 @@ def _train_element(element, data, seed, table, num_classes):
   return elements.take(1).get_single_element()
 
 
-def _batch_slots(rows, clips_per_record: int) -> np.ndarray:
-  """The slots (offsets in a global batch) whose clips fill the global batch
-  rows `rows` (ascending); UserError if the rows split a record's clips."""
-  rows = np.asarray(rows)
-  slots = rows[::clips_per_record] // clips_per_record
-  whole = (np.repeat(slots * clips_per_record, clips_per_record)
-           + np.tile(np.arange(clips_per_record), len(slots)))
-  if not np.array_equal(whole, rows):
-    raise UserError(
-        f'the {len(rows)} global batch rows of this process split the '
-        f'{clips_per_record} clips of a record (data.repeated_augment): give '
-        f'a batch_size whose share per device is a multiple of '
-        f'{clips_per_record}')
-  return slots
+# ------------------------------------------------------------------- batch ---
+
+def _clips(per_record: dict, count: int) -> dict:
+  """Records' video [n, k, ...], key [n, k, 2], label [n] -> the batch of
+  their n k clips, a record's clips side by side."""
+  video = per_record['video']
+  return {'video': video.reshape(-1, *video.shape[2:]),
+          'key': per_record['key'].reshape(-1, 2),
+          'label': np.repeat(per_record['label'], count)}
 
 
-def _agreed_state(states: list[dict]) -> dict:
-  """The data state that every process saved (they agree on _GLOBAL_KEYS);
-  UserError for states of the older per-process order, or that disagree."""
-  if any(int(state.get('order', 1)) != ORDER_VERSION for state in states):
-    raise UserError(
-        'the checkpoint\'s data state was written by an older stat-jax, whose '
-        'processes each read their own part of the train data; this one '
-        'reads one global order and cannot continue it exactly. Resume it '
-        'with the stat-jax that wrote it, or start a new workdir')
-  differ = [key for key in _GLOBAL_KEYS
-            if len({int(state[key]) for state in states}) > 1]
-  if differ:
-    raise UserError(f'the data states of the {len(states)} processes that '
-                     f'saved the checkpoint disagree on {", ".join(differ)}: '
-                     f'{[{key: s[key] for key in differ} for s in states]}')
-  return states[0]
-
+# ---------------------------------------------------------------- iterator ---
 
 class TrainIterator:
   """Infinite iterator of {'video' uint8 [b, T, crop, crop, 3], 'key'
@@ -211,12 +237,10 @@ class TrainIterator:
     self._slots_per_batch = config.batch_size // clips_per_record
     self._process_index = process_index
     self._data = config.data
-    self._num_classes = config.model.num_classes
-    self._index = records.RecordIndex(self._data.train_spec)
-    self._columns = {key: tf.constant(value) for key, value in
-                     self._index.entries(np.arange(len(self._index))).items()}
     self._seed = int(config.seed)
-    self._table = labels.label_table(self._data, self._data.train_spec)
+    self._index = records.RecordIndex(self._data.train_spec)
+    self._columns = _index_columns(self._index)
+    self._order = train_order.TrainOrder(len(self._index), self._seed)
     self._next_slot, self.num_skipped = 0, 0
     self.skipped = dict.fromkeys(SKIP_REASONS, 0)  # reason -> slots
     self._report_mark = (0, 0)  # (next slot, skipped) at skip_report
@@ -225,16 +249,17 @@ class TrainIterator:
     # freed at once, and its tf.data threads with it, instead of waiting for
     # a garbage collection to break a reference cycle (and stall it while
     # the threads stop).
-    data, seed, table = self._data, self._seed, self._table
-    num_classes = self._num_classes
-    self._element = lambda element: _train_element(element, data, seed, table,
+    data, table = self._data, labels.label_table(self._data,
+                                                 self._data.train_spec)
+    num_classes = config.model.num_classes
+    self._element = lambda element: _train_element(element, data, table,
                                                    num_classes)
-    # The slow path of a slot whose record gives no clip: one record at a
-    # time, traced once.
+    # The Python path of a slot whose record gives no clip, one slot at a
+    # time: the stream's decode, and the decode with errors raised (what
+    # made a record give no clip).
     self._decode = tf.function(self._element)
-    # The same decode with errors raised: what made a record give no clip.
     self._strict = tf.function(
-        lambda element: _train_clips(element, data, seed, table, num_classes))
+        lambda element: _train_clips(element, data, table, num_classes))
     self._max_run = int(self._data.max_consecutive_skips)
     self._data_ids = {
         'num_records': len(self._index), 'num_shards': len(self._index.files),
@@ -244,20 +269,18 @@ class TrainIterator:
     self.should_stop = None
 
   def _dataset(self):
-    """This process's slots from the next slot on, one chunk per global
-    batch: the clips of each, or the marker of a record without any."""
-    offsets = tf.constant(self._batch_slots, tf.int64)
-    per_batch, first = len(self._batch_slots), self._next_slot
-    slots_per_batch, columns, seed = (self._slots_per_batch, self._columns,
-                                      self._seed)
-    slots = tf.data.Dataset.counter().map(
-        lambda read: first + read // per_batch * slots_per_batch
-        + tf.gather(offsets, read % per_batch))
-    entries = slots.map(lambda slot: _slot_entry(slot, columns, seed))
-    elements = records.read(entries, self._index).map(
-        self._element, num_parallel_calls=self._data.num_parallel_calls,
-        deterministic=True)
-    return (elements.batch(per_batch, drop_remainder=True)
+    """The stream: this process's slots from the next slot on, one chunk
+    per global batch: the clips of each, or the marker of a record without
+    any."""
+    order, columns = self._order, self._columns
+    slots = _process_slots(self._next_slot, self._batch_slots,
+                           self._slots_per_batch)  # order
+    entries = slots.map(lambda slot: _slot_entry(order, columns, slot, slot))
+    read = records.read(entries, self._index)  # read
+    elements = read.map(self._element,  # decode
+                        num_parallel_calls=self._data.num_parallel_calls,
+                        deterministic=True)
+    return (elements.batch(len(self._batch_slots), drop_remainder=True)  # batch
             .prefetch(_PREFETCH_BATCHES))
 
   def __iter__(self):
@@ -307,42 +330,35 @@ class TrainIterator:
     return batch, collections.Counter(chunk['reason'][bad].tolist())
 
   def _replacement(self, slot: int, reason: int, file: int) -> dict:
-    """The clips of the first record after `slot` in the train order that
-    gives any, decoded with the randomness of `slot` (whose own record, from
-    shard number `file`, failed for `reason`)."""
-    own = _slot_entry(tf.constant(slot, tf.int64), self._columns, self._seed)
-    self._check_data_error(int(own['record_number']), own)
+    """The clips of the first record after slot `slot` in the train order
+    that gives any, with the draws of `slot` (whose own record, from shard
+    number `file`, gave none, for `reason`)."""
+    self._check_data_error(self._read(slot, slot))
     run = [(reason, file)]  # the records in a row without a clip
-    candidate = slot
-    while True:
+    for source in itertools.count(slot + 1):
       if len(run) >= min(self._max_run, len(self._index)):
         raise self._too_many_skips(run)
       self._check_stop()
-      candidate += 1
-      number = int(_slot_entry(tf.constant(candidate, tf.int64),
-                               self._columns, self._seed)['record_number'])
-      element = self._decode(self._element_of(number, own))
-      if not element['reason']:
-        return {key: element[key].numpy() for key in ('video', 'key', 'label')}
-      self._check_data_error(number, own)
-      run.append((int(element['reason']), int(self._index.file[number])))
+      element = self._read(slot, source)
+      clips = self._decode(element)
+      if not clips['reason']:
+        return {key: clips[key].numpy() for key in ('video', 'key', 'label')}
+      self._check_data_error(element)
+      run.append((int(clips['reason']), int(element['file'])))
 
-  def _element_of(self, number: int, slot_entry) -> dict:
-    """The input of _train_element for record `number`, read here, with
-    the randomness of the slot of `slot_entry` (_slot_entry's)."""
-    return {'record': tf.constant(self._index.read(number)),
-            'file': tf.constant(self._index.file[number]),
-            **{key: slot_entry[key] for key in ('slot', 'epoch', 'position')}}
+  def _read(self, slot: int, source: int) -> dict:
+    """Slot `slot` filled from slot `source`'s record (_read_slot)."""
+    return _read_slot(self._index, self._order, self._columns, slot, source)
 
-  def _check_data_error(self, number: int, slot_entry) -> None:
-    """Record `number`, which gave no clip with the randomness of
-    `slot_entry`'s slot, decoded again with its errors raised: a data error
-    (DATA_ERRORS) is what skips it; any other error, or a decode that now
-    succeeds, is a RuntimeError (from the error: its traceback follows)."""
-    where = (f'train record {number} of '
-             f'{self._index.files[self._index.file[number]]}')
+  def _check_data_error(self, element) -> None:
+    """A read slot (_read's element) whose record gave no clip, decoded
+    again with its errors raised: a data error (DATA_ERRORS) is what skips
+    it; any other error, or a decode that now succeeds, is a RuntimeError
+    (from the error: its traceback follows)."""
+    where = (f'train record {int(element["record_number"])} of '
+             f'{self._index.files[int(element["file"])]}')
     try:
-      self._strict(self._element_of(number, slot_entry))
+      self._strict(element)
     except DATA_ERRORS:
       return
     except Exception as error:
@@ -366,7 +382,7 @@ class TrainIterator:
     return UserError(
         f'train data: {len(run)} records in a row gave no clip ({limit}); '
         f'{reasons}; from {files}{f" and {more} more shards" if more > 0 else ""}'
-        f'. Check them with python -m data.inspect')
+        f'. Check them with python -m stat_jax.data.inspect_shards')
 
   def _unreadable(self, error: tf.errors.OpError) -> UserError:
     """The train shards that are gone (deleted or moved during the run), or
@@ -401,7 +417,7 @@ class TrainIterator:
                  f'the previous report were skipped ({skipped / read:.0%} > '
                  f'data.skip_warning_fraction = '
                  f'{self._data.skip_warning_fraction}); check '
-                 f'{self._data.train_spec} with python -m data.inspect')
+                 f'{self._data.train_spec} with python -m stat_jax.data.inspect_shards')
     return (f' | skipped {summary}' if summary else ''), warning
 
   def skipped_summary(self) -> str:
@@ -411,10 +427,12 @@ class TrainIterator:
     return f'{self.num_skipped} (' + ', '.join(
         f'{SKIP_REASONS[r]}: {n}' for r, n in self.skipped.items() if n) + ')'
 
+  # ------------------------------------------------------ state and resume ---
+
   def get_state(self) -> dict:
     """Small ints: the next slot (as epoch, position), this process's skip
     counters, and what a resume must match."""
-    epoch, position = divmod(self._next_slot, len(self._index))
+    epoch, position = self._order.epoch_position(self._next_slot)
     return {'order': ORDER_VERSION, 'epoch': epoch, 'position': position,
             'num_skipped': self.num_skipped, 'seed': self._seed,
             **self._data_ids,
@@ -446,7 +464,7 @@ class TrainIterator:
     if not 0 <= position < len(self._index):
       raise UserError(f'iterator state position: expected 0..'
                        f'{len(self._index) - 1}, got {position}')
-    self._next_slot = epoch * len(self._index) + position
+    self._next_slot = self._order.slot(epoch, position)
     counters = ('num_skipped', *_SKIP_KEYS.values())
     totals = {key: sum(int(s.get(key, 0)) for s in states) for key in counters}
     if self._process_index:
@@ -457,13 +475,22 @@ class TrainIterator:
     self._batches = None
 
 
-def _clips(per_record: dict, count: int) -> dict:
-  """Records' video [n, k, ...], key [n, k, 2], label [n] -> the batch of
-  their n k clips, a record's clips side by side."""
-  video = per_record['video']
-  return {'video': video.reshape(-1, *video.shape[2:]),
-          'key': per_record['key'].reshape(-1, 2),
-          'label': np.repeat(per_record['label'], count)}
+def _agreed_state(states: list[dict]) -> dict:
+  """The data state that every process saved (they agree on _GLOBAL_KEYS);
+  UserError for states of the older per-process order, or that disagree."""
+  if any(int(state.get('order', 1)) != ORDER_VERSION for state in states):
+    raise UserError(
+        'the checkpoint\'s data state was written by an older stat-jax, whose '
+        'processes each read their own part of the train data; this one '
+        'reads one global order and cannot continue it exactly. Resume it '
+        'with the stat-jax that wrote it, or start a new workdir')
+  differ = [key for key in _GLOBAL_KEYS
+            if len({int(state[key]) for state in states}) > 1]
+  if differ:
+    raise UserError(f'the data states of the {len(states)} processes that '
+                     f'saved the checkpoint disagree on {", ".join(differ)}: '
+                     f'{[{key: s[key] for key in differ} for s in states]}')
+  return states[0]
 
 
 def make_train_iterator(config, *, process_index=0, process_count=1,
