@@ -39,7 +39,8 @@ from stat_jax.checks.errors import UserError
 
 ATTENTION_SETS = ('ca', 'ca+sa', 'ca+la', 'ca+sa+la')
 SPATIAL_SUMMARIES = ('cls', 'avgpool')
-# 'auto' resolves to 'xla' (resolve_attention_impl). 'cudnn' needs a GPU, a
+# 'auto' resolves to 'pallas' for STAT on a TPU, else to 'xla'
+# (resolve_attention_impl). 'cudnn' needs a GPU, a
 # 16-bit compute dtype and a head width that is a multiple of 8 up to 128.
 # 'pallas' compiles for TPUs; elsewhere its kernels are interpreted (tests).
 ATTENTION_IMPLS = ('xla', 'cudnn', 'pallas', 'auto')
@@ -91,20 +92,25 @@ def frame_masses(q, k_ca, k_sa, window_index, window_valid, k_la):
           'ca_keys': ca_keys}
 
 
-def resolve_attention_impl(impl: str, platform: str | None = None) -> str:
+def resolve_attention_impl(impl: str, platform: str | None = None,
+                           arch: str = 'stat') -> str:
   """'xla', 'cudnn' or 'pallas' for ATTENTION_IMPLS `impl` on `platform`
-  (default: the default backend's).
+  (default: the default backend's), in a model of `arch`.
 
-  'auto' is 'xla': it runs on every backend and dtype. 'cudnn' and
-  'pallas' are chosen explicitly; what each costs is in
-  benchmarks/RESULTS.md. 'pallas' is refused on a GPU, where its TPU
-  kernels do not lower.
+  'auto' is 'pallas' for STAT's attention on a TPU (the whole train step
+  is estimated faster and smaller with its kernels: benchmarks/RESULTS.md),
+  else 'xla', which runs on every backend and dtype (MViT's attention has
+  no Pallas kernel). 'cudnn' is chosen explicitly. 'pallas' is refused on
+  a GPU, where its TPU kernels do not lower.
   """
-  if impl == 'pallas' and (platform or jax.default_backend()) == 'gpu':
+  platform = platform or jax.default_backend()
+  if impl == 'pallas' and platform == 'gpu':
     raise UserError("config.model.attention_impl = 'pallas': its kernels are "
                     'Pallas TPU kernels, which do not lower on a GPU; use '
                     'cudnn or xla there')
-  return 'xla' if impl == 'auto' else impl
+  if impl != 'auto':
+    return impl
+  return 'pallas' if platform == 'tpu' and arch == 'stat' else 'xla'
 
 
 def shrinking_temporal_attention(q, k, v, k_sa, v_sa, *, attention: str,

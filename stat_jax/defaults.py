@@ -96,8 +96,8 @@ def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
   # How STA's attention is computed (same numbers, attention.py): 'xla' maps
   # the per-frame attention over frames; 'cudnn' packs the frames for cuDNN
   # flash attention (GPU, bfloat16/float16); 'pallas' runs fused Pallas
-  # kernels (TPU; interpreted, slowly, elsewhere); 'auto' is 'xla', which
-  # runs on every backend and dtype.
+  # kernels (TPU; interpreted, slowly, elsewhere); 'auto' is 'pallas' for
+  # STAT on a TPU, else 'xla', which runs on every backend and dtype.
   m.attention_impl = 'auto'
   # How the convolutions are computed (same numbers, stat_jax/conv.py): 'cpu'
   # rewrites them into forms XLA:CPU runs fast, 'xla' leaves them to XLA

@@ -12,7 +12,7 @@ from flax.nnx.nn.attention import dot_product_attention_weights
 
 from stat_jax import arch, conv
 from stat_jax.attention import (ShrinkingTemporalAttention, dense_init,
-                                resolve_head_layout)
+                                resolve_attention_impl, resolve_head_layout)
 from stat_jax.kernels import mlp as mlp_kernel
 
 embedding_init = nnx.initializers.truncated_normal(stddev=0.02)
@@ -284,10 +284,10 @@ def resolve_dtype(dtype: str, platform: str | None = None) -> str:
 
 def resolve_for_platform(config: ml_collections.ConfigDict,
                          platform: str | None) -> None:
-  """Settle config.dtype, model.conv_impl, model.head_layout and
-  model.mlp_impl 'auto' for `platform` (None: this process's backend), for
-  a program compiled here to run on another platform: 'auto' would
-  otherwise follow the compiling host."""
+  """Settle config.dtype, model.conv_impl, model.head_layout,
+  model.mlp_impl and model.attention_impl 'auto' for `platform` (None:
+  this process's backend), for a program compiled here to run on another
+  platform: 'auto' would otherwise follow the compiling host."""
   config.dtype = resolve_dtype(config.dtype, platform)
   config.model.conv_impl = conv.resolve_conv_impl(config.model.conv_impl,
                                                  platform)
@@ -295,3 +295,5 @@ def resolve_for_platform(config: ml_collections.ConfigDict,
                                                  platform)
   config.model.mlp_impl = mlp_kernel.resolve_mlp_impl(config.model.mlp_impl,
                                                       platform)
+  config.model.attention_impl = resolve_attention_impl(
+      config.model.attention_impl, platform, config.model.arch)

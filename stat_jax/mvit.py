@@ -66,7 +66,7 @@ class PoolingAttention(nnx.Module):
                model: ml_collections.ConfigDict, dtype, rngs: nnx.Rngs):
     head_dim = dim // heads
     self.heads = heads
-    self.impl = resolve_attention_impl(model.attention_impl)
+    self.impl = resolve_attention_impl(model.attention_impl, arch='mvit')
     self.head_layout = resolve_head_layout(model.head_layout)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=model.qkv_bias, dtype=dtype,
                           kernel_init=dense_init, rngs=rngs)

@@ -199,6 +199,7 @@ def test_auto_kernel_choices_settle_for_the_target_platform():
   model_lib.resolve_for_platform(config, 'tpu')
   assert config.dtype == 'bfloat16'
   assert (config.model.conv_impl, config.model.head_layout) == ('xla', 'products')
+  assert config.model.attention_impl == 'pallas'
   config = tiny.get_config()
   config.model.conv_impl, config.dtype = 'cpu', 'float32'
   model_lib.resolve_for_platform(config, 'gpu')

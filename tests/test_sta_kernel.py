@@ -113,6 +113,8 @@ def test_class_token_keys_count_only_through_la(small_tiles):
 def test_pallas_is_refused_on_a_gpu():
   resolve = sta_lib.resolve_attention_impl
   assert resolve('pallas', 'tpu') == resolve('pallas', 'cpu') == 'pallas'
+  assert resolve('auto', 'tpu') == 'pallas'  # STAT's attention on a TPU
+  assert resolve('auto', 'tpu', 'mvit') == resolve('auto', 'cpu') == 'xla'
   with pytest.raises(UserError, match=r"attention_impl = 'pallas'.*GPU"):
     resolve('pallas', 'gpu')
 
