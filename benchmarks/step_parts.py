@@ -15,8 +15,8 @@ parameters, with its LayerNorm, drop-path scale and skip; the optimizer
 is the config's (clipping, AdamW, applying the updates) on the config's
 parameters; mixup is the config's (`config.mixup`: its random draws, the
 box and the blend) on --clips float32 clips of the config's shape, each
-paired with a clip of another video on the chip. Printed: the compiler's step estimate, its FLOPs and bytes,
-and the kernels XLA made.
+paired with a clip of another video on the chip. Printed: the compiler's
+step estimate, its FLOPs and bytes, and the kernels XLA made.
 """
 
 import json
@@ -126,7 +126,8 @@ def report(name: str, compiled, compile_s: float) -> dict:
   kernels = hlo_cost.Module(compiled.as_text()).kernels()
   return {'program': name, 'optimal_seconds': cost.get('optimal_seconds'),
           'flops': cost.get('flops'), 'bytes': cost.get('bytes accessed'),
-          'kernels': len(kernels), 'pallas': step_kernels.pallas_summary(kernels),
+          'kernels': len(kernels),
+          'pallas': step_kernels.pallas_summary(kernels),
           'compile_s': compile_s}
 
 

@@ -110,9 +110,11 @@ def on_own_clips(fn, clip_args: int):
   along axis 0 over every mesh axis (as stat_jax/sharding.py splits a
   batch), the rest whole; each of fn's results split along axis 0 like
   them (r rows from each device: devices x r rows). XLA cannot split a
-  Mosaic kernel over devices itself; clips that do not split evenly run
-  whole. Call it inside a custom_vjp's rules, not around one: a custom
-  vmap rule cannot be differentiated.
+  Mosaic kernel over devices itself. Clips that do not split evenly go to
+  fn whole: custom_vmap traces fn on one slice's clips (below), and
+  outside a vmap XLA refuses such a Mosaic call. Call it inside a
+  custom_vjp's rules, not around one: a custom vmap rule cannot be
+  differentiated.
 
   Under a vmap over as many slices as the mesh has devices, the clip
   arguments batched (or the same in every slice) and the rest not (the

@@ -106,15 +106,15 @@ def _attention_bwd(layout, arrays, dout):
   return (dq, *[g.astype(x.dtype) for g, x in zip(dkeys, arrays[1:])])
 
 
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 def _on_own_clips(kernel, layout: Layout, arrays):
   """kernel(layout, window table, *arrays), every array [B, ...] of clips;
   under a mesh each device on its own clips (common.on_own_clips)."""
   return on_own_clips(
       lambda *clips: kernel(layout, _window_array(layout), *clips),
       clip_args=len(arrays))(*arrays)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _sets(layout: Layout, arrays):
