@@ -3,6 +3,10 @@ and bytes of compiled kernels against hand counts, XLA's own cost analysis
 and the model's FLOP counter."""
 
 import math
+import pathlib
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +134,21 @@ def test_gpu_library_calls_by_hand():
   assert {name: step_kernels.category(k) for name, k in kernels.items()} == {
       'gemm': 'matmul', 'dgrad': 'convolution', 'attention': 'attention',
       'copy': 'layout'}
+
+
+def test_step_kernels_lists_an_hlo_file_by_phase_category_and_operation(
+    tmp_path):
+  path = tmp_path / 'step.hlo'
+  path.write_text(GPU_HLO)
+  result = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.step_kernels', str(path),
+       '--chip=H100'], capture_output=True, text=True, check=True,
+      cwd=pathlib.Path(__file__).parent.parent)
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith('4 kernels; roofline time at H100')
+  gemm_bytes = 2 * (64 * 32 + 32 * 48 + 64 * 48) / 1e9
+  assert any(re.search(rf'forward matmul +1 kernels, +{gemm_bytes:.2f} GB',
+                       line) for line in lines), lines
 
 
 def kernel(name, flops, bytes_, op_name):
