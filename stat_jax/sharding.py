@@ -48,9 +48,11 @@ def device_grid(mesh_config: ml_collections.ConfigDict,
 
 def slice_of(device) -> int:
   """The slice a device belongs to: a TPU's slice, else (CPUs, GPUs, whose
-  slice index, where they have one, is 0) its process."""
+  slice index, where they have one, is 0) its process. A TPU device of a
+  deviceless single-slice topology (benchmarks/aot.py) has no slice index:
+  it is in slice 0."""
   if device.platform == 'tpu':
-    return device.slice_index
+    return getattr(device, 'slice_index', 0)
   return device.process_index
 
 

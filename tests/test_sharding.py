@@ -68,6 +68,12 @@ def test_on_cpus_each_process_is_a_slice():
       np.vectorize(lambda d: d.process_index)(grid), [[0, 0], [1, 1]])
 
 
+def test_a_tpu_device_without_a_slice_index_is_in_slice_0():
+  device = types.SimpleNamespace(id=0, platform='tpu', process_index=3)
+  assert sharding.slice_of(device) == 0
+  assert sharding.slice_of(tpu_devices(slices=2, per_slice=1)[1]) == 1
+
+
 def test_more_slices_than_the_devices_are_in_is_one_line():
   devices = tpu_devices(slices=1, per_slice=8)
   with pytest.raises(UserError, match=r'config.mesh.slices=2: the 8 devices '
