@@ -23,6 +23,7 @@ from absl import app, flags
 from stat_jax.checks.errors import (FLAG_ERRORS, flag_error_message,
                                     report_user_errors)
 
+
 def script_main(program: str, action: Callable[[], int],
                 user_errors: tuple = ()) -> Callable[[list[str]], int]:
   """The absl main of train.py / eval.py: no arguments besides flags;

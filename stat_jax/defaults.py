@@ -259,3 +259,15 @@ def base_config(num_frames: int, num_classes: int) -> ml_collections.ConfigDict:
   # always differ); False refuses, naming the keys.
   c.resume_with_changed_config = False
   return c
+
+
+def flat_keys(tree, prefix: str = '') -> dict:
+  """{dotted key: value} of a config, or of the nested dicts a saved config
+  reads back as."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      flat.update(flat_keys(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat

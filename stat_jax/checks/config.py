@@ -1,8 +1,9 @@
 """Refuse a bad experiment config before anything is built or compiled.
 
-The first group of checks (stat_jax/checks/__init__.py). Every key must exist in the reference schema (stat_jax/defaults.py,
-so a typo like `model.windw` is caught even in a config file), and every
-value must be one the model and pipeline can honour. Errors name the key,
+The first group of checks (stat_jax/checks/__init__.py). Every key must
+exist in the reference schema (stat_jax/defaults.py, so a typo like
+`model.windw` is caught even in a config file), and every value must be
+one the model and pipeline can honour. Errors name the key,
 the value and what is allowed. `validate_model` checks only what the model
 reads (build.build_model calls it); `validate` checks everything (training
 and evaluation call it). `check_batch_on_mesh` checks the batch against the
@@ -29,20 +30,11 @@ class ConfigError(UserError):
   """A config key or value that cannot be used."""
 
 
-def _flat(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
-  flat = {}
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      flat.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
 def check_keys(config: ml_collections.ConfigDict) -> None:
   """Every key of `config` must be a key of the reference schema."""
-  known = _flat(defaults.base_config(num_frames=16, num_classes=400))
-  for key in _flat(config):
+  known = defaults.flat_keys(defaults.base_config(num_frames=16,
+                                                num_classes=400))
+  for key in defaults.flat_keys(config):
     if key not in known:
       close = difflib.get_close_matches(key, known, n=3)
       hint = f'; did you mean {", ".join(close)}?' if close else ''

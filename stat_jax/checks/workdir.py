@@ -2,7 +2,6 @@
 only under the config its checkpoint was trained with. The third group of
 checks (stat_jax/checks/__init__.py).
 
-
 Every checkpoint stores its run's config (stat_jax/checkpoint.py). Resuming
 compares it with the config of the new run: a change to the model, the
 data, the training recipe or the seed would silently continue the old
@@ -29,7 +28,7 @@ import json
 import ml_collections
 import tensorflow as tf
 
-from stat_jax import storage
+from stat_jax import defaults, storage
 from stat_jax.checks.errors import UserError
 
 # Exact keys, or prefixes ending in '.', that may differ on resume.
@@ -54,24 +53,14 @@ RUN_CONTROL_KEYS = (
 DATA_CHANGE_KEYS = ('data.train_spec',)
 
 
-def _flat(tree, prefix=''):
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
 def _free(key: str, keys) -> bool:
   return any(key == k or (k.endswith('.') and key.startswith(k)) for k in keys)
 
 
 def changed_keys(saved: dict, config: ml_collections.ConfigDict) -> dict:
   """{key: (saved value, new value)} of the compared keys that differ."""
-  new = _flat(json.loads(config.to_json()))  # tuples -> lists, as saved
-  old = _flat(json.loads(json.dumps(saved)))
+  new = defaults.flat_keys(json.loads(config.to_json()))  # tuples -> lists, as saved
+  old = defaults.flat_keys(json.loads(json.dumps(saved)))
   free = RUN_CONTROL_KEYS
   if config.data.get('allow_data_change', False):
     free += DATA_CHANGE_KEYS
