@@ -71,13 +71,18 @@ def read_text(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-  """`path` appears with all of `text` or not at all. A GCS object does so
+  """write_bytes of `text` in UTF-8."""
+  write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """`path` appears with all of `data` or not at all. A GCS object does so
   by itself; a local file is written beside it and renamed over it."""
   make_folder(parent(path))
   target = path if is_remote(path) else f'{path}.tmp-{uuid.uuid4().hex}'
   try:
-    with tf.io.gfile.GFile(target, 'w') as f:
-      f.write(text)
+    with tf.io.gfile.GFile(target, 'wb') as f:
+      f.write(data)
     if target != path:
       tf.io.gfile.rename(target, path, overwrite=True)
   except BaseException:

@@ -19,7 +19,6 @@ import glob
 import io
 import re
 import struct
-import uuid
 from typing import Sequence
 
 import numpy as np
@@ -292,10 +291,7 @@ def write_shard_index(path: str, rows: np.ndarray, size: int) -> None:
   Whole or not at all (a reader never sees half a file)."""
   buffer = io.BytesIO()
   np.savez(buffer, rows=rows, shard_bytes=np.int64(size))
-  partial = f'{path}{INDEX_SUFFIX}.tmp-{uuid.uuid4().hex}'
-  with tf.io.gfile.GFile(partial, 'wb') as f:
-    f.write(buffer.getvalue())
-  tf.io.gfile.rename(partial, path + INDEX_SUFFIX, overwrite=True)
+  storage.write_bytes(path + INDEX_SUFFIX, buffer.getvalue())
 
 
 def read_shard_index(path: str, size: int) -> np.ndarray:
