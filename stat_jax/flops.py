@@ -118,8 +118,7 @@ def _counted(config):
 
 def model_macs(config) -> int:
   """Multiply-adds of one view of the configured model."""
-  config = _counted(config)
-  return count_macs(*model_forward(abstract_model(config), config))
+  return model_cost(config)[0]
 
 
 def model_cost(config) -> tuple[int, int]:
@@ -136,7 +135,7 @@ flags.mark_flags_as_required(['config'], flag_values=FLAGS)
 
 
 def _report() -> int:
-  config = FLAGS.config
+  config = _counted(FLAGS.config)
   model = abstract_model(config)
   forward, state, view = model_forward(model, config)
   macs = count_macs(forward, state, view)
