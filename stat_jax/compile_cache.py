@@ -19,6 +19,8 @@ import sys
 import jax
 import ml_collections
 
+from stat_jax import storage
+
 ENV_VAR = 'JAX_COMPILATION_CACHE_DIR'
 _SAVED_EVENT = '/jax/compilation_cache/compile_time_saved_sec'
 _listening = []  # the directory named by the listener, once registered
@@ -42,7 +44,7 @@ def directory(config: ml_collections.ConfigDict) -> str | None:
   if not setting or (jax.process_count() > 1
                      and jax.default_backend() == 'cpu'):
     return None
-  return setting if '://' in setting else os.path.expanduser(setting)
+  return setting if storage.is_remote(setting) else os.path.expanduser(setting)
 
 
 def _report_hits(directory: str) -> None:

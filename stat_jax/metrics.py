@@ -16,11 +16,16 @@ def peak_flops(device) -> float | None:
   return figures.bf16_flops if figures else None
 
 
+def tensorboard_dir(workdir: str) -> str:
+  """Where a run's TensorBoard event files and profiles go."""
+  return storage.join(workdir, 'tensorboard')
+
+
 def make_writer(workdir: str) -> metric_writers.MetricWriter:
   """TensorBoard event files under workdir/tensorboard on process 0 only."""
   return metric_writers.create_default_writer(
-      storage.join(workdir, 'tensorboard'),
-      just_logging=jax.process_index() > 0, asynchronous=True)
+      tensorboard_dir(workdir), just_logging=jax.process_index() > 0,
+      asynchronous=True)
 
 
 def format_duration(seconds: float) -> str:

@@ -15,10 +15,11 @@ bound the step, near 1 when the input does.
 """
 
 import contextlib
-import os
 import time
 
 import jax
+
+from stat_jax import metrics, storage
 
 
 class ProfileWindow:
@@ -27,7 +28,7 @@ class ProfileWindow:
   def __init__(self, profile_steps, workdir: str):
     self.start, count = profile_steps
     self.last = self.start + count - 1
-    self.log_dir = os.path.join(workdir, 'tensorboard')
+    self.log_dir = metrics.tensorboard_dir(workdir)
     self.tracing = False
 
   def before_step(self, step: int) -> None:
@@ -43,7 +44,7 @@ class ProfileWindow:
     jax.block_until_ready(outputs)
     self.stop()
     return (f'Profile of steps {self.start}-{self.last}: '
-            f'{os.path.join(self.log_dir, "plugins", "profile")}')
+            f'{storage.join(self.log_dir, "plugins", "profile")}')
 
   def stop(self) -> None:
     """Ends a trace in progress (a run that stops inside the window)."""

@@ -23,7 +23,7 @@ from stat_jax.data import labels
 from stat_jax.data import eval_pipeline
 from stat_jax.data import train_pipeline
 from stat_jax import checkpoint, confusion, optim, sharding
-from stat_jax import profiling, storage
+from stat_jax import metrics, profiling, storage
 from stat_jax.checks import config as config_checks
 from stat_jax.checks import data as data_checks
 from stat_jax.checks import workdir as workdir_checks
@@ -302,7 +302,7 @@ def finish(ckpt, train_log, config, workdir, step, last_eval,
   if last_eval is not None and jax.process_index() == 0:
     write_report(last_eval, storage.join(workdir, 'eval_report.json'),
                  labels.class_names(config))
-  log(f'TensorBoard logs: {storage.join(workdir, "tensorboard")}')
+  log(f'TensorBoard logs: {metrics.tensorboard_dir(workdir)}')
   if preempted:
     log(f'Pre-empted (SIGTERM) after step {step}: checkpoint saved; run the '
         'same command again to resume.')

@@ -98,8 +98,9 @@ class _MViTToSTAT:
   def __call__(self, name: str, shape: tuple):
     saved = self.saved
     theirs = self.source_name(name)
-    if theirs in saved and saved[theirs].shape == shape:
-      return saved[theirs], [theirs], ''
+    same = _same_path(saved)(theirs, shape)
+    if same:
+      return same
     if re.fullmatch(r'blocks\.\d+\.attn\.pool_[qkv]\.conv\.kernel', name):
       kernel = saved.get(theirs)
       if kernel is not None and kernel.sum(axis=0).shape == shape:
@@ -110,12 +111,12 @@ class _MViTToSTAT:
       return saved['cls_token'].reshape(shape), ['cls_token'], 'reshaped'
     if name == 'pos_spatial' and fits('pos_spatial') and fits('pos_class'):
       side = int(round(np.sqrt(shape[2] - 1)))
-      grid = _resized(_spatial_grid(saved['pos_spatial']), (side, side, width))
+      source_grid = _spatial_grid(saved['pos_spatial'])
+      grid = _resized(source_grid, (side, side, width))
       value = np.concatenate([saved['pos_class'].reshape(1, width),
                               grid.reshape(-1, width)]).reshape(shape)
       return value, ['pos_class', 'pos_spatial'], (
-          f'class position first; grid {_spatial_grid(saved["pos_spatial"]).shape[:2]}'
-          f' -> {(side, side)}')
+          f'class position first; grid {source_grid.shape[:2]} -> {(side, side)}')
     if name == 'pos_temporal' and fits('pos_temporal'):
       frames = _resized(saved['pos_temporal'][0], (shape[1], width))
       return frames.reshape(shape), ['pos_temporal'], (
