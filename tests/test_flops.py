@@ -69,3 +69,15 @@ def test_the_model_count_is_the_same_for_every_implementation():
   assert flops.model_macs(config) == xla
   assert (config.model.attention_impl, config.model.mlp_impl) == (
       'pallas', 'pallas')
+
+
+def test_the_command_line_prints_the_xla_form_count(capsys):
+  args = ['--config=configs/tiny.py']
+  assert flops.main(args) == 0
+  xla = capsys.readouterr().out
+  assert flops.main([*args, '--config.model.attention_impl=pallas',
+                     '--config.model.mlp_impl=pallas']) == 0
+  pallas = capsys.readouterr().out
+  gmacs = [line for line in xla.splitlines() if line.startswith('GMACs')]
+  assert gmacs and gmacs == [line for line in pallas.splitlines()
+                             if line.startswith('GMACs')]
