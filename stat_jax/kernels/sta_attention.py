@@ -120,9 +120,7 @@ def _on_own_clips(kernel, layout: Layout, arrays):
 def _sets(layout: Layout, arrays):
   """(q, k, v, (k_sa, v_sa) or None, (k_la, v_la) or None) of the flat
   arrays of _attention."""
-  q, k, v, *rest = arrays
-  sa = tuple(rest[:2]) if layout.slots else None
-  la = tuple(rest[-2:]) if layout.long_term else None
+  (q, k, v), sa, la, _ = _split_refs(arrays, layout)
   return q, k, v, sa, la
 
 
@@ -187,17 +185,18 @@ def _exp_and_total(logits):
   return weights, sum(w.sum(axis=1, keepdims=True) for w in weights)
 
 
-def _split_refs(refs, has_sa, has_la):
-  """(q, k, v) refs, then (k_sa, v_sa) or None, (k_la, v_la) or None, and
-  the remaining refs."""
+def _split_refs(refs, layout: Layout):
+  """(q, k, v) refs (or arrays, or their gradients), then the (k_sa, v_sa)
+  pair or None, the (k_la, v_la) pair or None (present as the layout has
+  window slots and long-term keys), and the remaining refs."""
   q_ref, k_ref, v_ref, *rest = refs
-  sa = (rest.pop(0), rest.pop(0)) if has_sa else None
-  la = (rest.pop(0), rest.pop(0)) if has_la else None
+  sa = (rest.pop(0), rest.pop(0)) if layout.slots else None
+  la = (rest.pop(0), rest.pop(0)) if layout.long_term else None
   return (q_ref, k_ref, v_ref), sa, la, rest
 
 
-def _forward_kernel(window_ref, *refs, layout, has_sa, has_la, scale):
-  (q_ref, k_ref, v_ref), sa, la, (o_ref,) = _split_refs(refs, has_sa, has_la)
+def _forward_kernel(window_ref, *refs, layout, scale):
+  (q_ref, k_ref, v_ref), sa, la, (o_ref,) = _split_refs(refs, layout)
   q = q_ref[...]  # [block_q, d]
   sources = _key_sources(window_ref, pl.program_id(2), (k_ref, v_ref), sa,
                          la, layout, q.shape[0])
@@ -230,8 +229,7 @@ def _forward(layout, window, *arrays):
   grid, q_spec, kv_spec, sa_spec, la_spec = grid_and_specs(
       layout, q.shape, k.shape, _shape(sa), _shape(la))
   kernel = functools.partial(
-      _forward_kernel, layout=layout, has_sa=sa is not None,
-      has_la=la is not None, scale=1 / math.sqrt(q.shape[-1]))
+      _forward_kernel, layout=layout, scale=1 / math.sqrt(q.shape[-1]))
   return _pallas(
       kernel, grid=grid, name='sta_attention_forward',
       in_specs=[q_spec, *_key_specs(kv_spec, sa_spec, la_spec)],
@@ -246,11 +244,9 @@ def _key_specs(kv_spec, sa_spec, la_spec):
                               if spec is not None for _ in range(2)]]
 
 
-def _backward_kernel(window_ref, *refs, layout, has_sa, has_la, scale, nq):
-  (q_ref, k_ref, v_ref), sa, la, rest = _split_refs(refs, has_sa, has_la)
-  do_ref, dq_ref, dk_ref, dv_ref, *rest = rest
-  dsa = (rest.pop(0), rest.pop(0)) if has_sa else None
-  dla = (rest.pop(0), rest.pop(0)) if has_la else None
+def _backward_kernel(window_ref, *refs, layout, scale, nq):
+  (q_ref, k_ref, v_ref), sa, la, (do_ref, *grads) = _split_refs(refs, layout)
+  (dq_ref, dk_ref, dv_ref), dsa, dla, _ = _split_refs(grads, layout)
   frame, tile = pl.program_id(2), pl.program_id(3)
 
   @pl.when(tile == 0)
@@ -306,8 +302,8 @@ def _backward(layout, window, *arrays_and_dout):
   grid, q_spec, kv_spec, sa_spec, la_spec = grid_and_specs(
       layout, q.shape, k.shape, _shape(sa), _shape(la))
   kernel = functools.partial(
-      _backward_kernel, layout=layout, has_sa=sa is not None,
-      has_la=la is not None, scale=1 / math.sqrt(q.shape[-1]), nq=q.shape[3])
+      _backward_kernel, layout=layout, scale=1 / math.sqrt(q.shape[-1]),
+      nq=q.shape[3])
   key_specs = _key_specs(kv_spec, sa_spec, la_spec)
   # Key gradients accumulate over query tiles and frames in float32.
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)] + [
