@@ -255,21 +255,31 @@ class STAT(nnx.Module):
     return x + self.pos_temporal[...].astype(x.dtype), (nh, nw)
 
   def __call__(self, video):
-    if video.shape[1:] != self.input_shape:
-      raise ValueError(f'STAT expects video [B, {", ".join(map(str, self.input_shape))}]'
-                       f' (config data.num_frames, data.crop_size); got {video.shape}')
-    x, grid = self.tokens(video)
-    # remat: keep only each block's input for the backward pass.
-    block_tokens = (nnx.remat(STABlock.output_tokens, static_argnums=2)
-                    if self.remat else STABlock.output_tokens)
-    for block in self.blocks:
-      x, grid = block_tokens(block, x, grid), block.attn.output_grid(grid)
+    check_video('STAT', video, self.input_shape)
+    x = run_blocks(self.blocks, *self.tokens(video), remat=self.remat)
     if self.num_summary:  # the spatial class token of each frame
       frames = x[:, :, 0]  # [B, nt, C]
     else:  # Table 3 "spatial avg-pooling"
       frames = x.mean(axis=2)
     video_embedding = self.norm(self.aggregate(frames))  # [B, C]
     return self.head(self.dropout(video_embedding))
+
+
+def check_video(model_name: str, video, input_shape: tuple) -> None:
+  """ValueError unless video is [B, *input_shape]."""
+  if video.shape[1:] != input_shape:
+    raise ValueError(f'{model_name} expects video [B, {", ".join(map(str, input_shape))}]'
+                     f' (config data.num_frames, data.crop_size); got {video.shape}')
+
+
+def run_blocks(blocks, x, grid, *, remat: bool):
+  """The STA (or MViT) blocks in order on tokens x of token grid `grid`."""
+  # remat: keep only each block's input for the backward pass.
+  block_tokens = (nnx.remat(STABlock.output_tokens, static_argnums=2)
+                  if remat else STABlock.output_tokens)
+  for block in blocks:
+    x, grid = block_tokens(block, x, grid), block.attn.output_grid(grid)
+  return x
 
 
 def resolve_dtype(dtype: str, platform: str | None = None) -> str:

@@ -25,8 +25,8 @@ from flax import nnx
 from stat_jax import arch, conv
 from stat_jax.attention import (dense_init, merge_heads, resolve_attention_impl,
                                 resolve_head_layout, split_heads)
-from stat_jax.model import (STABlock, TokenEmbedding, embedding_init,
-                            resolve_dtype)
+from stat_jax.model import (STABlock, TokenEmbedding, check_video,
+                            embedding_init, resolve_dtype, run_blocks)
 
 
 class Pool3d(nnx.Module):
@@ -168,14 +168,8 @@ class MViT(nnx.Module):
     return jnp.concatenate([cls, x.reshape(batch, 1, -1, dim)], axis=2)
 
   def __call__(self, video):
-    if video.shape[1:] != self.input_shape:
-      raise ValueError(f'MViT expects video [B, {", ".join(map(str, self.input_shape))}]'
-                       f' (config data.num_frames, data.crop_size); got {video.shape}')
-    x, grid = self.tokens(video), self.grid
-    # remat: keep only each block's input for the backward pass.
-    block_tokens = (nnx.remat(STABlock.output_tokens, static_argnums=2)
-                    if self.remat else STABlock.output_tokens)
-    for block in self.blocks:
-      x, grid = block_tokens(block, x, grid), block.attn.output_grid(grid)
+    check_video('MViT', video, self.input_shape)
+    x = run_blocks(self.blocks, self.tokens(video), self.grid,
+                   remat=self.remat)
     cls = self.norm(x[:, 0, 0])  # [B, C]
     return self.head(self.dropout(cls))
