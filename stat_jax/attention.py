@@ -189,34 +189,35 @@ def attention_masses(q, k, k_sa, *, attention: str, window: int,
 
 
 class Pool(nnx.Module):
-  """P_CA: per-frame depthwise 2D conv + LayerNorm over each head (MViT).
+  """P_CA: a depthwise conv + LayerNorm over each head (MViT's "conv"
+  pooling), 2D over each frame's grid for STA, 3D over the clip's grid for
+  MViT (`stride` has one entry per grid axis).
 
-  The conv weights are shared by the heads (MViT's "conv" pooling); summary
-  tokens are not pooled but are normalised with the pooled tokens.
+  The conv weights are shared by the heads; summary tokens are not pooled
+  but are normalised with the pooled tokens.
   """
 
-  def __init__(self, head_dim: int, kernel: int, stride: int, *,
+  def __init__(self, head_dim: int, kernel: int, stride: tuple[int, ...], *,
                conv_impl: str, dtype, rngs: nnx.Rngs):
-    self.stride = stride
     self.conv = nnx.Conv(
-        head_dim, head_dim, (kernel, kernel), (stride, stride),
-        padding=[(kernel // 2, kernel // 2)] * 2, feature_group_count=head_dim,
-        use_bias=False, dtype=dtype,
+        head_dim, head_dim, (kernel,) * len(stride), stride,
+        padding=[(kernel // 2, kernel // 2)] * len(stride),
+        feature_group_count=head_dim, use_bias=False, dtype=dtype,
         conv_general_dilated=conv.conv_function(conv_impl), rngs=rngs)
     self.norm = nnx.LayerNorm(head_dim, dtype=dtype, rngs=rngs)
 
   def output_grid(self, grid):
-    """(nh, nw) -> the pooled grid (the conv's 'same'-style padding)."""
-    kernel, = set(self.conv.kernel_size)
-    return tuple((n + 2 * (kernel // 2) - kernel) // self.stride + 1 for n in grid)
+    """The pooled grid (the conv's 'same'-style padding)."""
+    return tuple((n + 2 * (k // 2) - k) // s + 1 for n, k, s
+                 in zip(grid, self.conv.kernel_size, self.conv.strides))
 
   def __call__(self, x, grid, num_summary):
-    """x: [B, nt, h, num_summary + nh*nw, d] -> same with the grid pooled."""
+    """x: [B, nt, h, num_summary + prod(grid), d] -> same with the grid
+    pooled (nt = 1 for a grid over the whole clip)."""
     batch, nt, heads, _, head_dim = x.shape
-    nh, nw = grid
     summary, patches = x[:, :, :, :num_summary], x[:, :, :, num_summary:]
-    patches = patches.reshape(batch * nt * heads, nh, nw, head_dim)
-    patches = self.conv(patches)  # [B*nt*h, nh', nw', d]
+    patches = patches.reshape(batch * nt * heads, *grid, head_dim)
+    patches = self.conv(patches)  # [B*nt*h, *pooled grid, d]
     patches = patches.reshape(batch, nt, heads, -1, head_dim)
     pooled = self.norm(jnp.concatenate([summary, patches], axis=3))
     return pooled, self.output_grid(grid)
@@ -312,9 +313,9 @@ class ShrinkingTemporalAttention(nnx.Module):
                            rngs=rngs)
     pool = functools.partial(Pool, head_dim, pool_kernel, conv_impl=conv_impl,
                              dtype=dtype, rngs=rngs)
-    self.pool_q = pool(q_stride) if q_stride > 1 else None
-    self.pool_k = pool(kv_stride)
-    self.pool_v = pool(kv_stride)
+    self.pool_q = pool((q_stride,) * 2) if q_stride > 1 else None
+    self.pool_k = pool((kv_stride,) * 2)
+    self.pool_v = pool((kv_stride,) * 2)
 
   def output_grid(self, grid):
     """The token grid of the output: Q's, pooled at a stage transition."""

@@ -22,40 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from stat_jax import arch, conv
-from stat_jax.attention import (dense_init, merge_heads, resolve_attention_impl,
-                                resolve_head_layout, split_heads)
+from stat_jax import arch
+from stat_jax.attention import (Pool, dense_init, merge_heads,
+                                resolve_attention_impl, resolve_head_layout,
+                                split_heads)
 from stat_jax.model import (STABlock, TokenEmbedding, check_video,
                             embedding_init, resolve_dtype, run_blocks)
-
-
-class Pool3d(nnx.Module):
-  """MViT's conv pooling of Q, K or V: a depthwise 3D conv shared by the
-  heads, then LayerNorm over each head; the class token is not pooled but
-  is normalised with the pooled tokens."""
-
-  def __init__(self, head_dim: int, kernel: int, stride: tuple[int, int, int],
-               *, conv_impl: str, dtype, rngs: nnx.Rngs):
-    self.stride = stride
-    self.conv = nnx.Conv(
-        head_dim, head_dim, (kernel,) * 3, stride,
-        padding=[(kernel // 2, kernel // 2)] * 3, feature_group_count=head_dim,
-        use_bias=False, dtype=dtype,
-        conv_general_dilated=conv.conv_function(conv_impl), rngs=rngs)
-    self.norm = nnx.LayerNorm(head_dim, dtype=dtype, rngs=rngs)
-
-  def output_grid(self, grid):
-    """(nt, nh, nw) -> the pooled grid (the conv's 'same'-style padding)."""
-    return tuple((n + 2 * (k // 2) - k) // s + 1
-                 for n, k, s in zip(grid, self.conv.kernel_size, self.stride))
-
-  def __call__(self, x, grid):
-    """x: [B, h, 1 + nt*nh*nw, d] -> [B, h, 1 + nt'*nh'*nw', d]."""
-    batch, heads, _, head_dim = x.shape
-    cls, patches = x[:, :, :1], x[:, :, 1:]
-    patches = self.conv(patches.reshape(batch * heads, *grid, head_dim))
-    patches = patches.reshape(batch, heads, -1, head_dim)  # [B, h, N', d]
-    return self.norm(jnp.concatenate([cls, patches], axis=2))
 
 
 class PoolingAttention(nnx.Module):
@@ -72,7 +44,7 @@ class PoolingAttention(nnx.Module):
                           kernel_init=dense_init, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, dtype=dtype, kernel_init=dense_init,
                            rngs=rngs)
-    pool = functools.partial(Pool3d, head_dim, model.pool_kernel,
+    pool = functools.partial(Pool, head_dim, model.pool_kernel,
                              conv_impl=model.conv_impl, dtype=dtype, rngs=rngs)
     # Time is never strided: Q is pooled in space at stage transitions, K
     # and V with MViT's adaptive spatial stride (arch.block_specs).
@@ -86,13 +58,13 @@ class PoolingAttention(nnx.Module):
 
   def __call__(self, x, grid):
     """x: [B, 1, 1 + nt*nh*nw, C] -> ([B, 1, 1 + N_q, C], the Q grid)."""
-    q, k, v = (t[:, 0] for t in split_heads(self.qkv, x, self.heads,
-                                            self.head_layout))  # [B, h, N, d]
+    q, k, v = split_heads(self.qkv, x, self.heads,
+                          self.head_layout)  # [B, 1, h, N, d]
     if self.pool_q is not None:
-      q = self.pool_q(q, grid)
-    k, v = self.pool_k(k, grid), self.pool_v(v, grid)
+      q, _ = self.pool_q(q, grid, 1)  # the class token not pooled
+    (k, _), (v, _) = self.pool_k(k, grid, 1), self.pool_v(v, grid, 1)
     out = jax.nn.dot_product_attention(
-        *(jnp.swapaxes(t, 1, 2) for t in (q, k, v)),  # [B, N, h, d]
+        *(jnp.swapaxes(t[:, 0], 1, 2) for t in (q, k, v)),  # [B, N, h, d]
         implementation=self.impl)
     out = jnp.swapaxes(out, 1, 2)[:, None]  # [B, 1, h, N_q, d]
     return merge_heads(self.proj, out, self.head_layout), self.output_grid(grid)
