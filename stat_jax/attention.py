@@ -261,8 +261,9 @@ def split_heads(linear: nnx.Linear, x, heads: int, layout: str):
   d] through `linear` ([C, 3C], the fused projection).
 
   'transposed' applies `linear` and transposes its [B, nt, N, 3, h, d]
-  output; 'products' views the kernel as [C, 3, h, d] so that the product
-  itself lays out the heads.
+  output; 'products' views the kernel as [C, 3, h, d] and takes Q, K and V
+  as three products, each laying out its heads itself: cut out of one
+  [3, B, nt, h, N, d] product, each would be a copy.
   """
   if layout == 'transposed':
     batch, nt, tokens, _ = x.shape
@@ -270,10 +271,14 @@ def split_heads(linear: nnx.Linear, x, heads: int, layout: str):
     return tuple(jnp.moveaxis(qkv, (3, 4), (0, 3)))  # 3 x [B, nt, h, N, d]
   x, kernel, bias = _linear_arrays(linear, x)
   kernel = kernel.reshape(x.shape[-1], 3, heads, -1)  # [C, 3, h, d]
-  qkv = jnp.einsum('bfnc,cthd->tbfhnd', x, kernel)  # [3, B, nt, h, N, d]
-  if bias is not None:
-    qkv = qkv + bias.reshape(3, 1, 1, heads, 1, -1)
-  return qkv[0], qkv[1], qkv[2]
+  bias = (None,) * 3 if bias is None else bias.reshape(3, heads, 1, -1)
+  return tuple(_heads_product(x, kernel[:, t], bias[t]) for t in range(3))
+
+
+def _heads_product(x, kernel, bias):
+  """x [B, nt, N, C] times kernel [C, h, d] (+ bias [h, 1, d]) -> [B, nt, h, N, d]."""
+  y = jnp.einsum('bfnc,chd->bfhnd', x, kernel)
+  return y if bias is None else y + bias
 
 
 def merge_heads(linear: nnx.Linear, out, layout: str):
