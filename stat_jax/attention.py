@@ -46,9 +46,10 @@ SPATIAL_SUMMARIES = ('cls', 'avgpool')
 ATTENTION_IMPLS = ('xla', 'cudnn', 'pallas', 'auto')
 CUDNN_DTYPES = ('bfloat16', 'float16')
 # How the heads are split off the Q/K/V projection and merged into the output
-# projection (same numbers): 'products' lays them out in the products
-# themselves, 'transposed' projects the tokens and transposes them.
-HEAD_LAYOUTS = ('products', 'transposed', 'auto')
+# projection (same numbers, to rounding): 'products' and 'fused_product' lay
+# them out in the products themselves, 'transposed' projects the tokens and
+# transposes them (split_heads).
+HEAD_LAYOUTS = ('products', 'fused_product', 'transposed', 'auto')
 
 # The init of every linear layer in the transformer (MViT / ViT recipe).
 dense_init = nnx.initializers.truncated_normal(stddev=0.02)
@@ -238,16 +239,19 @@ def short_term_pool(x, grid, size: int):
 
 
 def resolve_head_layout(layout: str, platform: str | None = None) -> str:
-  """'products' or 'transposed' for HEAD_LAYOUTS `layout` on `platform`
+  """The HEAD_LAYOUTS entry other than 'auto' for `layout` on `platform`
   (default: the default backend's).
 
-  'auto' is 'products' on GPUs and TPUs, where every transpose of the
-  projected tokens is a copy through memory; 'transposed' on the CPU, whose
-  dots run faster writing plain [tokens, channels] rows.
+  'auto' lays the heads out in the products on GPUs and TPUs, where every
+  transpose of the projected tokens is a copy through memory: 'products' on
+  a TPU, 'fused_product' on a GPU (benchmarks/RESULTS.md has both on both);
+  'transposed' on the CPU, whose dots run faster writing plain [tokens,
+  channels] rows.
   """
   if layout != 'auto':
     return layout
-  return 'transposed' if (platform or jax.default_backend()) == 'cpu' else 'products'
+  return {'cpu': 'transposed', 'gpu': 'fused_product'}.get(
+      platform or jax.default_backend(), 'products')
 
 
 def _linear_arrays(linear: nnx.Linear, x):
@@ -261,9 +265,12 @@ def split_heads(linear: nnx.Linear, x, heads: int, layout: str):
   d] through `linear` ([C, 3C], the fused projection).
 
   'transposed' applies `linear` and transposes its [B, nt, N, 3, h, d]
-  output; 'products' views the kernel as [C, 3, h, d] and takes Q, K and V
-  as three products, each laying out its heads itself: cut out of one
-  [3, B, nt, h, N, d] product, each would be a copy.
+  output. The others view the kernel as [C, 3, h, d], so that a product
+  lays out the heads itself: 'products' takes Q, K and V as three products
+  (XLA:TPU copies each that is cut out of a larger product);
+  'fused_product' cuts them out of one [3, B, nt, h, N, d] product (XLA:GPU
+  fuses the cuts into their readers, and the input gradient is one product,
+  not three summed).
   """
   if layout == 'transposed':
     batch, nt, tokens, _ = x.shape
@@ -271,22 +278,25 @@ def split_heads(linear: nnx.Linear, x, heads: int, layout: str):
     return tuple(jnp.moveaxis(qkv, (3, 4), (0, 3)))  # 3 x [B, nt, h, N, d]
   x, kernel, bias = _linear_arrays(linear, x)
   kernel = kernel.reshape(x.shape[-1], 3, heads, -1)  # [C, 3, h, d]
-  bias = (None,) * 3 if bias is None else bias.reshape(3, heads, 1, -1)
-  return tuple(_heads_product(x, kernel[:, t], bias[t]) for t in range(3))
-
-
-def _heads_product(x, kernel, bias):
-  """x [B, nt, N, C] times kernel [C, h, d] (+ bias [h, 1, d]) -> [B, nt, h, N, d]."""
-  y = jnp.einsum('bfnc,chd->bfhnd', x, kernel)
-  return y if bias is None else y + bias
+  if bias is not None:
+    bias = bias.reshape(3, 1, 1, heads, 1, -1)
+  if layout == 'fused_product':
+    qkv = jnp.einsum('bfnc,cthd->tbfhnd', x, kernel)  # [3, B, nt, h, N, d]
+    if bias is not None:
+      qkv = qkv + bias
+    return qkv[0], qkv[1], qkv[2]
+  products = [jnp.einsum('bfnc,chd->bfhnd', x, kernel[:, t]) for t in range(3)]
+  if bias is not None:
+    products = [y + b for y, b in zip(products, bias)]
+  return tuple(products)  # 3 x [B, nt, h, N, d]
 
 
 def merge_heads(linear: nnx.Linear, out, layout: str):
   """The output projection: out [B, nt, h, nq, d] -> [B, nt, nq, C], as
   `linear` on the heads concatenated along the channels.
 
-  'transposed' moves the heads next to d and applies `linear`; 'products'
-  contracts over (h, d) at once.
+  'transposed' moves the heads next to d and applies `linear`; the other
+  layouts contract over (h, d) at once.
   """
   batch, nt, heads, tokens, head_dim = out.shape
   if layout == 'transposed':

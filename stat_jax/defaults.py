@@ -103,10 +103,11 @@ def model_config(num_classes: int, window: int) -> ml_collections.ConfigDict:
   # rewrites them into forms XLA:CPU runs fast, 'xla' leaves them to XLA
   # (cuDNN on a GPU); 'auto' is 'cpu' on the CPU backend, else 'xla'.
   m.conv_impl = 'auto'
-  # How STA splits the heads off its projections (same numbers,
-  # attention.py): 'products' lays them out in the matmuls, 'transposed'
-  # transposes the projected tokens; 'auto' is 'transposed' on the CPU
-  # backend, else 'products'.
+  # How STA splits the heads off its projections (same numbers, to
+  # rounding; attention.split_heads): 'products' lays them out in three
+  # matmuls, 'fused_product' in one, 'transposed' transposes the projected
+  # tokens; 'auto' is 'products' on a TPU, 'fused_product' on a GPU,
+  # 'transposed' on the CPU.
   m.head_layout = 'auto'
   # How the STA blocks' MLPs of width <= 384 compute LN -> fc1 -> GELU ->
   # fc2 + skip (same numbers, stat_jax/kernels/mlp.py): 'xla' leaves it to

@@ -220,13 +220,14 @@ def test_without_la_no_query_attends_a_class_token(attention):
   assert (np.abs(np.asarray(moved[:, :, 0] - base[:, :, 0])).max(axis=-1) > 1e-6).all()
 
 
+@pytest.mark.parametrize('layout', ['products', 'fused_product'])
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_head_layouts_give_the_same_values_and_gradients(dtype):
+def test_head_layouts_give_the_same_values_and_gradients(dtype, layout):
   """split_heads / merge_heads with the heads laid out by the products (no
-  transposes for XLA:TPU to copy) against the projected tokens transposed:
-  to float32 rounding; in bfloat16 bit-equal, except the input gradient,
-  which 'products' sums from three rounded products (Q's, K's and V's) where
-  'transposed' rounds one: there they agree to one bfloat16 step."""
+  transposes for XLA to copy) against the projected tokens transposed: to
+  float32 rounding; in bfloat16 bit-equal, except the input gradient of
+  'products', which sums three rounded products (Q's, K's and V's) where
+  the others round one: there they agree to one bfloat16 step."""
   qkv = nnx.Linear(DIM, 3 * DIM, dtype=dtype, rngs=nnx.Rngs(0))
   proj = nnx.Linear(DIM, DIM, dtype=dtype, rngs=nnx.Rngs(1))
   x = jax.random.normal(jax.random.key(2), (2, NT, 1 + GRID[0] * GRID[1], DIM))
@@ -240,22 +241,23 @@ def test_head_layouts_give_the_same_values_and_gradients(dtype):
     return lambda qkv, proj, x: jnp.sum(
         forward(layout)(qkv, proj, x).astype(jnp.float32) ** 2)
 
-  tolerance = {'rtol': 1e-6, 'atol': 1e-5} if dtype == jnp.float32 else {
-      'rtol': 0, 'atol': 0}
+  exact = dtype == jnp.bfloat16
   np.testing.assert_allclose(
-      forward('products')(qkv, proj, x).astype(np.float32),
-      forward('transposed')(qkv, proj, x).astype(np.float32), **tolerance)
-  grads = [nnx.grad(loss(layout), argnums=(0, 1, 2))(qkv, proj, x)
-           for layout in ('products', 'transposed')]
+      forward(layout)(qkv, proj, x).astype(np.float32),
+      forward('transposed')(qkv, proj, x).astype(np.float32),
+      rtol=0 if exact else 1e-6, atol=0 if exact else 1e-5)
+  grads = [nnx.grad(loss(each), argnums=(0, 1, 2))(qkv, proj, x)
+           for each in (layout, 'transposed')]
   *param_grads, x_grads = zip(*map(jax.tree.leaves, grads))
   for got, want in param_grads:
     np.testing.assert_allclose(np.float32(got), np.float32(want),
-                               rtol=1e-5 if dtype == jnp.float32 else 0,
-                               atol=1e-4 if dtype == jnp.float32 else 0)
+                               rtol=0 if exact else 1e-5,
+                               atol=0 if exact else 1e-4)
   got, want = map(np.float32, x_grads)
   bf16_step = 2.0 ** (np.floor(np.log2(np.abs(want).max())) - 7)
-  np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == jnp.float32 else 0,
-                             atol=1e-4 if dtype == jnp.float32 else bf16_step)
+  np.testing.assert_allclose(
+      got, want, rtol=0 if exact else 1e-5,
+      atol=(bf16_step if layout == 'products' else 0) if exact else 1e-4)
 
 
 def test_transposed_heads_are_the_projection_split_by_hand():
@@ -283,7 +285,8 @@ def test_transposed_heads_are_the_projection_split_by_hand():
 def test_auto_head_layout_follows_the_platform(monkeypatch):
   resolve = sta_lib.resolve_head_layout
   assert resolve('auto', 'cpu') == 'transposed'
-  assert resolve('auto', 'gpu') == resolve('auto', 'tpu') == 'products'
+  assert resolve('auto', 'gpu') == 'fused_product'
+  assert resolve('auto', 'tpu') == 'products'
   assert resolve('products', 'cpu') == 'products'
   assert resolve('transposed', 'tpu') == 'transposed'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
