@@ -181,7 +181,7 @@ def test_bfloat16_forward_follows_float32():
 @pytest.mark.parametrize('key,value,message', [
     ('conv_impl', 'cudnn', r"model.conv_impl.*'cudnn'.*cpu, xla, auto"),
     ('head_layout', 'bhnd',
-     r"model.head_layout.*'bhnd'.*products, transposed, auto"),
+     r"model.head_layout.*'bhnd'.*products, fused_product, transposed, auto"),
     ('mlp_impl', 'triton', r"model.mlp_impl.*'triton'.*auto, xla, pallas"),
 ])
 def test_kernel_choices_are_validated(key, value, message):
@@ -204,7 +204,7 @@ def test_auto_kernel_choices_settle_for_the_target_platform():
   config.model.conv_impl, config.dtype = 'cpu', 'float32'
   model_lib.resolve_for_platform(config, 'gpu')
   assert config.dtype == 'float32'
-  assert (config.model.conv_impl, config.model.head_layout) == ('cpu', 'products')
+  assert (config.model.conv_impl, config.model.head_layout) == ('cpu', 'fused_product')
   config = tiny.get_config()
   config.dtype = 'auto'
   model_lib.resolve_for_platform(config, None)  # this host: the CPU
