@@ -60,8 +60,8 @@ def summary(kernels: list[hlo_cost.Kernel], key, peak_flops: float | None,
     entry['flops'] += kernel.runs * kernel.flops
     entry['bytes'] += kernel.runs * kernel.bytes
     if peak_flops and bandwidth:
-      entry['seconds'] += kernel.runs * hlo_cost.roofline_seconds(kernel, peak_flops,
-                                                         bandwidth)
+      entry['seconds'] += kernel.runs * hlo_cost.roofline_seconds(
+          kernel, peak_flops, bandwidth)
     else:
       entry['seconds'] = None
   return groups
@@ -89,15 +89,10 @@ def operation_summary(kernels: list[hlo_cost.Kernel], peak_flops: float | None,
 def pallas_summary(kernels: list[hlo_cost.Kernel]) -> list[dict]:
   """Each Pallas kernel by name: its calls per step and the FLOPs and
   bytes it declares for them together."""
-  by_name = {}
-  for kernel in kernels:
-    if kernel.kind == 'pallas':
-      entry = by_name.setdefault(kernel.name, {'name': kernel.name, 'calls': 0,
-                                               'flops': 0.0, 'bytes': 0.0})
-      entry['calls'] += kernel.runs
-      entry['flops'] += kernel.runs * kernel.flops
-      entry['bytes'] += kernel.runs * kernel.bytes
-  return list(by_name.values())
+  groups = summary([kernel for kernel in kernels if kernel.kind == 'pallas'],
+                   lambda kernel: kernel.name, None, None)
+  return [{'name': name, 'calls': entry['runs'], 'flops': entry['flops'],
+           'bytes': entry['bytes']} for name, entry in groups.items()]
 
 
 def category(kernel: hlo_cost.Kernel) -> str:
