@@ -117,13 +117,6 @@ def _on_own_clips(kernel, layout: Layout, arrays):
       clip_args=len(arrays))(*arrays)
 
 
-def _sets(layout: Layout, arrays):
-  """(q, k, v, (k_sa, v_sa) or None, (k_la, v_la) or None) of the flat
-  arrays of _attention."""
-  (q, k, v), sa, la, _ = _split_refs(arrays, layout)
-  return q, k, v, sa, la
-
-
 def grid_and_specs(layout: Layout, q_shape, k_shape, sa_shape, la_shape):
   """The grid and BlockSpecs the kernels share: (grid, q_spec, kv_spec,
   sa_spec or None, la_spec or None). Shapes as in sta_attention (None for
@@ -225,7 +218,7 @@ def _pallas(kernel, *, grid, in_specs, out_specs, out_shape, dims, cost,
 def _forward(layout, window, *arrays):
   """The forward kernel on the window table and the flat arrays of
   _attention -> out."""
-  q, k, v, sa, la = _sets(layout, arrays)
+  (q, k, v), sa, la, _ = _split_refs(arrays, layout)
   grid, q_spec, kv_spec, sa_spec, la_spec = grid_and_specs(
       layout, q.shape, k.shape, _shape(sa), _shape(la))
   kernel = functools.partial(
@@ -298,7 +291,7 @@ def _backward(layout, window, *arrays_and_dout):
   _attention and dO -> (dq, then float32 gradients of k, v and the K_SA /
   K_LA pairs)."""
   *arrays, dout = arrays_and_dout
-  q, k, v, sa, la = _sets(layout, arrays)
+  (q, k, v), sa, la, _ = _split_refs(arrays, layout)
   grid, q_spec, kv_spec, sa_spec, la_spec = grid_and_specs(
       layout, q.shape, k.shape, _shape(sa), _shape(la))
   kernel = functools.partial(
